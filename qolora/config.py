@@ -1,0 +1,192 @@
+"""The one typed, frozen configuration of a prepared model, and its validation.
+
+:class:`AdapterConfig` holds everything that decides what ``qolora.prepare`` builds: the base's
+quantization (bits, NF4/FP4, blocksize, double quantization, storage and compute dtypes), the
+adapters (init, rank, alpha, rsLoRA, dropout, targets, dtype) and where it runs. ``validate``
+collects *every* problem it can see without touching the checkpoint and raises one
+:class:`ConfigError` that names each bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from .inits import INITS, adapter_scale
+
+__all__ = ["AdapterConfig", "ConfigError", "DTYPES", "parse_dtype"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+_STORAGE = {"uint8": torch.uint8, **DTYPES}
+
+
+class ConfigError(ValueError):
+    """Bad user input to qolora; the message lists every problem found."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        text = self.problems[0] if len(self.problems) == 1 else "\n  - " + "\n  - ".join(self.problems)
+        super().__init__(text)
+
+
+def parse_dtype(value: str | torch.dtype, what: str, allowed: dict[str, torch.dtype] = DTYPES) -> torch.dtype:
+    """Map ``"bf16"`` & co. (or a torch dtype) to a torch dtype, or raise a ConfigError naming ``what``."""
+    if isinstance(value, torch.dtype) and value in allowed.values():
+        return value
+    if isinstance(value, str) and value.lower() in allowed:
+        return allowed[value.lower()]
+    raise ConfigError(f"{what}={value!r} is not supported; allowed: {sorted(set(allowed))}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How to quantize the base and which adapters to attach.
+
+    Attributes:
+        bits: 4 (bitsandbytes NF4/FP4 ``Linear4bit``), 8 (``Linear8bitLt``) or 16 (unquantized, in
+            ``dtype``).
+        rank: adapter rank r.
+        alpha: adapter alpha; the scale is ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
+            ``None`` means ``alpha = r`` (scale 1: with OLoRA the residual is then exactly
+            ``W - B @ A``).
+        init: ``"olora"`` (default), ``"pissa"`` or ``"lora"``.
+        target_modules: names of linear layers to adapt, matched against the last component of the
+            module name (``"q_proj"``) or the full dotted name; ``None`` = every linear layer of the
+            model except the output head.
+        use_rslora: rank-stabilised scale ``alpha / sqrt(r)``.
+        dropout: dropout on the adapter input.
+        quant_type: ``"nf4"`` or ``"fp4"`` (4-bit only).
+        blocksize: 4-bit quantization block size (32, 64, 128, ..., 4096).
+        double_quant: quantize the 4-bit absmax statistics too (QLoRA's double quantization).
+        quant_storage: storage dtype of packed 4-bit weights (``"uint8"``, or ``"bf16"`` for FSDP).
+        compute_dtype: dtype of the 4-bit matmul, ``None`` = ``dtype``.
+        dtype: dtype of everything not quantized (embeddings, norms, head); ``None`` = bf16 on CUDA,
+            fp32 on the CPU.
+        adapter_dtype: dtype of the trainable A/B weights. fp32 by default: adapters are tiny and
+            fp32 master weights keep Adam updates exact under bf16 autocast.
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        seed: seeds the random inits (LoRA's A, PiSSA's randomised SVD).
+    """
+
+    bits: int = 4
+    rank: int = 16
+    alpha: float | None = None
+    init: str = "olora"
+    target_modules: tuple[str, ...] | None = None
+    use_rslora: bool = False
+    dropout: float = 0.0
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    quant_storage: str = "uint8"
+    compute_dtype: str | None = None
+    dtype: str | None = None
+    adapter_dtype: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # ----------------------------------------------------------------------------------- derived
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def scale(self) -> float:
+        return adapter_scale(self.lora_alpha, self.rank, self.use_rslora)
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is None:
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return parse_dtype(self.dtype, "dtype")
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return self.torch_dtype if self.compute_dtype is None else parse_dtype(self.compute_dtype, "compute_dtype")
+
+    @property
+    def torch_adapter_dtype(self) -> torch.dtype:
+        return parse_dtype(self.adapter_dtype, "adapter_dtype")
+
+    @property
+    def torch_quant_storage(self) -> torch.dtype:
+        return parse_dtype(self.quant_storage, "quant_storage", _STORAGE)
+
+    def replace(self, **changes) -> "AdapterConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        d["target_modules"] = list(self.target_modules) if self.target_modules is not None else None
+        return d
+
+    # -------------------------------------------------------------------------------- validation
+    def problems(self) -> list[str]:
+        """Every problem with this config that can be seen without the model."""
+        p: list[str] = []
+        if self.bits not in (4, 8, 16):
+            p.append(f"bits={self.bits!r} is not supported; allowed: 4, 8, 16")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            p.append(f"rank={self.rank!r} must be an integer >= 1")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            p.append(f"alpha={self.alpha!r} must be > 0 (or None for alpha = rank)")
+        if self.init not in INITS:
+            p.append(f"init={self.init!r} is unknown; allowed: {sorted(INITS)}")
+        if self.target_modules is not None and (
+            isinstance(self.target_modules, str) or not self.target_modules
+            or not all(isinstance(t, str) and t for t in self.target_modules)
+        ):
+            p.append(f"target_modules={self.target_modules!r} must be a non-empty list of module names, or None")
+        if not 0.0 <= self.dropout < 1.0:
+            p.append(f"dropout={self.dropout!r} must be in [0, 1)")
+        if self.quant_type not in ("nf4", "fp4"):
+            p.append(f"quant_type={self.quant_type!r} is not supported; allowed: 'nf4', 'fp4'")
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            p.append(f"blocksize={self.blocksize!r} is not supported; allowed: 32, 64, 128, ..., 4096")
+        for name, allowed in (("dtype", DTYPES), ("compute_dtype", DTYPES), ("adapter_dtype", DTYPES),
+                              ("quant_storage", _STORAGE)):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    parse_dtype(value, name, allowed)
+                except ConfigError as e:
+                    p.extend(e.problems)
+        p.extend(self._device_problems())
+        return p
+
+    def _device_problems(self) -> list[str]:
+        dev = self.device
+        if dev == "auto" or dev == "cpu":
+            return []
+        if not isinstance(dev, str) or not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            return [f"device={dev!r} is not supported; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'"]
+        if not torch.cuda.is_available():
+            return [f"device={dev!r} needs CUDA, but no CUDA device is available on this machine; use 'cpu' or 'auto'"]
+        index = int(dev[5:]) if ":" in dev else 0
+        if index >= torch.cuda.device_count():
+            return [f"device={dev!r}: only {torch.cuda.device_count()} CUDA device(s) present"]
+        return []
+
+    def validate(self) -> "AdapterConfig":
+        """Raise one :class:`ConfigError` listing every problem, or return self."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+        return self

@@ -1,0 +1,135 @@
+"""One adapter wrapper for every base kind (``nn.Linear``, bitsandbytes 4-bit and 8-bit).
+
+``AdapterLinear`` keeps the frozen base as ``base_layer`` and adds ``lora_A`` / ``lora_B``, so its
+parameter names are PEFT's (``...q_proj.base_layer.weight``, ``...q_proj.lora_A.weight``)::
+
+    y = base_layer(x) + s * lora_B(lora_A(dropout(x)))        # (..., out)
+
+The base computes with its own (possibly quantized) weight; the adapter runs in ``adapter dtype``
+(fp32 by default) and its output is cast back to the base's output dtype. Nothing here knows about
+initialisation or checkpoints: the loader builds the base (:mod:`qolora.quant`) and hands over the
+factors.
+
+``fan_in_fan_out`` records that the checkpoint stores this weight transposed (GPT-2's ``Conv1D``):
+the base here is always (out, in); exporters transpose back when they write.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .quant import dequantize_weight, quantization_kind
+
+__all__ = ["AdapterLinear", "adapter_layers", "adapter_parameters", "adapter_state_dict", "mark_only_adapters_trainable"]
+
+
+class AdapterLinear(nn.Module):
+    """A frozen base linear layer plus a trainable low-rank update ``s * B @ A``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scale: float,
+        *,
+        dropout: float = 0.0,
+        adapter_dtype: torch.dtype = torch.float32,
+        fan_in_fan_out: bool = False,
+    ):
+        """Wrap ``base_layer`` with factors ``lora_a`` (r, in) and ``lora_b`` (out, r)."""
+        super().__init__()
+        rank, in_features = lora_a.shape
+        out_features = lora_b.shape[0]
+        if lora_b.shape[1] != rank:
+            raise ValueError(f"lora_b has shape {tuple(lora_b.shape)}, expected ({out_features}, {rank})")
+        self.base_layer = base_layer
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device="meta")
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device="meta")
+        self.lora_A.weight = nn.Parameter(lora_a.to(adapter_dtype).contiguous())
+        self.lora_B.weight = nn.Parameter(lora_b.to(adapter_dtype).contiguous())
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = float(scale)
+        self.rank = rank
+        self.in_features = in_features
+        self.out_features = out_features
+        self.fan_in_fan_out = fan_in_fan_out
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (..., out)
+        if self.merged:
+            return result
+        # In the adapter's dtype (fp32 by default); under autocast F.linear picks the autocast dtype.
+        h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        delta = F.linear(F.linear(h, self.lora_A.weight), self.lora_B.weight)  # (..., r) -> (..., out)
+        return result + (delta * self.scaling).to(result.dtype)
+
+    # ------------------------------------------------------------------------------------ merge
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B @ A`` in fp32, (out, in)."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def merge(self) -> None:
+        """Fold the adapter into an unquantized base (idempotent). Quantized bases cannot be merged in
+        place without requantizing; use :func:`qolora.merge` to write a dequantized checkpoint."""
+        if self.merged:
+            return
+        self._require_unquantized("merge")
+        w = self.base_layer.weight
+        w.data = (w.data.float() + self.delta_weight()).to(w.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (idempotent)."""
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.data = (w.data.float() - self.delta_weight()).to(w.dtype)
+        self.merged = False
+
+    def _require_unquantized(self, what: str) -> None:
+        kind = quantization_kind(self.base_layer.weight)
+        if kind is not None:
+            raise RuntimeError(
+                f"cannot {what} an adapter into a {kind} base in place (it would requantize the weight); "
+                "use qolora.merge(...) to write a dequantized full-precision checkpoint instead"
+            )
+
+    def effective_weight(self) -> torch.Tensor:
+        """The fp32 weight this layer computes with: ``deq(W_res) + s * B @ A`` (out, in)."""
+        w = dequantize_weight(self.base_layer)
+        return w if self.merged else w + self.delta_weight()
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    """``(name, layer)`` for every adapter layer of ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLinear):
+            yield name, module
+
+
+def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The trainable adapter parameters (``lora_A`` / ``lora_B`` weights) with their names."""
+    for name, layer in adapter_layers(model):
+        yield f"{name}.lora_A.weight", layer.lora_A.weight
+        yield f"{name}.lora_B.weight", layer.lora_B.weight
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights, detached, keyed by their in-model names (``model.layers.0...lora_A.weight``)."""
+    return {name: p.detach() for name, p in adapter_parameters(model)}
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> None:
+    """Freeze every parameter, then unfreeze exactly the adapter factors."""
+    model.requires_grad_(False)
+    for _, p in adapter_parameters(model):
+        p.requires_grad_(True)

@@ -1,0 +1,130 @@
+"""The bridge to bitsandbytes: build quantized base layers, dequantize them, detect them.
+
+Everything backend-specific lives here so the adapter layer and the loader never branch on
+bitsandbytes internals:
+
+* :func:`make_base_layer` turns a full-precision weight (already the OLoRA residual, fp32, on the
+  compute device) into the frozen base layer: ``nn.Linear`` (bits=16), ``Linear4bit`` or
+  ``Linear8bitLt``, quantized once, on that device.
+* :func:`dequantize_weight` gives back the weight a base layer actually computes with, fp32.
+* :func:`quantization_kind` detects 4/8-bit parameters by class name (``Params4bit`` /
+  ``Int8Params``), never by dtype: with ``quant_storage=bf16`` a packed 4-bit weight *is* bf16.
+
+bitsandbytes is imported lazily: a bits=16 model needs none of it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+
+__all__ = ["make_base_layer", "dequantize_weight", "quantization_kind", "quant_settings"]
+
+
+def _bnb():
+    import bitsandbytes as bnb  # noqa: PLC0415 - optional at import time
+
+    return bnb
+
+
+def quantization_kind(param: torch.Tensor) -> str | None:
+    """``"4bit"``, ``"8bit"`` or ``None`` for a parameter, by class (robust to quant_storage)."""
+    name = type(param).__name__
+    if name == "Params4bit":
+        return "4bit"
+    if name == "Int8Params":
+        return "8bit"
+    return None
+
+
+def make_base_layer(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: AdapterConfig,
+    device: torch.device,
+) -> nn.Module:
+    """Build the frozen base layer for ``weight`` (out, in) as ``config.bits`` asks, on ``device``.
+
+    The weight is quantized exactly once here. ``weight`` may be consumed (freed) by the caller
+    afterwards; the layer owns its quantized copy.
+    """
+    out_features, in_features = weight.shape
+    dtype = config.torch_dtype
+    bias_param = None if bias is None else nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+    if config.bits == 16:
+        layer = nn.Linear(in_features, out_features, bias=False, device="meta")
+        layer.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+    elif config.bits == 4:
+        bnb = _bnb()
+        layer = bnb.nn.Linear4bit(
+            in_features, out_features, bias=False,
+            compute_dtype=config.torch_compute_dtype,
+            compress_statistics=config.double_quant,
+            quant_type=config.quant_type,
+            quant_storage=config.torch_quant_storage,
+            device="meta",
+        )
+        param = bnb.nn.Params4bit(
+            weight.to(device=device, dtype=torch.float32), requires_grad=False,
+            blocksize=config.blocksize, compress_statistics=config.double_quant,
+            quant_type=config.quant_type, quant_storage=config.torch_quant_storage, module=layer,
+        )
+        layer.weight = param._quantize(device)
+        # Quantized from fp32 (no bf16 rounding first); dequantize straight into the compute dtype.
+        layer.weight.quant_state.dtype = config.torch_compute_dtype
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time it
+        # runs in eval mode, with bf16 statistics: eval would then compute with other weights than
+        # training. Keep one numerics for train, eval, export and merge.
+        layer.support_avx512bf16_for_cpu = False
+    elif config.bits == 8:
+        bnb = _bnb()
+        layer = bnb.nn.Linear8bitLt(
+            in_features, out_features, bias=False, has_fp16_weights=False, threshold=6.0, device="meta"
+        )
+        param = bnb.nn.Int8Params(weight.to(dtype=torch.float16), requires_grad=False, has_fp16_weights=False)
+        layer.weight = param._quantize(device)
+    else:  # pragma: no cover - validated earlier
+        raise ValueError(f"bits={config.bits}")
+    layer.bias = bias_param
+    layer.requires_grad_(False)
+    return layer
+
+
+def dequantize_weight(layer: nn.Module) -> torch.Tensor:
+    """The fp32 weight (out, in) that ``layer`` computes with, on the layer's device."""
+    weight = layer.weight
+    kind = quantization_kind(weight)
+    if kind is None:
+        return weight.detach().to(torch.float32)
+    bnb = _bnb()
+    if kind == "4bit":
+        state = weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            raise RuntimeError(
+                "this 4-bit weight was repacked by bitsandbytes' CPU inference path; "
+                "set layer.support_avx512bf16_for_cpu = False before running it"
+            )
+        return bnb.functional.dequantize_4bit(weight.data, state).to(torch.float32)
+    # 8-bit row-wise: W = CB * SCB / 127
+    cb = weight.CB if weight.CB is not None else weight.data
+    return cb.to(torch.float32) * (weight.SCB.to(torch.float32)[:, None] / 127.0)
+
+
+def quant_settings(layer: nn.Module) -> dict:
+    """The quantization settings of a base layer, to record next to a saved adapter."""
+    weight = layer.weight
+    kind = quantization_kind(weight)
+    if kind == "4bit":
+        return {
+            "bits": 4,
+            "quant_type": weight.quant_type,
+            "blocksize": weight.blocksize,
+            "double_quant": bool(weight.compress_statistics),
+            "quant_storage": str(weight.quant_storage).removeprefix("torch."),
+            "compute_dtype": str(layer.compute_dtype).removeprefix("torch."),
+        }
+    if kind == "8bit":
+        return {"bits": 8, "threshold": float(layer.state.threshold)}
+    return {"bits": 16, "dtype": str(weight.dtype).removeprefix("torch.")}
