@@ -366,6 +366,9 @@ def default_dataset_path() -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for record in records:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes it owner-only
         os.replace(tmp_name, final)
     except BaseException:
         if os.path.exists(tmp_name):
