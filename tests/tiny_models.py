@@ -7,15 +7,18 @@ from pathlib import Path
 import torch
 
 
-def make_tiny_llama(path: Path, *, vocab_size: int = 320, hidden: int = 64, layers: int = 2, tie: bool = True,
+def make_tiny_llama(path: Path, *, vocab_size: int = 384, hidden: int = 64, layers: int = 2, tie: bool = True,
                     seed: int = 0, dtype: torch.dtype = torch.float32, bias: bool = False) -> Path:
-    """Save a 2-layer Llama (hidden 64, 4 heads / 2 KV heads) with random weights to ``path``."""
+    """Save a 2-layer Llama (hidden 64, 4 heads / 2 KV heads) with random weights to ``path``.
+
+    The vocabulary (384, pad 0, bos 1, eos 3) matches ``tiny_tokenizer.make_tiny_tokenizer``.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, max_position_embeddings=256,
-        attention_bias=bias, mlp_bias=bias, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        attention_bias=bias, mlp_bias=bias, bos_token_id=1, eos_token_id=3, pad_token_id=0,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype)
