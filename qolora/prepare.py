@@ -11,6 +11,9 @@ runs a full QR, subtracts and quantizes again: two quantizations and O(n^3) work
    else is materialised in ``dtype``;
 3. tie weights, check nothing is missing, freeze all but the adapters.
 
+Only a checkpoint that is itself stored quantized (bitsandbytes 4/8-bit) takes the dequantize ->
+factor -> requantize path; its extra error against the stored weights is measured and logged.
+
 Peak memory is the quantized model plus one full-precision weight, so a 70B model prepares on a GPU
 with far less host RAM than its fp16 size. A :class:`QuantReport` records, per adapted layer,
 ``||W - (deq(q(W_res)) + s*B@A)||`` and (``compare_plain=True``) plain QLoRA's ``||W - deq(q(W))||``.
@@ -32,7 +35,7 @@ from .checkpoint import checkpoint_files, iter_checkpoint, resolve_model_dir, we
 from .config import AdapterConfig, ConfigError
 from .inits import INITS, residual_
 from .layer import AdapterLinear, adapter_layers, mark_only_adapters_trainable
-from .quant import dequantize_weight, make_base_layer
+from .quant import dequantize_stored, dequantize_weight, make_base_layer, stored_group_complete
 
 __all__ = ["prepare", "build_model", "QuantReport", "LayerReport", "linear_layers", "select_targets"]
 
@@ -62,6 +65,7 @@ class QuantReport:
     bits: int
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    requantized: str | None = None  # "4bit"/"8bit": the checkpoint was stored quantized (errors vs its weights)
 
     @property
     def total_error(self) -> float:
@@ -88,7 +92,7 @@ class QuantReport:
         return {
             "init": self.init, "bits": self.bits, "seconds": self.seconds,
             "total_error": self.total_error, "total_plain_error": self.total_plain_error,
-            "ratio_to_plain": self.ratio_to_plain,
+            "ratio_to_plain": self.ratio_to_plain, "requantized": self.requantized,
             "layers": [{f.name: getattr(r, f.name) for f in fields(r)} for r in self.layers],
         }
 
@@ -139,22 +143,41 @@ def _layer_generator(seed: int, name: str) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------- building
-def _skeleton(model_dir: Path, dtype: torch.dtype) -> nn.Module:
+def _skeleton(model_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, str | None]:
+    """The model on the meta device, and how its checkpoint is stored quantized (``None``: it is not)."""
     from accelerate import init_empty_weights  # noqa: PLC0415
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
 
     hf_config = AutoConfig.from_pretrained(model_dir)
-    if getattr(hf_config, "quantization_config", None) is not None:
-        raise ConfigError(
-            f"checkpoint {model_dir} is stored quantized ({hf_config.quantization_config}); qolora quantizes once "
-            "from full-precision weights. Use the original full-precision checkpoint."
-        )
+    stored = getattr(hf_config, "quantization_config", None)
+    stored_kind = None
+    if stored is not None:
+        stored = stored if isinstance(stored, dict) else stored.to_dict()
+        if stored.get("quant_method") != "bitsandbytes":
+            raise ConfigError(
+                f"checkpoint {model_dir} is stored quantized with {stored.get('quant_method')!r}; qolora reads "
+                "full-precision checkpoints, or bitsandbytes 4/8-bit ones (dequantized, then requantized)"
+            )
+        stored_kind = "4bit" if stored.get("load_in_4bit") else "8bit"
+        del hf_config.quantization_config
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    return model
+    return model, stored_kind
 
 
-def _checkpoint_key_map(model: nn.Module, keys: list[str]) -> Callable[[str], str | None]:
+def _stored_component(name: str, quantized: set[str]) -> tuple[str, str] | None:
+    """``("X", "weight.absmax")`` for a stored part of quantized layer ``X``, else None."""
+    head, _, leaf = name.rpartition(".")
+    if leaf == "weight" and head in quantized:
+        return head, "weight"
+    for marker in (".weight.", ".SCB", ".weight_format"):
+        head, sep, tail = name.partition(marker)
+        if sep and head in quantized:
+            return head, sep.lstrip(".") + tail
+    return None
+
+
+def _checkpoint_key_map(model: nn.Module) -> Callable[[str], str | None]:
     """Map checkpoint keys to the model's parameter names (handles a missing/extra base-model prefix)."""
     expected = set(model.state_dict().keys())
     prefix = getattr(model, "base_model_prefix", "") + "."
@@ -187,51 +210,62 @@ def build_model(
     """
     from accelerate.utils import set_module_tensor_to_device  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
+    from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
 
     start = time.perf_counter()
     device, dtype = config.torch_device, config.torch_dtype
     files = checkpoint_files(model_dir)
-    model = _skeleton(model_dir, dtype)
+    model, stored_kind = _skeleton(model_dir, dtype)
     linears = linear_layers(model)
     targets = set(select_targets(linears, config.target_modules))
-    quantized = set(linears) if config.bits != 16 else set(targets)  # layers rebuilt by make_base_layer
+    # Layers rebuilt from their weight: all linears when quantizing (QLoRA quantizes every one),
+    # only the adapted ones at 16 bits, and every one whose checkpoint is stored quantized.
+    quantized = set(linears) if config.bits != 16 or stored_kind else set(targets)
     _check_rank(linears, targets, config.rank)
 
-    from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
-
     needs_residual = INITS[config.init].needs_residual
-    to_model = _checkpoint_key_map(model, [])
+    to_model = _checkpoint_key_map(model)
     report = QuantReport(init=config.init, bits=config.bits)
     biases: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # stored-quantized layers being gathered
     unexpected: list[str] = []
     done: set[str] = set()
     bar = tqdm(total=len(quantized), desc=f"{config.bits}-bit + {config.init}", unit="layer", disable=not progress)
-    for key, tensor in iter_checkpoint(files):
-        name = to_model(key)
-        module_name, _, leaf = (name or key).rpartition(".")
-        if module_name in quantized and leaf == "bias":
-            transposed = isinstance(linears[module_name], Conv1D)
-            biases[module_name] = tensor
-            continue
-        if module_name in quantized and leaf == "weight":
-            transposed = isinstance(linears[module_name], Conv1D)
-            weight = tensor.to(device=device, dtype=torch.float32, copy=True)  # (out, in) after .T
-            if transposed:
-                weight = weight.T.contiguous()
-            if module_name in targets:
-                layer, row = _adapted_layer(module_name, weight, factors_for, config, needs_residual, compare_plain, transposed)
-                report.layers.append(row)
+
+    def place(module_name: str, weight: torch.Tensor) -> None:
+        """Build layer ``module_name`` from its fp32 (out, in) weight, consuming it."""
+        if module_name in targets:
+            layer, row = _adapted_layer(module_name, weight, factors_for, config, needs_residual, compare_plain,
+                                        isinstance(linears[module_name], Conv1D))
+            report.layers.append(row)
+        else:
+            layer = make_base_layer(weight, None, config, device)
+        _set_submodule(model, module_name, layer)
+        done.add(module_name)
+        bar.update(1)
+
+    def place_stored(complete_only: bool) -> None:
+        for module_name in [m for m, parts in pending.items() if not complete_only or stored_group_complete(parts)]:
+            place(module_name, dequantize_stored(pending.pop(module_name), device))
+
+    for file in files:
+        for key, tensor in iter_checkpoint([file]):
+            name = to_model(key) or key
+            module_name, _, leaf = name.rpartition(".")
+            if module_name in quantized and leaf == "bias":
+                biases[module_name] = tensor
+            elif stored_kind and (part := _stored_component(name, quantized)):
+                pending.setdefault(part[0], {})[part[1]] = tensor
+            elif module_name in quantized and leaf == "weight":
+                weight = tensor.to(device=device, dtype=torch.float32, copy=True)
+                place(module_name, weight.T.contiguous() if isinstance(linears[module_name], Conv1D) else weight)
+                del weight
+            elif to_model(key) is None:
+                unexpected.append(key)
             else:
-                layer = make_base_layer(weight, None, config, device)
-            _set_submodule(model, module_name, layer)
-            del weight
-            done.add(module_name)
-            bar.update(1)
-            continue
-        if name is None:
-            unexpected.append(key)
-            continue
-        set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
+                set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
+        place_stored(complete_only=True)  # groups are usually whole within a shard
+    place_stored(complete_only=False)
     bar.close()
 
     for module_name, bias in biases.items():
@@ -242,6 +276,14 @@ def build_model(
     _finish(model, device, sorted(quantized - done), unexpected)
     mark_only_adapters_trainable(model)
     report.seconds = time.perf_counter() - start
+    report.requantized = stored_kind
+    if stored_kind:
+        logger.warning(
+            "%s is stored %s: its weights were dequantized, factored and quantized again (the base is quantized "
+            "twice). Measured error of the adapted layers against the stored weights: %.4g summed, %.2f%% of their "
+            "norm. A full-precision checkpoint avoids this.", model_dir, stored_kind, report.total_error,
+            100 * report.total_error / max(sum(r.weight_norm for r in report.layers), 1e-12),
+        )
     return model, report
 
 

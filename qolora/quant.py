@@ -20,7 +20,8 @@ from torch import nn
 
 from .config import AdapterConfig
 
-__all__ = ["make_base_layer", "dequantize_weight", "quantization_kind", "quant_settings"]
+__all__ = ["make_base_layer", "dequantize_weight", "dequantize_stored", "stored_group_complete",
+           "quantization_kind", "quant_settings"]
 
 
 def _bnb():
@@ -128,3 +129,44 @@ def quant_settings(layer: nn.Module) -> dict:
     if kind == "8bit":
         return {"bits": 8, "threshold": float(layer.state.threshold)}
     return {"bits": 16, "dtype": str(weight.dtype).removeprefix("torch.")}
+
+
+# ------------------------------------------------------------------ checkpoints stored quantized
+# A bitsandbytes checkpoint saved by transformers stores, per linear layer ``X``:
+#   4-bit: X.weight (packed), X.weight.absmax, X.weight.quant_map, X.weight.quant_state.bitsandbytes__nf4
+#          (+ X.weight.nested_absmax, X.weight.nested_quant_map with double quantization)
+#   8-bit: X.weight (int8), X.SCB, X.weight_format
+STORED_COMPONENTS = ("weight.", "SCB", "weight_format")
+
+
+def _stored_4bit_state_key(components: dict) -> str | None:
+    return next((k for k in components if k.startswith("weight.quant_state.")), None)
+
+
+def stored_group_complete(components: dict[str, torch.Tensor]) -> bool:
+    """Whether all stored parts of one quantized layer have been read."""
+    if "weight" not in components:
+        return False
+    if "SCB" in components:
+        return True
+    state_key = _stored_4bit_state_key(components)
+    if state_key is None:
+        return False
+    import json  # noqa: PLC0415
+
+    state = json.loads(bytes(components[state_key].tolist()).decode())
+    needed = {"weight.absmax", "weight.quant_map"}
+    if "nested_blocksize" in state:
+        needed |= {"weight.nested_absmax", "weight.nested_quant_map"}
+    return needed <= set(components)
+
+
+def dequantize_stored(components: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The fp32 weight (out, in) of a layer stored quantized by bitsandbytes, on ``device``."""
+    weight = components["weight"]
+    if "SCB" in components:  # 8-bit row-wise
+        return weight.to(device, torch.float32) * (components["SCB"].to(device, torch.float32)[:, None] / 127.0)
+    bnb = _bnb()
+    stats = {k.removeprefix("weight."): v for k, v in components.items() if k.startswith("weight.")}
+    state = bnb.functional.QuantState.from_dict(stats, device=device)
+    return bnb.functional.dequantize_4bit(weight.to(device), state).to(torch.float32)

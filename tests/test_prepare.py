@@ -229,3 +229,36 @@ def test_missing_model(path, message):
 def test_folder_without_config(tmp_path):
     with pytest.raises(ConfigError, match="has no config.json"):
         qolora.prepare(tmp_path, progress=False)
+
+
+# ------------------------------------------------------------- checkpoints stored quantized
+@pytest.fixture(scope="module", params=[4, 8])
+def stored_quantized_dir(request, tiny_llama_dir, tmp_path_factory):
+    """A tiny checkpoint saved by transformers + bitsandbytes in 4-bit (double quant) or 8-bit."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True) if request.param == 4 \
+        else dict(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=BitsAndBytesConfig(**kw),
+                                                 dtype=torch.float32)
+    path = tmp_path_factory.mktemp(f"stored{request.param}")
+    model.save_pretrained(path)
+    return request.param, path
+
+
+def test_stored_quantized_checkpoint_is_dequantized_then_requantized_with_a_warning(stored_quantized_dir, caplog):
+    from transformers import AutoModelForCausalLM
+
+    from qolora.quant import dequantize_weight as deq
+
+    stored_bits, path = stored_quantized_dir
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    exact = qolora.prepare(path, bits=16, rank=4, progress=False)  # dequantized stored weights, exact adapters
+    for name, layer in adapter_layers(exact):
+        stored = deq(ref.get_submodule(name))
+        assert torch.allclose(layer.effective_weight(), stored, atol=1e-6), name
+    with caplog.at_level("WARNING", logger="qolora.prepare"):
+        model = qolora.prepare(path, bits=4, rank=4, progress=False)
+    assert model.qolora_report.requantized == f"{stored_bits}bit"
+    assert model.qolora_report.total_error > 0
+    assert f"is stored {stored_bits}bit" in caplog.text and "quantized twice" in caplog.text and "% of their norm" in caplog.text
