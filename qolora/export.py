@@ -19,6 +19,10 @@ A trained qolora model computes ``deq(q(W_res)) + s*B@A`` with ``W_res = W - s*B
   the activations (fp16, int8 row-wise), which no dense checkpoint reproduces: expect logits within
   about 1-2% of their range of the trained 8-bit model (4-bit: fp32 rounding with ``dtype="fp32"``).
 
+A base stored quantized by bitsandbytes (which :func:`qolora.prepare` accepts) is read as
+:func:`qolora.prepare` reads it: each layer's parts are gathered and dequantized; the merged folder
+holds plain weights only.
+
 :func:`merge` streams: the base is read one tensor at a time and written shard by shard, so peak
 memory is about one output shard plus one layer's fp32 working copies, never the model. Output goes
 to a temporary sibling folder renamed into place at the end: an interrupted merge leaves nothing at
@@ -59,7 +63,7 @@ from .adapter_io import (
 from .checkpoint import checkpoint_files, iter_checkpoint, resolve_model_dir
 from .config import ConfigError, parse_dtype
 from .inits import adapter_scale, residual_
-from .quant import dequantize_weight, make_base_layer, quant_settings
+from .quant import dequantize_stored, dequantize_weight, make_base_layer, quant_settings, stored_group_complete
 
 __all__ = ["export_lora", "merge", "parse_size"]
 
@@ -339,7 +343,7 @@ def merge(
         if _same_path(out, other):
             raise ConfigError(f"out_dir {str(out)!r} is or contains {what} ({other}); write the merge somewhere else")
     files = checkpoint_files(model_dir)
-    skeleton = meta_skeleton(model_dir)
+    skeleton, stored_kind = meta_skeleton(model_dir)
     linears = check_base_structure(skeleton, saved, str(base))
     from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
 
@@ -348,27 +352,53 @@ def merge(
     del skeleton
     requantize = set(saved.frozen_quantized) if into == "trained" else set()
     check = FingerprintCheck(saved, str(base), allow_base_mismatch)
-    train_dtype = config.torch_dtype
+    train_dtype, device = config.torch_dtype, config.torch_device
     counts = {"merged": 0, "requantized": 0}
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # parts of layers stored quantized, being gathered
+    weight_keys: dict[str, str] = {}
     from tqdm.auto import tqdm  # noqa: PLC0415
+
+    def write_linear(module: str, weight: torch.Tensor) -> None:
+        """Write linear layer ``module`` from its fp32 (out, in) weight on ``device`` (consumed)."""
+        if module in saved.layers:
+            weight = _merged_weight(module, weight, saved, config, into, check)
+            counts["merged"] += 1
+        elif module in requantize:
+            weight = _requantized_weight(module, weight, saved, config)
+            counts["requantized"] += 1
+        elif into == "trained":
+            weight = weight.to(train_dtype)  # as the trained model held it
+        writer.add(weight_keys.pop(module), _to_checkpoint(weight.to(out_dtype), module in transposed))
 
     with atomic_dir(out, overwrite) as tmp:
         writer = _ShardWriter(tmp, max_bytes)
         for key, tensor in tqdm(iter_checkpoint(files), desc=f"merge ({into})", unit="tensor", disable=not progress):
             name = to_model(key) or key
             module, _, leaf = name.rpartition(".")
-            if leaf == "weight" and module in saved.layers:
-                tensor = _merged_weight(module, tensor, saved, config, into, module in transposed, check)
-                counts["merged"] += 1
-            elif leaf == "weight" and module in requantize:
-                tensor = _requantized_weight(module, tensor, saved, config, module in transposed)
-                counts["requantized"] += 1
-            elif tensor.is_floating_point() and into == "trained":
-                tensor = tensor.to(train_dtype)  # as the trained model held it
+            part = _stored_part(name, linears) if stored_kind else None
+            if part is not None:  # a bitsandbytes-stored layer: dequantized once all its parts are read
+                if part[1] == "weight_format":  # 8-bit layout tag: nothing to dequantize with
+                    continue
+                group = pending.setdefault(part[0], {})
+                group[part[1]] = tensor
+                if part[1] == "weight":
+                    weight_keys[part[0]] = key
+                if stored_group_complete(group):
+                    write_linear(part[0], dequantize_stored(pending.pop(part[0]), device))
+                continue
+            if leaf == "weight" and (module in saved.layers or module in requantize):
+                weight_keys[module] = key
+                write_linear(module, _weight_fp32(tensor, device, module in transposed))
+                continue
             if tensor.is_floating_point():
-                tensor = tensor.to(out_dtype)
+                tensor = tensor.to(train_dtype).to(out_dtype) if into == "trained" else tensor.to(out_dtype)
             writer.add(key, tensor.contiguous())
             del tensor
+        for module, group in pending.items():  # left incomplete: unquantized weights, or broken groups
+            if set(group) == {"weight"} and group["weight"].is_floating_point():  # a module bnb skipped
+                write_linear(module, _weight_fp32(group["weight"], device, module in transposed))
+            else:
+                write_linear(module, dequantize_stored(group, device))
         shards = writer.finish()
         check.warn()
         missing = len(saved.layers) - counts["merged"]
@@ -400,14 +430,14 @@ def _weight_fp32(tensor: torch.Tensor, device: torch.device, transposed: bool) -
 
 
 def _to_checkpoint(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """(out, in) on any device -> the checkpoint's orientation, contiguous, on the CPU."""
     weight = weight.T if transposed else weight
     return weight.to("cpu").contiguous()
 
 
-def _merged_weight(name, tensor, saved: SavedAdapter, config, into, transposed, check) -> torch.Tensor:
-    """The merged fp32 weight of one adapted layer, in the checkpoint's orientation, on the CPU."""
-    device, s = config.torch_device, saved.scale
-    weight = _weight_fp32(tensor, device, transposed)
+def _merged_weight(name, weight, saved: SavedAdapter, config, into, check) -> torch.Tensor:
+    """The merged fp32 weight (out, in) of one adapted layer from its base weight (fp32, consumed)."""
+    device, s = weight.device, saved.scale
     rec = saved.layers[name]
     if tuple(weight.shape) != tuple(rec.shape):
         raise AdapterError(f"layer {name}: the base's weight is {tuple(weight.shape)}, the adapter's {tuple(rec.shape)}")
@@ -429,17 +459,29 @@ def _merged_weight(name, tensor, saved: SavedAdapter, config, into, transposed, 
     weight.addmm_(b, a, alpha=s)
     if not torch.isfinite(weight).all():  # as PEFT's safe_merge: never write a broken checkpoint
         raise AdapterError(f"layer {name}: the merged weight has non-finite values (did training diverge?)")
-    return _to_checkpoint(weight, transposed)
+    return weight
 
 
-def _requantized_weight(name, tensor, saved: SavedAdapter, config, transposed) -> torch.Tensor:
-    """``deq(q(W))`` of a quantized layer without an adapter, as the trained model computed with it."""
-    device = config.torch_device
-    layer = make_base_layer(_weight_fp32(tensor, device, transposed), None, config, device)
+def _requantized_weight(name, weight, saved: SavedAdapter, config) -> torch.Tensor:
+    """``deq(q(W))`` (out, in) of a quantized layer without an adapter, as the trained model computed with it."""
+    layer = make_base_layer(weight, None, config, weight.device)
     settings, recorded = quant_settings(layer), saved.frozen_quantized[name]
     if settings != recorded:
         raise AdapterError(f"layer {name} requantized with {settings}, but was trained with {recorded}")
-    return _to_checkpoint(dequantize_weight(layer), transposed)
+    return dequantize_weight(layer)
+
+
+def _stored_part(name: str, linears) -> tuple[str, str] | None:
+    """``("X", "weight.absmax")`` for a part of linear layer ``X`` in a bitsandbytes-stored checkpoint
+    (``X.weight``, ``X.weight.absmax``, ``X.weight.quant_map``, ..., ``X.SCB``, ``X.weight_format``)."""
+    head, _, leaf = name.rpartition(".")
+    if leaf == "weight" and head in linears:
+        return head, "weight"
+    for marker in (".weight.", ".SCB", ".weight_format"):
+        head, sep, tail = name.partition(marker)
+        if sep and head in linears:
+            return head, sep.lstrip(".") + tail
+    return None
 
 
 def _write_config(model_dir: Path, folder: Path, dtype: torch.dtype) -> None:

@@ -279,6 +279,29 @@ def test_gpt2_conv1d_round_trip(tiny_gpt2_dir, tmp_path):
     assert (logits(peft_model) - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
+@pytest.mark.parametrize("stored_bits", [4, 8])
+def test_a_base_stored_in_bitsandbytes_format_reloads_and_merges(tiny_llama_dir, tmp_path, stored_bits):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True) if stored_bits == 4 \
+        else dict(load_in_8bit=True)
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=BitsAndBytesConfig(**kw),
+                                         dtype=torch.float32).save_pretrained(tmp_path / "stored")
+    model = trained(tmp_path / "stored", bits=4, rank=4)
+    ref = logits(model)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    assert torch.equal(logits(load(tmp_path / "stored", adapter, progress=False)), ref)
+    result = merge(tmp_path / "stored", adapter, tmp_path / "merged", dtype="fp32", progress=False)
+    assert result["merged_layers"] == 14
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    merged = original(tmp_path / "merged")
+    assert (logits(merged) - ref).abs().max() < 1e-5 * ref.abs().max()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if not k.endswith(".weight")]  # no absmax / quant_map / SCB parts
+
+
 # ---------------------------------------------------------------------------------- wrong base
 def test_wrong_base_is_refused_and_the_override_works(saved4, tmp_path, caplog):
     _, _, adapter = saved4
