@@ -183,12 +183,6 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
     for name, layer in layers:
         if needs_residual and getattr(layer, "init_factors", None) is None:
             raise AdapterError(f"layer {name} has no init_factors, which init={config.init!r} needs to be saved")
-        if needs_residual and _aliases_parameters(layer):
-            raise AdapterError(
-                f"layer {name}: init_factors share memory with the trainable lora_A/lora_B weights, so training has "
-                "overwritten the initial factors and the residual can no longer be reconstructed. This is a bug in "
-                "qolora.prepare (the factors must be copied, not aliased, when stored as init_factors)"
-            )
         row = rows.get(name)
         records[name] = LayerRecord(
             shape=(layer.out_features, layer.in_features),
@@ -219,12 +213,6 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
     )
     saved.peft_target_modules = _peft_target_modules(saved, model)
     return saved
-
-
-def _aliases_parameters(layer: AdapterLinear) -> bool:
-    """True when the stored initial factors are the very tensors being trained (then they are lost)."""
-    params = {p.untyped_storage().data_ptr() for p in (layer.lora_A.weight, layer.lora_B.weight)}
-    return any(t.untyped_storage().data_ptr() in params for t in layer.init_factors)
 
 
 def _peft_target_modules(saved: SavedAdapter, model: nn.Module | None) -> list[str]:

@@ -50,8 +50,8 @@ class AdapterLinear(nn.Module):
         self.base_layer = base_layer
         self.lora_A = nn.Linear(in_features, rank, bias=False, device="meta")
         self.lora_B = nn.Linear(rank, out_features, bias=False, device="meta")
-        self.lora_A.weight = nn.Parameter(lora_a.to(adapter_dtype).contiguous())
-        self.lora_B.weight = nn.Parameter(lora_b.to(adapter_dtype).contiguous())
+        self.lora_A.weight = nn.Parameter(lora_a.detach().to(adapter_dtype, copy=True).contiguous())
+        self.lora_B.weight = nn.Parameter(lora_b.detach().to(adapter_dtype, copy=True).contiguous())
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = float(scale)
         self.rank = rank

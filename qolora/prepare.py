@@ -309,7 +309,8 @@ def _adapted_layer(name, weight, factors_for, config, needs_residual, compare_pl
     )
     # The initial factors define the residual; kept (on the CPU) so the adapter can be saved,
     # reloaded exactly and exported against the original weights.
-    layer.init_factors = (a.cpu(), b.cpu()) if needs_residual else None
+    # Copies: the trainable lora_A / lora_B must never alias them (on the CPU .cpu() is a no-op).
+    layer.init_factors = (a.detach().cpu().clone(), b.detach().cpu().clone()) if needs_residual else None
     layer.base_fingerprint = fingerprint
     return layer, LayerReport(name, tuple(weight.shape), norm, error, plain_error)
 

@@ -108,9 +108,12 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
                 "set layer.support_avx512bf16_for_cpu = False before running it"
             )
         return bnb.functional.dequantize_4bit(weight.data, state).to(torch.float32)
-    # 8-bit row-wise: W = CB * SCB / 127
-    cb = weight.CB if weight.CB is not None else weight.data
-    return cb.to(torch.float32) * (weight.SCB.to(torch.float32)[:, None] / 127.0)
+    # 8-bit row-wise: W = CB * SCB / 127. After a forward pass bitsandbytes keeps the statistics
+    # on ``layer.state`` instead of the parameter.
+    state = getattr(layer, "state", None)
+    cb = next(t for t in (weight.CB, getattr(state, "CB", None), weight.data) if t is not None)
+    scb = weight.SCB if weight.SCB is not None else state.SCB
+    return cb.to(torch.float32) * (scb.to(torch.float32)[:, None] / 127.0)
 
 
 def quant_settings(layer: nn.Module) -> dict:
@@ -143,11 +146,17 @@ def _stored_4bit_state_key(components: dict) -> str | None:
     return next((k for k in components if k.startswith("weight.quant_state.")), None)
 
 
+def _left_unquantized(components: dict[str, torch.Tensor]) -> bool:
+    """A layer bitsandbytes skipped: one float (out, in) weight (a packed 4-bit one is (n, 1))."""
+    weight = components["weight"]
+    return len(components) == 1 and weight.is_floating_point() and weight.dim() == 2 and weight.shape[1] > 1
+
+
 def stored_group_complete(components: dict[str, torch.Tensor]) -> bool:
     """Whether all stored parts of one quantized layer have been read."""
     if "weight" not in components:
         return False
-    if "SCB" in components:
+    if "SCB" in components or _left_unquantized(components):
         return True
     state_key = _stored_4bit_state_key(components)
     if state_key is None:
@@ -164,6 +173,8 @@ def stored_group_complete(components: dict[str, torch.Tensor]) -> bool:
 def dequantize_stored(components: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """The fp32 weight (out, in) of a layer stored quantized by bitsandbytes, on ``device``."""
     weight = components["weight"]
+    if _left_unquantized(components):
+        return weight.to(device, torch.float32)
     if "SCB" in components:  # 8-bit row-wise
         return weight.to(device, torch.float32) * (components["SCB"].to(device, torch.float32)[:, None] / 127.0)
     bnb = _bnb()

@@ -44,16 +44,6 @@ def original(path, **kw):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
 
 
-def keep_init_factors(model):
-    """Work around a core bug until it is fixed (see test_prepare_keeps_initial_factors_apart...):
-    on the CPU with fp32 adapters, prepare stores init_factors that ARE the trainable lora_A/lora_B
-    tensors, so training overwrites them. Give the layers their own copies before training."""
-    for _, layer in adapter_layers(model):
-        if layer.init_factors is not None:
-            layer.init_factors = tuple(t.clone() for t in layer.init_factors)
-    return model
-
-
 def train(model, steps=3, lr=1e-2):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
@@ -68,7 +58,7 @@ def train(model, steps=3, lr=1e-2):
 def trained(path, **options):
     """A prepared model trained 3 steps; on the CPU unless ``device`` says otherwise (GPU tests)."""
     options = {"rank": 8, "alpha": 16, "progress": False, "device": "cpu", **options}
-    return train(keep_init_factors(qolora.prepare(path, **options)))
+    return train(qolora.prepare(path, **options))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -374,14 +364,13 @@ def test_bad_adapter_folder_gives_one_clear_error_before_the_base_is_touched(sav
     assert not (tmp_path / "merged").exists() and not (tmp_path / "lora").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=AdapterError, reason=(
-    "core bug in qolora.prepare._adapted_layer: on the CPU with fp32 adapters, layer.init_factors = (a.cpu(), "
-    "b.cpu()) are the very tensors AdapterLinear wraps as lora_A/lora_B (.cpu() and .to(fp32) return self), so "
-    "the optimizer overwrites the initial factors. Fix: store clones. When fixed, drop this marker and "
-    "keep_init_factors()."))
 def test_prepare_keeps_initial_factors_apart_from_trainable_weights(tiny_llama_dir, tmp_path):
-    model = train(qolora.prepare(tiny_llama_dir, bits=16, rank=4, device="cpu", progress=False), steps=1)
-    save_adapter(model, tmp_path / "adapter")  # refuses to save factors that training has overwritten
+    model = qolora.prepare(tiny_llama_dir, bits=16, rank=4, device="cpu", progress=False)
+    before = {n: tuple(t.clone() for t in l.init_factors) for n, l in adapter_layers(model)}
+    train(model, steps=1)
+    for name, layer in adapter_layers(model):
+        assert all(torch.equal(t, b) for t, b in zip(layer.init_factors, before[name])), name
+        assert not torch.equal(layer.lora_A.weight.detach(), layer.init_factors[0]), name
 
 
 def test_non_finite_adapters_are_not_exported_or_merged(tiny_llama_dir, tmp_path):
@@ -512,7 +501,7 @@ def test_merge_streams_with_memory_well_below_the_model_size(tmp_path):
     tensors as it treats a real model's >32 MB ones (mmapped, returned to the OS when freed), so
     RssAnon follows the live memory rather than the heap's fragmentation high-water mark."""
     size = _wide_llama(tmp_path / "base")
-    model = keep_init_factors(qolora.prepare(tmp_path / "base", bits=4, rank=8, device="cpu", progress=False))
+    model = qolora.prepare(tmp_path / "base", bits=4, rank=8, device="cpu", progress=False)
     adapter = save_adapter(model, tmp_path / "adapter")
     del model
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1",

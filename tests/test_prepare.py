@@ -262,3 +262,13 @@ def test_stored_quantized_checkpoint_is_dequantized_then_requantized_with_a_warn
     assert model.qolora_report.requantized == f"{stored_bits}bit"
     assert model.qolora_report.total_error > 0
     assert f"is stored {stored_bits}bit" in caplog.text and "quantized twice" in caplog.text and "% of their norm" in caplog.text
+
+
+def test_dequantize_8bit_after_a_forward_pass(tiny_llama_dir):
+    """bitsandbytes moves an 8-bit layer's statistics to layer.state on the first forward."""
+    model = qolora.prepare(tiny_llama_dir, bits=8, rank=4, progress=False)
+    layer = next(l for _, l in adapter_layers(model))
+    before = dequantize_weight(layer.base_layer)
+    with torch.no_grad():
+        model(tokens())
+    assert torch.equal(dequantize_weight(layer.base_layer), before)
