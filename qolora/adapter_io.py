@@ -40,7 +40,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .checkpoint import resolve_model_dir, weight_fingerprint
+from .checkpoint import meta_model, resolve_model_dir, weight_fingerprint
 from .config import AdapterConfig, ConfigError
 from .inits import INITS
 from .layer import AdapterLinear, adapter_layers
@@ -509,30 +509,6 @@ def read_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
 
 
 # ------------------------------------------------------------------------------------ base checks
-def meta_skeleton(model_dir: Path) -> tuple[nn.Module, str | None]:
-    """The base's model on the ``meta`` device (structure only: no memory, no weights read), and
-    ``"4bit"`` / ``"8bit"`` when the checkpoint is stored quantized by bitsandbytes (else None).
-
-    Raises:
-        ConfigError: the checkpoint is stored quantized by another method.
-    """
-    from accelerate import init_empty_weights  # noqa: PLC0415
-    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
-
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    stored = getattr(hf_config, "quantization_config", None)
-    stored_kind = None
-    if stored is not None:  # as qolora.prepare: bitsandbytes checkpoints are read dequantized
-        stored = stored if isinstance(stored, dict) else stored.to_dict()
-        if stored.get("quant_method") != "bitsandbytes":
-            raise ConfigError(f"checkpoint {model_dir} is stored quantized with {stored.get('quant_method')!r}; "
-                              "qolora reads full-precision or bitsandbytes 4/8-bit checkpoints")
-        stored_kind = "4bit" if stored.get("load_in_4bit") else "8bit"
-        del hf_config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(hf_config), stored_kind
-
-
 def check_base_structure(skeleton: nn.Module, saved: SavedAdapter, base: str) -> dict[str, nn.Module]:
     """Check that the base has exactly the adapter's target layers, with the recorded shapes.
 
@@ -645,7 +621,7 @@ def load(
     saved = read_adapter(adapter_dir)
     config = resolve_device_config(saved, device)
     model_dir = resolve_model_dir(base)
-    check_base_structure(meta_skeleton(model_dir)[0], saved, str(base))
+    check_base_structure(meta_model(model_dir)[0], saved, str(base))
     check = FingerprintCheck(saved, str(base), allow_base_mismatch)
     seen: set[str] = set()
 

@@ -15,13 +15,15 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+from torch import nn
 
 from .config import ConfigError
 
-__all__ = ["resolve_model_dir", "checkpoint_files", "iter_checkpoint", "weight_fingerprint"]
+__all__ = ["resolve_model_dir", "checkpoint_files", "iter_checkpoint", "meta_model", "checkpoint_key_map",
+           "weight_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,3 +107,49 @@ def weight_fingerprint(weight: torch.Tensor, samples: int = 1024) -> str:
     h = hashlib.sha256(str(tuple(weight.shape)).encode())
     h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def meta_model(model_dir: Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, str | None]:
+    """The checkpoint's model on the ``meta`` device (structure only: no memory, no weight read), and
+    ``"4bit"`` / ``"8bit"`` when the checkpoint is stored quantized by bitsandbytes (else None).
+
+    Buffers (e.g. rotary frequencies, computed at construction) stay real, on the CPU.
+
+    Raises:
+        ConfigError: the checkpoint is stored quantized by a method other than bitsandbytes.
+    """
+    from accelerate import init_empty_weights  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    stored = getattr(hf_config, "quantization_config", None)
+    stored_kind = None
+    if stored is not None:
+        stored = stored if isinstance(stored, dict) else stored.to_dict()
+        if stored.get("quant_method") != "bitsandbytes":
+            raise ConfigError(
+                f"checkpoint {model_dir} is stored quantized with {stored.get('quant_method')!r}; qolora reads "
+                "full-precision checkpoints, or bitsandbytes 4/8-bit ones (dequantized, then requantized)"
+            )
+        stored_kind = "4bit" if stored.get("load_in_4bit") else "8bit"
+        del hf_config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, **({"dtype": dtype} if dtype is not None else {}))
+    return model, stored_kind
+
+
+def checkpoint_key_map(model: nn.Module) -> Callable[[str], str | None]:
+    """Checkpoint key -> the model's parameter name (handles a missing or extra base-model prefix)."""
+    expected = set(model.state_dict().keys())
+    prefix = getattr(model, "base_model_prefix", "") + "."
+
+    def to_model(key: str) -> str | None:
+        if key in expected:
+            return key
+        if prefix + key in expected:
+            return prefix + key
+        if key.startswith(prefix) and key[len(prefix):] in expected:
+            return key[len(prefix):]
+        return None
+
+    return to_model

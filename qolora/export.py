@@ -55,15 +55,16 @@ from .adapter_io import (
     atomic_dir,
     check_base_structure,
     check_out_dir,
-    meta_skeleton,
     peft_adapter_config,
     read_adapter,
     resolve_device_config,
 )
-from .checkpoint import checkpoint_files, iter_checkpoint, resolve_model_dir
+from .checkpoint import checkpoint_files, checkpoint_key_map, iter_checkpoint, meta_model, resolve_model_dir
 from .config import ConfigError, parse_dtype
 from .inits import adapter_scale, residual_
-from .quant import dequantize_stored, dequantize_weight, make_base_layer, quant_settings, stored_group_complete
+from .quant import (
+    dequantize_stored, dequantize_weight, make_base_layer, quant_settings, stored_group_complete, stored_part,
+)
 
 __all__ = ["export_lora", "merge", "parse_size"]
 
@@ -265,23 +266,6 @@ class _ShardWriter:
         return names
 
 
-def _key_map(skeleton: nn.Module):
-    """Checkpoint key -> the model's parameter name (handles a missing or extra base-model prefix)."""
-    expected = set(skeleton.state_dict().keys())
-    prefix = getattr(skeleton, "base_model_prefix", "") + "."
-
-    def to_model(key: str) -> str | None:
-        if key in expected:
-            return key
-        if prefix + key in expected:
-            return prefix + key
-        if key.startswith(prefix) and key[len(prefix):] in expected:
-            return key[len(prefix):]
-        return None
-
-    return to_model
-
-
 def _same_path(a: Path, b: Path) -> bool:
     a, b = a.expanduser().resolve(), b.expanduser().resolve()
     return a == b or b.is_relative_to(a)
@@ -343,12 +327,12 @@ def merge(
         if _same_path(out, other):
             raise ConfigError(f"out_dir {str(out)!r} is or contains {what} ({other}); write the merge somewhere else")
     files = checkpoint_files(model_dir)
-    skeleton, stored_kind = meta_skeleton(model_dir)
+    skeleton, stored_kind = meta_model(model_dir)
     linears = check_base_structure(skeleton, saved, str(base))
     from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
 
     transposed = {n for n, m in linears.items() if isinstance(m, Conv1D)}
-    to_model = _key_map(skeleton)
+    to_model = checkpoint_key_map(skeleton)
     del skeleton
     requantize = set(saved.frozen_quantized) if into == "trained" else set()
     check = FingerprintCheck(saved, str(base), allow_base_mismatch)
@@ -375,7 +359,7 @@ def merge(
         for key, tensor in tqdm(iter_checkpoint(files), desc=f"merge ({into})", unit="tensor", disable=not progress):
             name = to_model(key) or key
             module, _, leaf = name.rpartition(".")
-            part = _stored_part(name, linears) if stored_kind else None
+            part = stored_part(name, linears) if stored_kind else None
             if part is not None:  # a bitsandbytes-stored layer: dequantized once all its parts are read
                 if part[1] == "weight_format":  # 8-bit layout tag: nothing to dequantize with
                     continue
@@ -469,19 +453,6 @@ def _requantized_weight(name, weight, saved: SavedAdapter, config) -> torch.Tens
     if settings != recorded:
         raise AdapterError(f"layer {name} requantized with {settings}, but was trained with {recorded}")
     return dequantize_weight(layer)
-
-
-def _stored_part(name: str, linears) -> tuple[str, str] | None:
-    """``("X", "weight.absmax")`` for a part of linear layer ``X`` in a bitsandbytes-stored checkpoint
-    (``X.weight``, ``X.weight.absmax``, ``X.weight.quant_map``, ..., ``X.SCB``, ``X.weight_format``)."""
-    head, _, leaf = name.rpartition(".")
-    if leaf == "weight" and head in linears:
-        return head, "weight"
-    for marker in (".weight.", ".SCB", ".weight_format"):
-        head, sep, tail = name.partition(marker)
-        if sep and head in linears:
-            return head, sep.lstrip(".") + tail
-    return None
 
 
 def _write_config(model_dir: Path, folder: Path, dtype: torch.dtype) -> None:

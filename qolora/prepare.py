@@ -31,11 +31,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_files, iter_checkpoint, resolve_model_dir, weight_fingerprint
+from .checkpoint import (
+    checkpoint_files, checkpoint_key_map, iter_checkpoint, meta_model, resolve_model_dir, weight_fingerprint,
+)
 from .config import AdapterConfig, ConfigError
 from .inits import INITS, residual_
-from .layer import AdapterLinear, adapter_layers, mark_only_adapters_trainable
-from .quant import dequantize_stored, dequantize_weight, make_base_layer, stored_group_complete
+from .layer import AdapterLinear, mark_only_adapters_trainable
+from .quant import dequantize_stored, dequantize_weight, make_base_layer, stored_group_complete, stored_part
 
 __all__ = ["prepare", "build_model", "QuantReport", "LayerReport", "linear_layers", "select_targets"]
 
@@ -143,57 +145,6 @@ def _layer_generator(seed: int, name: str) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------- building
-def _skeleton(model_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, str | None]:
-    """The model on the meta device, and how its checkpoint is stored quantized (``None``: it is not)."""
-    from accelerate import init_empty_weights  # noqa: PLC0415
-    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
-
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    stored = getattr(hf_config, "quantization_config", None)
-    stored_kind = None
-    if stored is not None:
-        stored = stored if isinstance(stored, dict) else stored.to_dict()
-        if stored.get("quant_method") != "bitsandbytes":
-            raise ConfigError(
-                f"checkpoint {model_dir} is stored quantized with {stored.get('quant_method')!r}; qolora reads "
-                "full-precision checkpoints, or bitsandbytes 4/8-bit ones (dequantized, then requantized)"
-            )
-        stored_kind = "4bit" if stored.get("load_in_4bit") else "8bit"
-        del hf_config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    return model, stored_kind
-
-
-def _stored_component(name: str, quantized: set[str]) -> tuple[str, str] | None:
-    """``("X", "weight.absmax")`` for a stored part of quantized layer ``X``, else None."""
-    head, _, leaf = name.rpartition(".")
-    if leaf == "weight" and head in quantized:
-        return head, "weight"
-    for marker in (".weight.", ".SCB", ".weight_format"):
-        head, sep, tail = name.partition(marker)
-        if sep and head in quantized:
-            return head, sep.lstrip(".") + tail
-    return None
-
-
-def _checkpoint_key_map(model: nn.Module) -> Callable[[str], str | None]:
-    """Map checkpoint keys to the model's parameter names (handles a missing/extra base-model prefix)."""
-    expected = set(model.state_dict().keys())
-    prefix = getattr(model, "base_model_prefix", "") + "."
-
-    def to_model(key: str) -> str | None:
-        if key in expected:
-            return key
-        if prefix + key in expected:
-            return prefix + key
-        if key.startswith(prefix) and key[len(prefix):] in expected:
-            return key[len(prefix):]
-        return None
-
-    return to_model
-
-
 def build_model(
     model_dir: Path,
     config: AdapterConfig,
@@ -215,7 +166,7 @@ def build_model(
     start = time.perf_counter()
     device, dtype = config.torch_device, config.torch_dtype
     files = checkpoint_files(model_dir)
-    model, stored_kind = _skeleton(model_dir, dtype)
+    model, stored_kind = meta_model(model_dir, dtype)
     linears = linear_layers(model)
     targets = set(select_targets(linears, config.target_modules))
     # Layers rebuilt from their weight: all linears when quantizing (QLoRA quantizes every one),
@@ -224,7 +175,7 @@ def build_model(
     _check_rank(linears, targets, config.rank)
 
     needs_residual = INITS[config.init].needs_residual
-    to_model = _checkpoint_key_map(model)
+    to_model = checkpoint_key_map(model)
     report = QuantReport(init=config.init, bits=config.bits)
     biases: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[str, torch.Tensor]] = {}  # stored-quantized layers being gathered
@@ -254,7 +205,7 @@ def build_model(
             module_name, _, leaf = name.rpartition(".")
             if module_name in quantized and leaf == "bias":
                 biases[module_name] = tensor
-            elif stored_kind and (part := _stored_component(name, quantized)):
+            elif stored_kind and (part := stored_part(name, quantized)):
                 pending.setdefault(part[0], {})[part[1]] = tensor
             elif module_name in quantized and leaf == "weight":
                 weight = tensor.to(device=device, dtype=torch.float32, copy=True)

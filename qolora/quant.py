@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import AdapterConfig
 
-__all__ = ["make_base_layer", "dequantize_weight", "dequantize_stored", "stored_group_complete",
+__all__ = ["make_base_layer", "dequantize_weight", "dequantize_stored", "stored_group_complete", "stored_part",
            "quantization_kind", "quant_settings"]
 
 
@@ -140,6 +140,18 @@ def quant_settings(layer: nn.Module) -> dict:
 #          (+ X.weight.nested_absmax, X.weight.nested_quant_map with double quantization)
 #   8-bit: X.weight (int8), X.SCB, X.weight_format
 STORED_COMPONENTS = ("weight.", "SCB", "weight_format")
+
+
+def stored_part(name: str, layers) -> tuple[str, str] | None:
+    """``("X", "weight.absmax")`` for a stored part of linear layer ``X`` (one of ``layers``), else None."""
+    head, _, leaf = name.rpartition(".")
+    if leaf == "weight" and head in layers:
+        return head, "weight"
+    for marker in (".weight.", ".SCB", ".weight_format"):
+        head, sep, tail = name.partition(marker)
+        if sep and head in layers:
+            return head, sep.lstrip(".") + tail
+    return None
 
 
 def _stored_4bit_state_key(components: dict) -> str | None:
