@@ -1,9 +1,15 @@
 """qolora: quantized, low-memory fine-tuning of causal LMs with OLoRA adapters.
 
     model = qolora.prepare("path-or-hub-id", bits=4, rank=16)   # 4/8-bit base + OLoRA adapters
+    ...train: qolora.train / qolora.finetune, the `qolora` CLI, or transformers' Trainer...
+    qolora.save_adapter(model, "adapter")                       # PEFT format + qolora metadata
+    qolora.load("path-or-hub-id", "adapter")                     # exactly the trained model
+    qolora.export_lora(...) / qolora.merge(...)                  # plain LoRA / merged checkpoint
 """
 
+from .adapter_io import AdapterError, BaseMismatchError, load, read_adapter, save_adapter
 from .config import AdapterConfig, ConfigError
+from .export import export_lora, merge
 from .inits import INITS
 from .layer import AdapterLinear, adapter_parameters, adapter_state_dict
 from .prepare import QuantReport, enable_gradient_checkpointing, prepare
@@ -12,12 +18,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
+    "AdapterError",
     "AdapterLinear",
+    "BaseMismatchError",
     "ConfigError",
     "INITS",
     "QuantReport",
     "adapter_parameters",
     "adapter_state_dict",
     "enable_gradient_checkpointing",
+    "export_lora",
+    "load",
+    "merge",
     "prepare",
+    "read_adapter",
+    "save_adapter",
 ]
