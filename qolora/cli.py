@@ -1,0 +1,360 @@
+"""The ``qolora`` command: ``finetune``, ``merge`` and ``info``.
+
+``qolora finetune`` with no arguments runs the built-in job (SmolLM2-135M-Instruct, 4-bit base,
+OLoRA rank 16, chatterbot English conversations) sized to finish in about ten minutes on a 2-core
+CPU; every option maps to :func:`qolora.train.finetune`. ``qolora merge`` writes a merged
+full-precision checkpoint (:func:`qolora.export.merge`), ``qolora info`` describes an adapter folder,
+a run folder or a checkpoint.
+
+An error prints one line on stderr and exits with code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+# ------------------------------------------------------------------------------------- parser
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` unless the help text already explains the default, or for flags."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _none_or(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "auto", "") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_finetune(sub) -> None:
+    from .train import DEFAULT_LR, MIXED_PRECISION, OPTIMIZERS, TrainConfig, finetune  # noqa: PLC0415
+
+    d = TrainConfig()
+    f = {name: p.default for name, p in inspect.signature(finetune).parameters.items()}
+    p = sub.add_parser(
+        "finetune", formatter_class=_Help,
+        help="fine-tune a causal LM with a quantized base and OLoRA adapters",
+        description="Fine-tune a causal LM: quantize the base to 4/8 bits once, attach OLoRA (or PiSSA / LoRA) "
+                    "adapters, train them, save the adapter to OUTPUT_DIR/adapter. With no arguments: the built-in "
+                    "job (SmolLM2-135M-Instruct, 4-bit, OLoRA r=16, chatterbot English conversations), about ten "
+                    "minutes on a 2-core CPU.",
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None,
+                   help="transformers checkpoint folder or hub id (default: built-in SmolLM2-135M-Instruct)")
+    g.add_argument("--data", default=None,
+                   help=".jsonl/.json/.csv/.parquet/.txt file, save_to_disk folder or hub dataset "
+                        "(default: built-in chatterbot English conversations)")
+    g.add_argument("--format", default=None, choices=["messages", "instruction", "prompt_completion", "text"],
+                   help="record format (default: detected from the columns)")
+    g.add_argument("--max-length", type=int, default=f["max_length"], help="tokens per example (longer: truncated)")
+    g.add_argument("--packing", action="store_true", help="pack several examples into each sequence")
+    g.add_argument("--no-mask-prompt", dest="mask_prompt", action="store_false",
+                   help="train on the prompts too, not only the answers")
+    g.add_argument("--eval-fraction", type=float, default=f["eval_fraction"], help="share of examples held out")
+    g = p.add_argument_group("adapters and quantization")
+    g.add_argument("--bits", type=int, default=4, choices=[4, 8, 16], help="base weights: 4-bit NF4, 8-bit, or 16 (none)")
+    g.add_argument("--rank", type=int, default=16, help="adapter rank")
+    g.add_argument("--alpha", type=float, default=None, help="adapter alpha (default: = rank, scale 1)")
+    g.add_argument("--init", default="olora", choices=["olora", "pissa", "lora"], help="adapter initialisation")
+    g.add_argument("--target-modules", type=_csv, default=None,
+                   help="comma-separated layer names to adapt, e.g. q_proj,v_proj (default: every linear layer)")
+    g.add_argument("--dropout", type=float, default=0.0, help="adapter dropout")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g = p.add_argument_group("training")
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=_none_or(float), default=None,
+                   help="peak learning rate (default: by init: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    g.add_argument("--warmup-steps", type=_none_or(int), default=None,
+                   help="linear warmup steps (default: warmup-ratio x max-steps)")
+    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="warmup as a fraction of max-steps")
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine decays to lr x this")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=_none_or(float), default=d.max_grad_norm, help="gradient clipping (none: off)")
+    g.add_argument("--optim", default=d.optim, choices=list(OPTIMIZERS), help="optimizer (bitsandbytes or torch AdamW)")
+    g.add_argument("--mixed-precision", default=d.mixed_precision, choices=list(MIXED_PRECISION),
+                   help="auto: bf16 on GPUs with bf16, fp16 + grad scaler on older GPUs, none on the CPU")
+    g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                   help="keep activations instead of recomputing them (faster, more memory)")
+    g.add_argument("--seed", type=int, default=d.seed, help="data order and RNG seed")
+    g = p.add_argument_group("eval, samples, checkpoints")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="eval loss every N steps (0: start and end)")
+    g.add_argument("--max-eval-examples", type=_none_or(int), default=d.max_eval_examples,
+                   help="eval on at most this many held-out examples (none: all)")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: end only)")
+    g.add_argument("--keep-last", type=_none_or(int), default=d.keep_last, help="checkpoints kept (none: all)")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="metrics.jsonl train event every N steps")
+    g.add_argument("--n-samples", type=int, default=d.n_samples, help="held-out prompts answered before and after")
+    g.add_argument("--sample-prompt", dest="sample_prompts", action="append", default=None, metavar="TEXT",
+                   help="own prompt for the samples (repeatable; default: held-out prompts)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="sample answer length limit")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=d.output_dir, help="run folder: metrics, plot, samples, checkpoints, adapter")
+    g.add_argument("--resume", action="store_true", help="continue the run in OUTPUT_DIR from its newest checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="delete an earlier run in OUTPUT_DIR and start over")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice, or 1 when the CPU is already busy)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=_finetune)
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser(
+        "merge", formatter_class=_Help,
+        help="merge a saved adapter into its base: a plain transformers checkpoint",
+        description="Write BASE with ADAPTER merged into it as an ordinary transformers checkpoint at OUT "
+                    "(streamed shard by shard, atomically).",
+    )
+    p.add_argument("base", help="the full-precision checkpoint the adapter was trained on (folder or hub id)")
+    p.add_argument("adapter", help="adapter folder (e.g. OUTPUT_DIR/adapter of qolora finetune)")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the written weights")
+    p.add_argument("--into", default="trained", choices=["trained", "original"],
+                   help="trained: exactly the function trained on the quantized base; original: the update added "
+                        "to the full-precision weights")
+    p.add_argument("--max-shard-size", default="2GB", help="largest shard")
+    p.add_argument("--device", default=None, help="where layers are merged (default: as in training)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_merge)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe an adapter folder, a run folder or a checkpoint",
+                       description="Describe PATH: an adapter folder, a qolora finetune output folder, or one "
+                                   "training checkpoint (verified against its manifest).")
+    p.add_argument("path", help="adapter folder, run folder or checkpoint folder")
+    p.set_defaults(func=_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qolora`` argument parser."""
+    parser = argparse.ArgumentParser(prog="qolora", description="Quantized fine-tuning of causal LMs with OLoRA adapters.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_finetune(sub)
+    _add_merge(sub)
+    _add_info(sub)
+    return parser
+
+
+# ----------------------------------------------------------------------------------- commands
+def _finetune(args) -> int:
+    from .train import finetune  # noqa: PLC0415
+
+    _set_threads(args.threads)
+    adapter_options = {"dropout": args.dropout, "device": args.device}
+    train_options = {k: getattr(args, k) for k in (
+        "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "warmup_ratio", "min_lr_ratio", "weight_decay",
+        "max_grad_norm", "optim", "mixed_precision", "gradient_checkpointing", "seed", "eval_every",
+        "max_eval_examples", "save_every", "keep_last", "log_every", "n_samples", "sample_prompts", "max_new_tokens",
+        "overwrite", "progress")}
+    result = finetune(
+        args.model, args.data, output_dir=args.output_dir, bits=args.bits, rank=args.rank, init=args.init,
+        alpha=args.alpha, target_modules=args.target_modules, format=args.format, max_length=args.max_length,
+        packing=args.packing, mask_prompt=args.mask_prompt, eval_fraction=args.eval_fraction, resume=args.resume,
+        adapter_options=adapter_options, **train_options,
+    )
+    print()
+    print(f"done: {result.summary()}")
+    for i, s in enumerate(result.samples, 1):
+        prompt = s["prompt"].strip().splitlines()
+        print(f"\nsample {i}: ...{' / '.join(prompt[-3:])[-120:]}")
+        if s.get("reference"):
+            print(f"  reference:       {s['reference']}")
+        print(f"  before training: {s['before']}")
+        print(f"  after training:  {s['after']}")
+    print()
+    print(f"adapter:  {result.adapter_dir}")
+    print(f"metrics:  {result.metrics_path}")
+    if result.plot_path:
+        print(f"plot:     {result.plot_path}")
+    if result.samples_path:
+        print(f"samples:  {result.samples_path}")
+    return 0
+
+
+def _set_threads(requested: int | None) -> None:
+    """``--threads``, or one thread when the CPU is already busy: OpenMP threads that spin while waiting
+    for each other on cores that other processes hold make each step many times slower."""
+    import torch  # noqa: PLC0415
+
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads={requested} must be >= 1")
+        torch.set_num_threads(requested)
+        return
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    if torch.get_num_threads() > 1 and load >= cores and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+        logging.getLogger("qolora").info("the CPU is busy (load %.1f on %d cores): using 1 thread (set --threads to "
+                                         "choose)", load, cores)
+
+
+def _merge(args) -> int:
+    try:
+        from .export import merge  # noqa: PLC0415
+    except ImportError as exc:  # pragma: no cover - export ships with qolora
+        raise RuntimeError(f"qolora merge needs qolora.export, which cannot be imported: {exc}") from exc
+    result = merge(args.base, args.adapter, args.out, dtype=args.dtype, into=args.into,
+                   max_shard_size=args.max_shard_size, overwrite=args.overwrite, device=args.device,
+                   progress=args.progress)
+    print(f"merged {result['merged_layers']} adapted layers ({result['into']}, {result['dtype']}) into "
+          f"{result['out_dir']}: {result['shards']} shard(s), {result['total_bytes'] / 1e6:.1f} MB in "
+          f"{result['seconds']:.1f} s")
+    return 0
+
+
+def _info(args) -> int:
+    path = Path(args.path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder")
+    if (path / "qolora_config.json").is_file():
+        _info_adapter(path)
+    elif (path / "manifest.json").is_file() or (path / "state.json").is_file():
+        _info_checkpoint(path)
+    elif (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir():
+        _info_run(path)
+    else:
+        raise ValueError(f"{path} is neither an adapter folder, a qolora run folder nor a training checkpoint")
+    return 0
+
+
+def _info_adapter(path: Path) -> None:
+    from .adapter_io import read_adapter  # noqa: PLC0415
+
+    saved = read_adapter(path)
+    c = saved.config
+    n_params = sum(a.numel() + b.numel() for a, b in saved.weights.values())
+    print(f"adapter {path}")
+    print(f"  init {c.init}, rank {c.rank}, alpha {c.lora_alpha:g} (scale {saved.scale:g}), {c.bits}-bit base"
+          + (f" ({c.quant_type}, blocksize {c.blocksize})" if c.bits == 4 else ""))
+    print(f"  {len(saved.layers)} adapted layers ({', '.join(saved.peft_target_modules or [])}), "
+          f"{n_params:,} trainable parameters")
+    print(f"  base {saved.base_name_or_path} (fingerprint {saved.fingerprint}), quantized on {saved.device_type}")
+
+
+def _info_checkpoint(path: Path) -> None:
+    from .checkpointing import CheckpointError, load_checkpoint  # noqa: PLC0415
+
+    try:
+        found = load_checkpoint(path)
+    except CheckpointError as exc:
+        print(f"checkpoint {path}: NOT USABLE: {exc}")
+        return
+    s = found.state
+    last = s["history"][-1] if s.get("history") else None
+    print(f"checkpoint {path}: step {found.step} of {s['train_config']['max_steps']} (verified)")
+    if last:
+        print(f"  train loss {last['loss']:.4f}, lr {last['lr']:.3g}")
+    if s.get("evals"):
+        print(f"  eval loss {s['evals'][0]['eval_loss']:.4f} (step 0) -> {s['evals'][-1]['eval_loss']:.4f} "
+              f"(step {s['evals'][-1]['step']})")
+    print(f"  data position: epoch {s['data_position']['epoch']}, index {s['data_position']['index']}")
+
+
+def _info_run(path: Path) -> None:
+    from .checkpointing import list_checkpoints  # noqa: PLC0415
+    from .reporting import MetricsLog  # noqa: PLC0415
+
+    events = MetricsLog(path / "metrics.jsonl").read()
+    start = next((e for e in events if e["event"] == "start"), {})
+    steps = [e["step"] for e in events if e["event"] == "train"]
+    evals = [e for e in events if e["event"] == "eval"]
+    ended = any(e["event"] == "end" for e in events)
+    errors = [e for e in events if e["event"] == "error"]
+    total = start.get("train_config", {}).get("max_steps", "?")
+    state = "finished" if ended else ("stopped by an error" if errors else "not finished (resume with --resume)")
+    print(f"run {path}: {state}, last logged step {steps[-1] if steps else 0} of {total}")
+    if start:
+        print(f"  lr {start['lr']:.3g} ({start['lr_reason']}), {start['n_train']} train / {start['n_eval']} eval "
+              f"examples, {start['trainable_params']:,} trainable parameters")
+    if evals:
+        print(f"  eval loss {evals[0]['eval_loss']:.4f} (step {evals[0]['step']}) -> {evals[-1]['eval_loss']:.4f} "
+              f"(step {evals[-1]['step']})")
+    if errors:
+        print(f"  error: {errors[-1]['message']}")
+    ckpts = list_checkpoints(path / "checkpoints")
+    print(f"  checkpoints: {', '.join(p.name for _, p in ckpts) if ckpts else 'none'}")
+    if (path / "adapter").is_dir():
+        print(f"  adapter: {path / 'adapter'}")
+
+
+# --------------------------------------------------------------------------------------- main
+class _TqdmHandler(logging.Handler):
+    """Log records written above a running progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    log = logging.getLogger("qolora")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    if not debug:  # known, harmless noise from the libraries underneath
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+        warnings.filterwarnings("ignore", message=r".*[Pp]aged optimizers are not supported on CPU.*")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _one_line(exc: BaseException) -> str:
+    problems = getattr(exc, "problems", None)
+    text = "; ".join(problems) if problems else str(exc)
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``qolora`` command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.debug, args.quiet)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("qolora: interrupted" + (" (continue with --resume)" if args.command == "finetune" else ""),
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the CLI turns every error into one line
+        if args.debug:
+            raise
+        print(f"qolora: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
