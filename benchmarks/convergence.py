@@ -1,0 +1,910 @@
+"""Convergence benchmark: does OLoRA converge faster / lower than LoRA and PiSSA over a 4-bit base?
+
+An honest reproduction of the OLoRA claim (arXiv 2406.01775) needs a learning-rate sweep per init:
+OLoRA and PiSSA start from the weight's own directions (large factors), so the same learning rate
+moves the function much more than LoRA's zero-initialised ``B``; comparing them at one shared rate
+only measures which one that rate happens to suit. So, on the real SmolLM2-135M-Instruct::
+
+    for init in (lora, olora, pissa):              # 4-bit NF4 base, rank 16, alpha 16, all linear layers
+        for seed in seeds:                          # prepared ONCE per (init, seed)
+            for lr in the init's grid:              # adapter weights restored to their init between rates
+                train `steps` steps (AdamW, warmup + cosine to 0, grad clip 1.0, batch 8, prompt-masked)
+                eval loss every `eval_every` steps (and at step 0) on the SAME held-out examples
+        if the init's best rate (lowest mean final eval loss over seeds) sits at an edge of its grid,
+        add one more rate beyond that edge and run it (repeat up to --max-extend times), so the
+        final grid shows the best rate strictly inside it
+    ceiling: plain LoRA on the full-precision (bits=16) base at LoRA's best rate.
+
+A run whose loss or gradient turns NaN/inf (``qolora.train.TrainingError``) is recorded as
+``diverged`` with the curve up to that point; it counts as infinitely bad when picking rates.
+
+Every finished run is appended (and fsynced) to ``<out>_runs.jsonl`` at once, keyed by its settings;
+a rerun with the same settings skips what is there, so an interrupted sweep loses at most the run in
+progress. The summary files are rebuilt from that JSONL at the end of every invocation:
+
+* ``<out>.json``  settings, machine, versions, grids, every run (eval curve, per-step train loss,
+  grad norm, lr and wall time), the per-init summary and the threshold;
+* ``<out>.png``   eval-loss curves at each init's best rate (mean over seeds, min-max band) + the
+  bits=16 ceiling, and the sweep (final eval loss vs learning rate);
+* ``<out>.md``    the table: best rate, final / best eval loss (mean +- std over seeds), steps to the
+  threshold eval loss, seconds per step; and the whole sweep.
+
+Usage::
+
+    python -m benchmarks.convergence                          # the full sweep (~1 h on a shared 2-core CPU)
+    python -m benchmarks.convergence --quick                  # minutes: a smoke test of everything
+    python -m benchmarks.convergence --steps 40 --seeds 1 --inits lora,olora --rates-olora 1e-5,3e-5,1e-4
+    python -m benchmarks.convergence --report-only            # rebuild json/png/md from the JSONL
+
+``--model`` takes any local transformers folder (default: the cached SmolLM2-135M-Instruct) and
+``--data`` any file :func:`qolora.data.load_records` reads (default: the chatterbot conversations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/convergence.py` as well as `python -m benchmarks.convergence`
+    sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "benchmarks" / "results"
+INITS = ("lora", "olora", "pissa")
+#: Per-init starting grids. OLoRA / PiSSA useful rates can be 3-100x below LoRA's (reference stack:
+#: PEFT-OLoRA best 1e-5..3e-5, LoRA ~1e-4, LoRA diverging at 3e-4); together they span 1e-6..1e-3.
+DEFAULT_RATES: dict[str, tuple[float, ...]] = {
+    "lora": (3e-5, 1e-4, 3e-4, 1e-3),
+    "olora": (1e-6, 3e-6, 1e-5, 3e-5, 1e-4),
+    "pissa": (1e-6, 3e-6, 1e-5, 3e-5, 1e-4),
+}
+QUICK_RATES: dict[str, tuple[float, ...]] = {"lora": (1e-4, 1e-3), "olora": (1e-5, 1e-4), "pissa": (1e-5, 1e-4)}
+LR_BOUNDS = (1e-8, 1.0)  # never extend a grid past these
+
+logger = logging.getLogger("benchmarks.convergence")
+
+
+# ------------------------------------------------------------------------------------ settings
+@dataclasses.dataclass
+class Settings:
+    """Everything that determines a run's numbers (hashed into the resume key), except init/lr/seed/bits."""
+
+    model: str
+    data: str
+    data_bytes: int | None
+    bits: int = 4
+    rank: int = 16
+    alpha: float = 16.0
+    quant_type: str = "nf4"
+    steps: int = 16
+    batch_size: int = 8
+    max_length: int = 128
+    max_examples: int | None = None
+    eval_examples: int = 48
+    eval_every: int = 4
+    eval_batch_size: int = 8
+    split_seed: int = 0
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    optim: str = "paged_adamw_8bit"
+    dtype: str = "bf16"
+    mixed_precision: str = "bf16"
+    device: str = "auto"
+
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_key(settings_key: str, init: str, bits: int, lr: float, seed: int) -> str:
+    return f"{settings_key}|{init}|{bits}|{lr:.6g}|{seed}"
+
+
+# ------------------------------------------------------------------------------- pure helpers
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    vals = list(values)
+    if not vals:
+        return math.nan, math.nan
+    if any(not math.isfinite(v) for v in vals):
+        return math.inf, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def run_score(run: dict) -> float:
+    """The number a rate is judged by: the final eval loss; inf for a diverged run."""
+    if run.get("status") != "ok":
+        return math.inf
+    final = run.get("final_eval_loss")
+    return final if final is not None and math.isfinite(final) else math.inf
+
+
+def rate_scores(runs: Iterable[dict], init: str, seeds: Sequence[int]) -> dict[float, list[float]]:
+    """``{lr: [score per seed]}`` for the 4/16-bit runs of ``init`` at the requested seeds (complete rates only)."""
+    by_rate: dict[float, dict[int, float]] = {}
+    for r in runs:
+        if r["init"] == init and r["seed"] in seeds and not r.get("ceiling"):
+            by_rate.setdefault(r["lr"], {})[r["seed"]] = run_score(r)
+    return {lr: [s[x] for x in seeds] for lr, s in by_rate.items() if all(x in s for x in seeds)}
+
+
+def best_rate(scores: dict[float, list[float]]) -> float | None:
+    """The rate with the lowest mean score (ties: the lower rate); None when every rate diverged."""
+    finite = {lr: statistics.fmean(v) for lr, v in scores.items() if v and all(math.isfinite(x) for x in v)}
+    if not finite:
+        return None
+    return min(finite, key=lambda lr: (finite[lr], lr))
+
+
+def extension(grid: Sequence[float], scores: dict[float, list[float]]) -> float | None:
+    """The rate to add when the best rate of ``grid`` sits at one of its edges, else None.
+
+    The new rate continues the grid's spacing at that edge (e.g. 1e-6 -> 3.16e-7 for a 3.16x grid);
+    an edge whose neighbour diverged is not extended upward (a diverged neighbour proves the top).
+    When every rate diverged, the grid is extended downward.
+    """
+    grid = sorted(grid)
+    if len(grid) < 1 or any(lr not in scores for lr in grid):
+        return None
+    best = best_rate({lr: scores[lr] for lr in grid})
+    if best is None:
+        ratio = grid[1] / grid[0] if len(grid) > 1 else math.sqrt(10)
+        new = grid[0] / ratio
+    elif best == grid[0]:
+        ratio = grid[1] / grid[0] if len(grid) > 1 else math.sqrt(10)
+        new = grid[0] / ratio
+    elif best == grid[-1]:
+        ratio = grid[-1] / grid[-2] if len(grid) > 1 else math.sqrt(10)
+        new = grid[-1] * ratio
+    else:
+        return None
+    new = _snap(new)
+    return new if LR_BOUNDS[0] <= new <= LR_BOUNDS[1] and new not in grid else None
+
+
+def _snap(x: float) -> float:
+    """Round to the 1-3-10 series (3.33e-4 -> 3e-4) when within 12%, else to 3 significant digits."""
+    k = math.floor(math.log10(x))
+    for m in (1.0, 3.0, 10.0):
+        if abs(x / (m * 10.0**k) - 1) <= 0.12:
+            return float(f"{m * 10.0**k:.3g}")
+    return float(f"{x:.3g}")
+
+
+def steps_to_threshold(evals: Sequence[dict], threshold: float) -> int | None:
+    """First eval step whose loss is <= ``threshold`` (resolution: the eval interval); None if never."""
+    for e in evals:
+        if e["eval_loss"] is not None and math.isfinite(e["eval_loss"]) and e["eval_loss"] <= threshold:
+            return int(e["step"])
+    return None
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    rates = tuple(sorted({float(x) for x in text.replace(" ", "").split(",") if x}))
+    if not rates or any(not (0 < r < 1) for r in rates):
+        raise argparse.ArgumentTypeError(f"learning rates must be numbers in (0, 1): {text!r}")
+    return rates
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"3"`` = seeds 0, 1, 2; ``"0,5"`` = exactly those."""
+    text = text.strip()
+    if "," in text:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("--seeds needs at least 1 seed")
+    return tuple(range(n))
+
+
+# --------------------------------------------------------------------------------- machine
+def machine_info() -> dict:
+    import importlib.metadata as md  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    versions = {}
+    for pkg in ("torch", "transformers", "bitsandbytes", "datasets", "numpy", "qolora"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        import qolora  # noqa: PLC0415
+
+        versions["qolora"] = versions["qolora"] or getattr(qolora, "__version__", None)
+    except ImportError:
+        pass
+    cpu = None
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception:  # noqa: BLE001 - no git: not worth failing over
+            return None
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "versions": versions,
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_qolora_dirty": bool(git("status", "--porcelain", "--", "qolora")),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    return info
+
+
+# ------------------------------------------------------------------------------------ JSONL log
+def read_runs(path: Path) -> list[dict]:
+    """Every complete run record (a torn last line from a killed run is ignored)."""
+    if not path.is_file():
+        return []
+    runs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s: skipping a torn line", path)
+    return runs
+
+
+def append_run(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, allow_nan=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------ the work
+class Bench:
+    """Data, the currently prepared model and the run loop."""
+
+    def __init__(self, settings: Settings, runs_path: Path, *, threads: int | None, keep_run_plots: bool = False):
+        self.s = settings
+        self.runs_path = runs_path
+        self.skey = settings.key()
+        self.keep_run_plots = keep_run_plots
+        self.runs = [r for r in read_runs(runs_path) if r.get("settings_key") == self.skey]
+        self.done = {r["key"] for r in self.runs if r.get("status") in ("ok", "diverged")}
+        self.threads = threads
+        self._data = None
+        self._models: dict[tuple[str, int, int], tuple[Any, dict, float]] = {}
+        self.new_runs = 0
+        self.prepare_seconds: list[dict] = []
+
+    # ---------------------------------------------------------------- lazily built pieces
+    def data(self):
+        if self._data is None:
+            from qolora.data import load_records, split_train_eval, tokenize_dataset  # noqa: PLC0415
+            from qolora.train import _load_tokenizer  # noqa: PLC0415
+
+            t0 = time.perf_counter()
+            tokenizer = _load_tokenizer(Path(self.s.model))
+            records = load_records(self.s.data)
+            if self.s.max_examples is not None and len(records) > self.s.max_examples:
+                records = records.select(range(self.s.max_examples))
+            tokenized, stats = tokenize_dataset(records, tokenizer, max_length=self.s.max_length, mask_prompt=True)
+            n = len(tokenized)
+            n_eval = min(self.s.eval_examples, n // 2)
+            train_ds, eval_ds = split_train_eval(tokenized, n_eval / n, seed=self.s.split_seed)
+            if len(eval_ds) > n_eval:
+                eval_ds = eval_ds.select(range(n_eval))
+            label_tokens = sum(sum(1 for t in row if t != -100) for row in eval_ds["labels"])
+            info = {"records": len(records), "examples": n, "train_examples": len(train_ds),
+                    "eval_examples": len(eval_ds), "eval_label_tokens": label_tokens,
+                    "tokenize_stats": _as_dict(stats), "seconds": time.perf_counter() - t0}
+            logger.info("data: %s", info)
+            self._data = (tokenizer, train_ds, eval_ds, info)
+        return self._data
+
+    def model(self, init: str, seed: int, bits: int):
+        """The prepared model for ``(init, seed, bits)`` with its initial adapter weights restored."""
+        import torch  # noqa: PLC0415
+
+        from qolora import adapter_parameters, prepare  # noqa: PLC0415
+
+        key = (init, seed, bits)
+        if key not in self._models:
+            for other in [k for k in self._models if k[0] != init or k[2] != bits]:  # keep one init's seeds only
+                del self._models[other]
+            import gc  # noqa: PLC0415
+
+            gc.collect()
+            t0 = time.perf_counter()
+            net = prepare(self.s.model, bits=bits, rank=self.s.rank, init=init, alpha=self.s.alpha, seed=seed,
+                          progress=False, gradient_checkpointing=False, device=self.s.device, dtype=self.s.dtype,
+                          **({"quant_type": self.s.quant_type} if bits == 4 else {}))
+            seconds = time.perf_counter() - t0
+            init_state = {n: p.detach().clone() for n, p in adapter_parameters(net)}
+            self._models[key] = (net, init_state, seconds)
+            self.prepare_seconds.append({"init": init, "seed": seed, "bits": bits, "seconds": seconds})
+            logger.info("prepared %s seed %d bits %d in %.1f s", init, seed, bits, seconds)
+        net, init_state, _ = self._models[key]
+        with torch.no_grad():
+            for n, p in adapter_parameters(net):
+                p.copy_(init_state[n])
+                p.grad = None
+        return net, self._models[key][2]
+
+    # ---------------------------------------------------------------------------- one run
+    def run(self, init: str, lr: float, seed: int, *, bits: int | None = None, ceiling: bool = False) -> dict:
+        bits = self.s.bits if bits is None else bits
+        key = run_key(self.skey, init, bits, lr, seed)
+        for r in self.runs:
+            if r["key"] == key and key in self.done:
+                return r
+        from qolora.train import TrainConfig, TrainingError, train  # noqa: PLC0415
+
+        tokenizer, train_ds, eval_ds, _ = self.data()
+        net, prep_s = self.model(init, seed, bits)
+        options = dict(
+            max_steps=self.s.steps, batch_size=self.s.batch_size, grad_accum=1, lr=lr, warmup_steps=None,
+            warmup_ratio=self.s.warmup_ratio, min_lr_ratio=self.s.min_lr_ratio, weight_decay=self.s.weight_decay,
+            max_grad_norm=self.s.max_grad_norm, optim=self.s.optim, mixed_precision=self.s.mixed_precision,
+            gradient_checkpointing=False, eval_every=self.s.eval_every, max_eval_examples=None,
+            eval_batch_size=self.s.eval_batch_size, save_every=0, keep_last=1, log_every=1, seed=seed,
+            n_samples=0, overwrite=True, progress=False,
+        )
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        dropped = sorted(set(options) - known)  # the trainer's API moved on: run with what it has
+        workdir = Path(tempfile.mkdtemp(prefix=f"qolora-conv-{init}-{bits}-"))
+        config = TrainConfig(output_dir=str(workdir / "run"), **{k: v for k, v in options.items() if k in known})
+        status, error = "ok", None
+        t0 = time.perf_counter()
+        try:
+            with self._no_run_plots():
+                result = train(net, tokenizer, train_ds, eval_ds, config)
+            del result
+        except TrainingError as exc:
+            status, error = "diverged", str(exc)
+        except Exception as exc:  # noqa: BLE001 - record, go on with the other runs; not marked done
+            status, error = "error", f"{type(exc).__name__}: {exc}"
+            logger.exception("run %s failed", key)
+        seconds = time.perf_counter() - t0
+        record = self._record(workdir / "run" / "metrics.jsonl", key=key, init=init, bits=bits, lr=lr, seed=seed,
+                              status=status, error=error, seconds=seconds, ceiling=ceiling)
+        record["prepare_seconds"] = prep_s
+        record["dropped_train_options"] = dropped
+        shutil.rmtree(workdir, ignore_errors=True)
+        if record["status"] == "ok" and not all(math.isfinite(e["eval_loss"]) for e in record["evals"]):
+            record["status"] = "diverged"
+            record["error"] = "non-finite eval loss"
+        append_run(self.runs_path, record)
+        self.runs.append(record)
+        if record["status"] in ("ok", "diverged"):
+            self.done.add(key)
+        self.new_runs += 1
+        return record
+
+    @contextlib.contextmanager
+    def _no_run_plots(self):
+        """train() redraws its own loss.png at every eval; nobody reads it here (we delete the run folder),
+        so skip the matplotlib work unless asked to keep it."""
+        if self.keep_run_plots:
+            yield
+            return
+        from qolora import reporting  # noqa: PLC0415
+
+        original = reporting.plot_losses
+        reporting.plot_losses = lambda *a, **k: None
+        try:
+            yield
+        finally:
+            reporting.plot_losses = original
+
+    def _record(self, metrics_path: Path, **fields) -> dict:
+        events = []
+        if metrics_path.is_file():
+            for line in metrics_path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    events.append(json.loads(line))
+        evals = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in events if e.get("event") == "eval"]
+        train_ev = [e for e in events if e.get("event") == "train"]
+        step_seconds = [e["tokens"] / e["tokens_per_s"] if e.get("tokens_per_s") else None for e in train_ev]
+        finals = [e["eval_loss"] for e in evals]
+        rec = {
+            "settings_key": self.skey,
+            **fields,
+            "evals": evals,
+            "train_steps": [e["step"] for e in train_ev],
+            "train_loss": [e.get("loss") for e in train_ev],
+            "grad_norm": [e.get("grad_norm") for e in train_ev],
+            "lr_schedule": [e.get("lr") for e in train_ev],
+            "step_seconds": step_seconds,
+            "steps_done": train_ev[-1]["step"] if train_ev else 0,
+            "initial_eval_loss": evals[0]["eval_loss"] if evals and evals[0]["step"] == 0 else None,
+            "final_eval_loss": finals[-1] if finals and fields["status"] == "ok" else None,
+            "min_eval_loss": min(finals) if finals else None,
+            "error_event": next((e.get("message") for e in events if e.get("event") == "error"), None),
+            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        good = [x for x in step_seconds if x is not None]
+        rec["median_step_seconds"] = statistics.median(good) if good else None
+        rec["non_step_seconds"] = fields["seconds"] - sum(good)  # evals, checkpoint at the end, set-up
+        return rec
+
+
+def _as_dict(stats) -> dict:
+    if dataclasses.is_dataclass(stats):
+        return dataclasses.asdict(stats)
+    return dict(stats) if isinstance(stats, dict) else {"repr": repr(stats)}
+
+
+# ------------------------------------------------------------------------------------ the sweep
+def sweep(bench: Bench, inits: Sequence[str], grids: dict[str, list[float]], seeds: Sequence[int], *,
+          max_extend: int, ceiling: bool, ceiling_seeds: Sequence[int]) -> dict[str, list[float]]:
+    """Run every (init, rate, seed), extend grids whose best rate is at an edge, then the ceiling.
+
+    Returns the rates each init's grid was extended by."""
+    extended: dict[str, list[float]] = {init: [] for init in inits}
+    total = sum(len(grids[i]) for i in inits) * len(seeds)
+    started = time.perf_counter()
+    count = 0
+
+    def progress(rec: dict, what: str) -> None:
+        nonlocal count
+        count += 1
+        el = time.perf_counter() - started
+        curve = f"{rec['initial_eval_loss']:.4f} -> {rec['evals'][-1]['eval_loss']:.4f}" if rec["evals"] else "-"
+        logger.info("[%d/%d] %s %s lr=%.3g seed=%d: %s, eval %s, %.0f s (%.2f s/step); %.0f s elapsed", count, total,
+                    what, rec["init"], rec["lr"], rec["seed"], rec["status"], curve, rec["seconds"],
+                    rec.get("median_step_seconds") or math.nan, el)
+
+    for init in inits:
+        grid = sorted(grids[init])
+        while True:
+            for seed in seeds:
+                for lr in grid:
+                    key = run_key(bench.skey, init, bench.s.bits, lr, seed)
+                    if key in bench.done:
+                        continue
+                    progress(bench.run(init, lr, seed), "run")
+            scores = rate_scores(bench.runs, init, seeds)
+            new = extension(grid, scores) if len(extended[init]) < max_extend else None
+            if new is None:
+                break
+            logger.info("%s: best rate %.3g is at the edge of %s; adding %.3g", init, best_rate(
+                {lr: scores[lr] for lr in grid}), [f"{x:.3g}" for x in grid], new)
+            extended[init].append(new)
+            grid = sorted(grid + [new])
+            total += len(seeds)
+        grids[init] = grid
+    if ceiling and "lora" in inits and bench.s.bits != 16:
+        best = best_rate({lr: v for lr, v in rate_scores(bench.runs, "lora", seeds).items() if lr in grids["lora"]})
+        if best is not None:
+            total += len(ceiling_seeds)
+            for seed in ceiling_seeds:
+                progress(bench.run("lora", best, seed, bits=16, ceiling=True), "ceiling")
+    return extended
+
+
+# ------------------------------------------------------------------------------------ summary
+def summarize(runs: list[dict], settings: Settings, inits: Sequence[str], grids: dict[str, list[float]],
+              seeds: Sequence[int], threshold_frac: float, ceiling_seeds: Sequence[int]) -> dict:
+    main = [r for r in runs if not r.get("ceiling") and r["bits"] == settings.bits and r["seed"] in seeds
+            and r["init"] in inits and r["lr"] in grids.get(r["init"], ())]
+    out: dict[str, Any] = {"inits": {}, "criterion": "lowest mean (over seeds) final eval loss; a diverged run = inf"}
+    for init in inits:
+        scores = rate_scores(main, init, seeds)
+        grid = sorted(grids[init])
+        best = best_rate({lr: scores[lr] for lr in grid if lr in scores})
+        sweep_rows = []
+        for lr in grid:
+            rs = [r for r in main if r["init"] == init and r["lr"] == lr]
+            finals = [run_score(r) for r in rs]
+            m, sd = mean_std(finals) if len(rs) == len(seeds) else (math.nan, math.nan)
+            sweep_rows.append({"lr": lr, "runs": len(rs), "diverged": sum(r["status"] != "ok" for r in rs),
+                               "final_mean": m, "final_std": sd,
+                               "final_min": min(finals) if finals else math.nan,
+                               "final_max": max(finals) if finals else math.nan})
+        entry: dict[str, Any] = {"grid": grid, "best_lr": best, "sweep": sweep_rows,
+                                 "best_is_interior": best is not None and grid[0] < best < grid[-1]}
+        if best is not None:
+            rs = sorted([r for r in main if r["init"] == init and r["lr"] == best], key=lambda r: r["seed"])
+            entry.update(_curve_stats(rs))
+        all_secs = [x for r in main if r["init"] == init for x in r["step_seconds"] if x is not None]
+        entry["median_step_seconds_all_rates"] = statistics.median(all_secs) if all_secs else None
+        out["inits"][init] = entry
+    # threshold: LoRA's best final eval loss + 5% of the drop it achieved (or the best init's, without LoRA)
+    ref_init = "lora" if out["inits"].get("lora", {}).get("best_lr") is not None else next(
+        (i for i in inits if out["inits"][i].get("best_lr") is not None), None)
+    if ref_init is not None:
+        ref = out["inits"][ref_init]
+        start, end = ref["initial_mean"], ref["final_mean"]
+        thr = end + threshold_frac * (start - end)
+        out["threshold"] = {"eval_loss": thr, "reference_init": ref_init, "frac": threshold_frac,
+                            "definition": f"{ref_init}'s mean final eval loss at its best rate + {threshold_frac:g} x "
+                                          f"(its mean step-0 eval loss - that final loss)"}
+        for init in inits:
+            e = out["inits"][init]
+            if e.get("best_lr") is None:
+                continue
+            rs = [r for r in main if r["init"] == init and r["lr"] == e["best_lr"]]
+            reach = [steps_to_threshold(r["evals"], thr) for r in rs]
+            hit = [x for x in reach if x is not None]
+            e["steps_to_threshold"] = reach
+            e["steps_to_threshold_mean"] = statistics.fmean(hit) if hit else None
+            e["threshold_reached"] = f"{len(hit)}/{len(reach)}"
+    # ceiling
+    lora_best = out["inits"].get("lora", {}).get("best_lr")
+    ceil = sorted([r for r in runs if r.get("ceiling") and r["lr"] == lora_best and r["seed"] in ceiling_seeds],
+                  key=lambda r: r["seed"])
+    if ceil:
+        out["ceiling"] = {"init": "lora", "bits": 16, "lr": lora_best, **_curve_stats(ceil)}
+        if "threshold" in out:
+            reach = [steps_to_threshold(r["evals"], out["threshold"]["eval_loss"]) for r in ceil]
+            hit = [x for x in reach if x is not None]
+            out["ceiling"].update(steps_to_threshold=reach, threshold_reached=f"{len(hit)}/{len(reach)}",
+                                  steps_to_threshold_mean=statistics.fmean(hit) if hit else None)
+    # restore check: every (init, seed) has one step-0 eval loss whatever the rate
+    spread = {}
+    for init in inits:
+        for seed in seeds:
+            v = [r["initial_eval_loss"] for r in main if r["init"] == init and r["seed"] == seed
+                 and r["initial_eval_loss"] is not None]
+            if len(v) > 1:
+                spread[f"{init}/{seed}"] = max(v) - min(v)
+    out["restore_check_max_step0_spread"] = max(spread.values()) if spread else None
+    secs = [r["seconds"] for r in runs]
+    out["total_run_seconds"] = sum(secs)
+    out["n_runs"] = len(runs)
+    out["n_diverged"] = sum(r["status"] == "diverged" for r in runs)
+    return out
+
+
+def _curve_stats(rs: list[dict]) -> dict:
+    """Mean / min / max eval curve over seeds (on the common eval steps) and the final-loss stats."""
+    ok = [r for r in rs if r["status"] == "ok"]
+    steps = sorted(set.intersection(*[{e["step"] for e in r["evals"]} for r in ok])) if ok else []
+    curve = []
+    for s in steps:
+        vals = [next(e["eval_loss"] for e in r["evals"] if e["step"] == s) for r in ok]
+        curve.append({"step": s, "mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)})
+    finals = [r["final_eval_loss"] for r in ok]
+    mins = [r["min_eval_loss"] for r in ok]
+    inits_ = [r["initial_eval_loss"] for r in ok if r["initial_eval_loss"] is not None]
+    secs = [x for r in rs for x in r["step_seconds"] if x is not None]
+    fm, fs = mean_std(finals)
+    mm, ms = mean_std(mins)
+    return {"seeds": [r["seed"] for r in rs], "n_ok": len(ok), "curve": curve,
+            "final_mean": fm, "final_std": fs, "final_per_seed": finals,
+            "min_mean": mm, "min_std": ms,
+            "initial_mean": statistics.fmean(inits_) if inits_ else math.nan,
+            "median_step_seconds": statistics.median(secs) if secs else None}
+
+
+# ------------------------------------------------------------------------------------ outputs
+def write_plot(summary: dict, path: Path, settings: Settings) -> Path | None:
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        logger.warning("matplotlib is missing: no plot")
+        return None
+    colors = {"lora": "tab:blue", "olora": "tab:red", "pissa": "tab:green"}
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
+    for init, e in summary["inits"].items():
+        if not e.get("curve"):
+            continue
+        c = colors.get(init)
+        st = [p["step"] for p in e["curve"]]
+        ax.plot(st, [p["mean"] for p in e["curve"]], color=c, marker="o", ms=3,
+                label=f"{init} {settings.bits}-bit, lr {e['best_lr']:.3g} (n={e['n_ok']})")
+        ax.fill_between(st, [p["min"] for p in e["curve"]], [p["max"] for p in e["curve"]], color=c, alpha=0.2)
+    ce = summary.get("ceiling")
+    if ce and ce.get("curve"):
+        st = [p["step"] for p in ce["curve"]]
+        ax.plot(st, [p["mean"] for p in ce["curve"]], color="black", ls="--",
+                label=f"ceiling: lora 16-bit base, lr {ce['lr']:.3g} (n={ce['n_ok']})")
+        if ce["n_ok"] > 1:
+            ax.fill_between(st, [p["min"] for p in ce["curve"]], [p["max"] for p in ce["curve"]], color="gray", alpha=0.2)
+    thr = summary.get("threshold")
+    if thr:
+        ax.axhline(thr["eval_loss"], color="gray", lw=0.8, ls=":", label=f"threshold {thr['eval_loss']:.3f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out eval loss (token mean, prompt-masked)")
+    ax.set_title("eval loss at each init's best learning rate\n(mean over seeds, band = min..max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    finite_all = []
+    for init, e in summary["inits"].items():
+        rows = [r for r in e["sweep"] if r["runs"]]
+        ok = [r for r in rows if math.isfinite(r["final_mean"])]
+        finite_all += [r["final_max"] for r in ok if math.isfinite(r["final_max"])]
+        if ok:
+            x = [r["lr"] for r in ok]
+            y = [r["final_mean"] for r in ok]
+            lo = [r["final_mean"] - r["final_min"] for r in ok]
+            hi = [max(0.0, r["final_max"] - r["final_mean"]) if math.isfinite(r["final_max"]) else 0.0 for r in ok]
+            bx.errorbar(x, y, yerr=[lo, hi], color=colors.get(init), marker="o", capsize=3, label=init)
+        if e.get("best_lr") is not None:
+            bx.scatter([e["best_lr"]], [e["final_mean"]], s=120, facecolors="none", edgecolors=colors.get(init))
+    top = max(finite_all) if finite_all else 1.0
+    for init, e in summary["inits"].items():
+        bad = [r["lr"] for r in e["sweep"] if r["runs"] and not math.isfinite(r["final_mean"])]
+        if bad:
+            bx.scatter(bad, [top * 1.02] * len(bad), marker="x", s=60, color=colors.get(init),
+                       label=f"{init}: diverged (some seed)")
+    if ce and math.isfinite(ce.get("final_mean", math.nan)):
+        bx.axhline(ce["final_mean"], color="black", ls="--", lw=1, label="ceiling (16-bit LoRA)")
+    bx.set_xscale("log")
+    bx.set_xlabel("peak learning rate")
+    bx.set_ylabel(f"final eval loss after {settings.steps} steps")
+    bx.set_title("learning-rate sweep (mean over seeds, bars = min..max; circle = best)")
+    bx.grid(alpha=0.3, which="both")
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "diverged"
+    return format(x, spec)
+
+
+def write_table(report: dict, path: Path) -> Path:
+    s, sm, m = report["settings"], report["summary"], report["machine"]
+    thr = sm.get("threshold")
+    lines = [
+        "# Convergence: LoRA vs OLoRA vs PiSSA over a quantized base, each at its own best learning rate",
+        "",
+        f"Model `{Path(s['model']).name}` {s['bits']}-bit {s['quant_type'] if s['bits'] == 4 else ''}, rank {s['rank']}, "
+        f"alpha {s['alpha']:g}, all decoder linear layers; data `{Path(s['data']).name}` "
+        f"({report['data'].get('train_examples')} train / {report['data'].get('eval_examples')} fixed held-out examples, "
+        f"{report['data'].get('eval_label_tokens')} eval label tokens, prompt-masked, max_length {s['max_length']}). "
+        f"{s['steps']} steps, batch {s['batch_size']}, {s['optim']}, warmup {s['warmup_ratio']:g} + cosine to "
+        f"{s['min_lr_ratio']:g}, grad clip {s['max_grad_norm']:g}, eval every {s['eval_every']} steps (and at 0); "
+        f"seeds {report['seeds']}.",
+        "",
+        "Best rate = lowest mean final eval loss over seeds (a diverged run counts as infinitely bad). "
+        + (f"Threshold eval loss {thr['eval_loss']:.4f} = {thr['definition']}; steps are the first eval step at "
+           f"or below it (resolution {s['eval_every']} steps), averaged over the seeds that reach it." if thr else ""),
+        "",
+        "| init | best lr | interior? | final eval loss (mean ± std) | min eval loss on curve | step-0 eval loss "
+        "| steps to threshold (reached) | s / step (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for init, e in sm["inits"].items():
+        if e.get("best_lr") is None:
+            lines.append(f"| {init} | all rates diverged | | | | | | |")
+            continue
+        lines.append(
+            f"| {init} | {e['best_lr']:.3g} | {'yes' if e['best_is_interior'] else 'NO (edge)'} | "
+            f"{_fmt(e['final_mean'])} ± {_fmt(e['final_std'])} | {_fmt(e['min_mean'])} ± {_fmt(e['min_std'])} | "
+            f"{_fmt(e['initial_mean'])} | {_fmt(e.get('steps_to_threshold_mean'), '.0f')} ({e.get('threshold_reached', '-')}) | "
+            f"{_fmt(e.get('median_step_seconds'), '.2f')} |")
+    ce = sm.get("ceiling")
+    if ce:
+        lines.append(
+            f"| lora, 16-bit base (ceiling) | {ce['lr']:.3g} | - | {_fmt(ce['final_mean'])}"
+            f"{' ± ' + _fmt(ce['final_std']) if ce['n_ok'] > 1 else ' (1 seed)'} | {_fmt(ce['min_mean'])} | "
+            f"{_fmt(ce['initial_mean'])} | {_fmt(ce.get('steps_to_threshold_mean'), '.0f')} "
+            f"({ce.get('threshold_reached', '-')}) | {_fmt(ce.get('median_step_seconds'), '.2f')} |")
+    lines += ["", "## The sweep: final eval loss by learning rate (mean ± std over seeds; min..max)", "",
+              "| init | " + " | ".join(["lr", "runs", "final eval loss", "min..max", "diverged"]) + " |",
+              "|---|---|---|---|---|---|"]
+    for init, e in sm["inits"].items():
+        for r in e["sweep"]:
+            star = " **best**" if r["lr"] == e.get("best_lr") else ""
+            ext = " (added)" if r["lr"] in report["extended"].get(init, []) else ""
+            lines.append(f"| {init} | {r['lr']:.3g}{ext} | {r['runs']} | {_fmt(r['final_mean'])} ± "
+                         f"{_fmt(r['final_std'])}{star} | {_fmt(r['final_min'])}..{_fmt(r['final_max'])} | "
+                         f"{r['diverged']} |")
+    lines += [
+        "",
+        f"Runs: {sm['n_runs']} ({sm['n_diverged']} diverged); total run time {sm['total_run_seconds'] / 60:.1f} min "
+        f"(+ {sum(p['seconds'] for p in report['prepare_seconds']) / 60:.1f} min preparing models in the last "
+        f"invocation). Step-0 eval loss spread across rates of one (init, seed), i.e. the adapter restore check: "
+        f"{_fmt(sm['restore_check_max_step0_spread'], '.2e')}.",
+        f"Machine: {m.get('cpu')} ({m.get('cpu_count')} cores, {m.get('torch_threads')} torch threads, shared: load "
+        f"average at start {m.get('load_average')}), {'GPU ' + m['cuda'] if m.get('cuda') else 'no GPU'}; "
+        f"torch {m['versions'].get('torch')}, transformers {m['versions'].get('transformers')}, "
+        f"bitsandbytes {m['versions'].get('bitsandbytes')}; qolora commit {m.get('git_commit')}"
+        f"{' (qolora/ had uncommitted changes)' if m.get('git_qolora_dirty') else ''}.",
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+# ------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.convergence", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="local transformers folder (default: the cached SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="records file for qolora.data.load_records (default: chatterbot conversations)")
+    p.add_argument("--out", help="output prefix: <out>.json/.png/.md and <out>_runs.jsonl "
+                                 "(default benchmarks/results/convergence; with --quick a temp folder)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 6 steps, 1 seed, 2 rates per init, 128 records, "
+                                                        "16 eval examples, eval every 3 (each option can still be set)")
+    p.add_argument("--inits", default=",".join(INITS), help="comma list from lora,olora,pissa")
+    for init in INITS:
+        p.add_argument(f"--rates-{init}", type=parse_rates, default=None,
+                       help=f"comma list of peak learning rates (default {','.join(f'{x:g}' for x in DEFAULT_RATES[init])})")
+    p.add_argument("--seeds", type=parse_seeds, default=None, help="N (seeds 0..N-1) or a comma list (default 3)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 16: what fits ~1 h for 43 runs "
+                                                                "on the shared 2-core CPU at ~3.5 s per step)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-examples", type=int, default=None, help="use only the first N records")
+    p.add_argument("--eval-examples", type=int, default=None, help="fixed held-out examples (default 48)")
+    p.add_argument("--eval-every", type=int, default=None, help="eval interval in steps (default 4)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="eval micro-batch (examples are length-sorted, "
+                                                                  "so small batches waste little padding)")
+    p.add_argument("--bits", type=int, default=4, choices=(4, 8, 16))
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--min-lr-ratio", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--optim", default="paged_adamw_8bit", help="qolora.train optimizer (default: its default; "
+                                                               "on the CPU the same 8-bit AdamW without paging)")
+    p.add_argument("--dtype", default="bf16", help="dtype of the non-quantized parts and the 4-bit compute "
+                   "(default bf16, QLoRA's compute dtype; on this AVX512-BF16 CPU also 1.6x faster than fp32)")
+    p.add_argument("--mixed-precision", default="bf16", help="TrainConfig.mixed_precision (default bf16 autocast)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1: on the shared 2-core CPU one thread ran a step 3.5x faster than "
+                        "two, whose OpenMP threads spin against other jobs; give more on a machine of your own)")
+    p.add_argument("--max-extend", type=int, default=None, help="rates that may be added per init (default 3)")
+    p.add_argument("--threshold-frac", type=float, default=0.05,
+                   help="threshold = LoRA's best final eval loss + FRAC x (its step-0 loss - that loss)")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the 16-bit LoRA ceiling run")
+    p.add_argument("--ceiling-seeds", type=parse_seeds, default=None, help="seeds of the ceiling (default 1 = seed 0)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild json/png/md from the runs JSONL")
+    p.add_argument("--keep-run-plots", action="store_true", help="let train() draw its per-run loss.png (slower)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:
+        for noisy in ("qolora", "datasets", "transformers", "bitsandbytes"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(args.threads or 1)
+
+    q = args.quick
+    inits = [x.strip() for x in args.inits.split(",") if x.strip()]
+    bad = [x for x in inits if x not in INITS]
+    if bad or not inits:
+        raise SystemExit(f"--inits: unknown init(s) {bad}; choose from {list(INITS)}")
+    grids = {}
+    for init in inits:
+        given = getattr(args, f"rates_{init}")
+        grids[init] = list(given if given is not None else (QUICK_RATES if q else DEFAULT_RATES)[init])
+    seeds = args.seeds or ((0,) if q else (0, 1, 2))
+    ceiling_seeds = args.ceiling_seeds or (0,)
+    max_extend = args.max_extend if args.max_extend is not None else (1 if q else 3)
+
+    from qolora import assets  # noqa: PLC0415
+
+    model = Path(args.model).expanduser().resolve() if args.model else assets.default_model_dir()
+    data = Path(args.data).expanduser().resolve() if args.data else assets.default_dataset_path()
+    settings = Settings(
+        model=str(model), data=str(data), data_bytes=data.stat().st_size if data.is_file() else None,
+        bits=args.bits, rank=args.rank, alpha=args.alpha,
+        steps=args.steps or (6 if q else 16), batch_size=args.batch_size, max_length=args.max_length,
+        max_examples=args.max_examples if args.max_examples is not None else (128 if q else None),
+        eval_examples=args.eval_examples or (16 if q else 48), eval_every=args.eval_every or (3 if q else 4),
+        eval_batch_size=args.eval_batch_size, warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
+        max_grad_norm=args.max_grad_norm, optim=args.optim, dtype=args.dtype, mixed_precision=args.mixed_precision,
+        device=args.device,
+    )
+    if args.out:
+        prefix = Path(args.out).expanduser()
+    elif q:
+        prefix = Path(tempfile.gettempdir()) / "qolora-convergence-quick" / "convergence"
+    else:
+        prefix = RESULTS / "convergence"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    runs_path = prefix.with_name(prefix.name + "_runs.jsonl")
+    machine = machine_info()
+    started = time.perf_counter()
+    bench = Bench(settings, runs_path, threads=args.threads, keep_run_plots=args.keep_run_plots)
+    logger.info("settings %s (key %s); %d earlier runs with these settings in %s", settings, bench.skey,
+                len(bench.done), runs_path)
+    extended: dict[str, list[float]] = {i: [] for i in inits}
+    if not args.report_only:
+        extended = sweep(bench, inits, grids, seeds, max_extend=max_extend, ceiling=not args.no_ceiling,
+                         ceiling_seeds=ceiling_seeds)
+    else:  # the grids as the runs left them (extensions included)
+        for init in inits:
+            have = {r["lr"] for r in bench.runs if r["init"] == init and not r.get("ceiling") and r["seed"] in seeds}
+            extended[init] = sorted(have - set(grids[init]))
+            grids[init] = sorted(set(grids[init]) | have)
+    _, _, _, data_info = bench.data() if not args.report_only or bench.runs else (None, None, None, {})
+    summary = summarize(bench.runs, settings, inits, grids, seeds, args.threshold_frac, ceiling_seeds)
+    report = {
+        "benchmark": "convergence",
+        "description": __doc__.split("\n\n")[1],
+        "settings": dataclasses.asdict(settings),
+        "settings_key": bench.skey,
+        "inits": inits,
+        "seeds": list(seeds),
+        "ceiling_seeds": list(ceiling_seeds),
+        "grids": grids,
+        "extended": extended,
+        "data": data_info,
+        "machine": machine,
+        "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "prepare_seconds": bench.prepare_seconds,
+        "invocation_seconds": time.perf_counter() - started,
+        "new_runs_this_invocation": bench.new_runs,
+        "summary": summary,
+        "runs": sorted([r for r in bench.runs if r["key"] in bench.done],
+                       key=lambda r: (bool(r.get("ceiling")), r["init"], r["lr"], r["seed"])),
+        "runs_file": str(runs_path),
+    }
+    json_path = prefix.with_name(prefix.name + ".json")
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(report), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, json_path)
+    png = write_plot(summary, prefix.with_name(prefix.name + ".png"), settings)
+    md = write_table(report, prefix.with_name(prefix.name + ".md"))
+    logger.info("wrote %s, %s, %s (%d new runs, %.0f s)", json_path, png, md, bench.new_runs,
+                report["invocation_seconds"])
+    print(md.read_text(encoding="utf-8"))
+    return {"json": json_path, "png": png, "md": md, "runs": runs_path, "report": report}
+
+
+if __name__ == "__main__":
+    main()
