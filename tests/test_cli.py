@@ -34,7 +34,7 @@ def tiny_args(model, data, out, *extra):
     return ["finetune", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--rank", "4",
             "--max-length", "64", "--eval-fraction", "0.25", "--max-steps", "4", "--batch-size", "4", "--lr", "1e-3",
             "--eval-every", "2", "--save-every", "2", "--n-samples", "1", "--max-new-tokens", "4", "--threads", "1",
-            "--no-progress", *extra]
+            "--device", "cpu", "--no-progress", *extra]
 
 
 def test_help_documents_every_finetune_option(capsys):
@@ -51,7 +51,7 @@ def test_help_documents_every_finetune_option(capsys):
 
 
 def test_console_script_help_runs():
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     out = subprocess.run([sys.executable, "-m", "qolora.cli", "--help"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 0 and "finetune" in out.stdout and "merge" in out.stdout and "info" in out.stdout

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import importlib
-from qolora import ConfigError, adapter_state_dict, prepare
+from qolora import ConfigError, adapter_parameters, adapter_state_dict, prepare
 from qolora.checkpointing import CheckpointError, list_checkpoints
 from qolora.data import DataError, load_records, split_train_eval, tokenize_dataset
 from qolora.train import TrainConfig, TrainingError, finetune, lr_factor, train
@@ -79,8 +79,9 @@ def tokenized(chat_model_dir, chat_jsonl):
     return tok, train_ds, eval_ds
 
 
-def tiny_model(model_dir, rank=8, **options):
-    return prepare(model_dir, 4, rank, gradient_checkpointing=True, progress=False, **options)
+def tiny_model(model_dir, rank=8, device="cpu", **options):
+    """The CPU tests pin the CPU: exact comparisons are meant for fp32 without autocast."""
+    return prepare(model_dir, 4, rank, gradient_checkpointing=True, progress=False, device=device, **options)
 
 
 def quick(out, **changes) -> TrainConfig:
@@ -130,7 +131,8 @@ def test_fp16_needs_cuda(tmp_path, chat_model_dir, tokenized):
 # ------------------------------------------------------------------------------------ training
 def test_finetune_loss_falls_and_writes_everything(tmp_path, chat_model_dir, chat_jsonl):
     out = tmp_path / "run"
-    result = finetune(chat_model_dir, chat_jsonl, output_dir=out, rank=8, max_length=64, eval_fraction=0.25,
+    result = finetune(chat_model_dir, chat_jsonl, output_dir=out, rank=8, adapter_options={"device": "cpu"},
+                      max_length=64, eval_fraction=0.25,
                       max_steps=24, batch_size=4, lr=2e-3, eval_every=8, save_every=8, keep_last=2, log_every=4,
                       n_samples=2, max_new_tokens=6, progress=False)
     assert result.steps == 24 and len(result.history) == 24
@@ -190,7 +192,7 @@ _RUN_SCRIPT = textwrap.dedent('''
     tok = make_tiny_tokenizer()
     ds, _ = tokenize_dataset(load_records(data), tok, max_length=64)
     train_ds, eval_ds = split_train_eval(ds, 0.25, seed=0)
-    model = prepare(model_dir, 4, 8, dropout=0.1, gradient_checkpointing=True, progress=False)
+    model = prepare(model_dir, 4, 8, dropout=0.1, gradient_checkpointing=True, progress=False, device="cpu")
     # slow each training forward down a little, so the parent can kill the run between checkpoints
     model.register_forward_pre_hook(lambda m, args: time.sleep(0.03) if m.training else None)
     cfg = TrainConfig(output_dir=out, max_steps=24, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=3,
@@ -201,7 +203,8 @@ _RUN_SCRIPT = textwrap.dedent('''
 
 
 def _run_script(script: Path, args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "HF_HUB_OFFLINE": "1",
+    path = [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
@@ -320,7 +323,7 @@ def test_resume_with_another_model_or_options_fails(tmp_path, chat_model_dir, to
 # ---------------------------------------------------------------------------------- bad inputs
 def _finetune_bad(tmp_path, model_dir, data, **kw):
     out = tmp_path / "never"
-    options = dict(output_dir=out, max_length=64, max_steps=2, progress=False)
+    options = dict(output_dir=out, max_length=64, max_steps=2, progress=False, adapter_options={"device": "cpu"})
     options.update(kw)
     return out, lambda: finetune(model_dir, data, **options)
 
@@ -426,3 +429,58 @@ def test_default_job_few_steps(tmp_path):
     assert result.initial_eval_loss is not None and math.isfinite(result.final_eval_loss)
     assert result.samples[0]["before"] and result.samples[0]["after"] is not None
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+def _plain_examples(tok, n: int) -> list[dict]:
+    """Tokenized chat examples as a plain list (no ``datasets`` needed), every token labelled."""
+    rows = []
+    for i in range(n):
+        q, a = QA[i % len(QA)]
+        ids = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                      tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        rows.append({"input_ids": ids, "labels": ids})
+    return rows
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["auto", "fp16", "no"])
+def test_cuda_mixed_precision_paged_optimizer_and_resume(tmp_path, chat_model_dir, precision):
+    """bf16 autocast ('auto' on a bf16 GPU) / fp16 with a grad scaler / fp32 on CUDA: the loss falls,
+    the optimizer is the paged one, checkpoints hold the CUDA RNG (and scaler) state, and a resumed
+    run continues (on CUDA not necessarily bitwise: atomics in some backward kernels)."""
+    tok = make_tiny_tokenizer()
+    examples = _plain_examples(tok, 48)
+    out = tmp_path / precision
+    cfg = quick(out, max_steps=12, save_every=6, keep_last=None, eval_every=6, mixed_precision=precision)
+    model = tiny_model(chat_model_dir, device="cuda")
+    first = train(model, tok, examples, examples[:8], cfg)
+    assert all(math.isfinite(h["loss"]) for h in first.history)
+    assert first.final_eval_loss < first.initial_eval_loss
+    assert events(out, "train")[-1]["memory_bytes"] > 0
+    trainer_state = torch.load(out / "checkpoints" / "step-000006" / "trainer.pt", weights_only=True)
+    assert "cuda" in trainer_state["rng"]
+    assert ("scaler" in trainer_state) == (precision == "fp16")
+    start = events(out, "start")[0]
+    assert start["mixed_precision"] == {"auto": "bf16" if torch.cuda.is_bf16_supported() else "fp16"}.get(
+        precision, precision)
+
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-000012")
+    again = train(tiny_model(chat_model_dir, device="cuda"), tok, examples, examples[:8], cfg, resume=True)
+    assert again.resumed_from.name == "step-000006"
+    assert [h["loss"] for h in again.history[:6]] == [h["loss"] for h in first.history[:6]]
+    for a, b in zip(again.history[6:], first.history[6:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_paged_optimizer_class(chat_model_dir):
+    from qolora.train import make_optimizer
+
+    model = tiny_model(chat_model_dir, device="cuda")
+    params = [p for _, p in adapter_parameters(model)]
+    assert type(make_optimizer("paged_adamw_8bit", params, 1e-3, 0.0)).__name__ == "PagedAdamW8bit"
+    assert type(make_optimizer("paged_adamw_32bit", params, 1e-3, 0.0)).__name__ == "PagedAdamW32bit"
