@@ -446,6 +446,7 @@ class Bench:
             "final_eval_loss": finals[-1] if finals and fields["status"] == "ok" else None,
             "min_eval_loss": min(finals) if finals else None,
             "error_event": next((e.get("message") for e in events if e.get("event") == "error"), None),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         good = [x for x in step_seconds if x is not None]
@@ -535,37 +536,45 @@ def summarize(runs: list[dict], settings: Settings, inits: Sequence[str], grids:
         all_secs = [x for r in main if r["init"] == init for x in r["step_seconds"] if x is not None]
         entry["median_step_seconds_all_rates"] = statistics.median(all_secs) if all_secs else None
         out["inits"][init] = entry
-    # threshold: LoRA's best final eval loss + 5% of the drop it achieved (or the best init's, without LoRA)
+    # thresholds. "near": LoRA's best final eval loss + 5% of the drop it achieved (does an init get to LoRA's
+    # end result sooner?). "halfway": half-way from LoRA's step-0 loss to the best final loss of any init.
     ref_init = "lora" if out["inits"].get("lora", {}).get("best_lr") is not None else next(
         (i for i in inits if out["inits"][i].get("best_lr") is not None), None)
+    thresholds = []
     if ref_init is not None:
         ref = out["inits"][ref_init]
         start, end = ref["initial_mean"], ref["final_mean"]
-        thr = end + threshold_frac * (start - end)
-        out["threshold"] = {"eval_loss": thr, "reference_init": ref_init, "frac": threshold_frac,
-                            "definition": f"{ref_init}'s mean final eval loss at its best rate + {threshold_frac:g} x "
-                                          f"(its mean step-0 eval loss - that final loss)"}
-        for init in inits:
-            e = out["inits"][init]
-            if e.get("best_lr") is None:
-                continue
-            rs = [r for r in main if r["init"] == init and r["lr"] == e["best_lr"]]
-            reach = [steps_to_threshold(r["evals"], thr) for r in rs]
-            hit = [x for x in reach if x is not None]
-            e["steps_to_threshold"] = reach
-            e["steps_to_threshold_mean"] = statistics.fmean(hit) if hit else None
-            e["threshold_reached"] = f"{len(hit)}/{len(reach)}"
+        best_end = min(out["inits"][i]["final_mean"] for i in inits if out["inits"][i].get("best_lr") is not None)
+        thresholds = [
+            {"name": "near", "eval_loss": end + threshold_frac * (start - end), "reference_init": ref_init,
+             "definition": f"{ref_init}'s mean final eval loss at its best rate + {threshold_frac:g} x (its mean "
+                           f"step-0 eval loss - that final loss)"},
+            {"name": "halfway", "eval_loss": (start + best_end) / 2, "reference_init": ref_init,
+             "definition": f"half-way between {ref_init}'s mean step-0 eval loss and the lowest mean final eval "
+                           f"loss of any init at its best rate"},
+        ]
+        out["thresholds"] = thresholds
+        out["threshold"] = thresholds[0]
+
+    def reach(rs: list[dict]) -> dict:
+        result = {}
+        for t in thresholds:
+            steps = [steps_to_threshold(r["evals"], t["eval_loss"]) if r["status"] == "ok" else None for r in rs]
+            hit = [x for x in steps if x is not None]
+            result[t["name"]] = {"steps": steps, "mean": statistics.fmean(hit) if hit else None,
+                                 "reached": f"{len(hit)}/{len(steps)}"}
+        return result
+
+    for init in inits:
+        e = out["inits"][init]
+        if e.get("best_lr") is not None:
+            e["reach"] = reach([r for r in main if r["init"] == init and r["lr"] == e["best_lr"]])
     # ceiling
     lora_best = out["inits"].get("lora", {}).get("best_lr")
     ceil = sorted([r for r in runs if r.get("ceiling") and r["lr"] == lora_best and r["seed"] in ceiling_seeds],
                   key=lambda r: r["seed"])
     if ceil:
-        out["ceiling"] = {"init": "lora", "bits": 16, "lr": lora_best, **_curve_stats(ceil)}
-        if "threshold" in out:
-            reach = [steps_to_threshold(r["evals"], out["threshold"]["eval_loss"]) for r in ceil]
-            hit = [x for x in reach if x is not None]
-            out["ceiling"].update(steps_to_threshold=reach, threshold_reached=f"{len(hit)}/{len(reach)}",
-                                  steps_to_threshold_mean=statistics.fmean(hit) if hit else None)
+        out["ceiling"] = {"init": "lora", "bits": 16, "lr": lora_best, **_curve_stats(ceil), "reach": reach(ceil)}
     # restore check: every (init, seed) has one step-0 eval loss whatever the rate
     spread = {}
     for init in inits:
@@ -577,6 +586,12 @@ def summarize(runs: list[dict], settings: Settings, inits: Sequence[str], grids:
     out["restore_check_max_step0_spread"] = max(spread.values()) if spread else None
     secs = [r["seconds"] for r in runs]
     out["total_run_seconds"] = sum(secs)
+    prep = {(r["init"], r["seed"], r["bits"]): r.get("prepare_seconds") or 0.0 for r in runs}
+    out["total_prepare_seconds"] = sum(prep.values())  # once per (init, seed, bits) when not interrupted
+    ends = [time.mktime(time.strptime(r["finished_at"], "%Y-%m-%d %H:%M:%S")) for r in runs if r.get("finished_at")]
+    starts = [e - r["seconds"] for e, r in zip(ends, runs)]
+    out["sweep_wall_seconds"] = max(ends) - min(starts) if ends else None  # first run's start to last run's end
+    out["steps_trained"] = sum(r.get("steps_done", 0) for r in runs)
     out["n_runs"] = len(runs)
     out["n_diverged"] = sum(r["status"] == "diverged" for r in runs)
     return out
@@ -630,9 +645,9 @@ def write_plot(summary: dict, path: Path, settings: Settings) -> Path | None:
                 label=f"ceiling: lora 16-bit base, lr {ce['lr']:.3g} (n={ce['n_ok']})")
         if ce["n_ok"] > 1:
             ax.fill_between(st, [p["min"] for p in ce["curve"]], [p["max"] for p in ce["curve"]], color="gray", alpha=0.2)
-    thr = summary.get("threshold")
-    if thr:
-        ax.axhline(thr["eval_loss"], color="gray", lw=0.8, ls=":", label=f"threshold {thr['eval_loss']:.3f}")
+    for thr, style in zip(summary.get("thresholds", []), (":", "-.")):
+        ax.axhline(thr["eval_loss"], color="gray", lw=0.8, ls=style,
+                   label=f"threshold '{thr['name']}' {thr['eval_loss']:.3f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out eval loss (token mean, prompt-masked)")
     ax.set_title("eval loss at each init's best learning rate\n(mean over seeds, band = min..max)")
@@ -684,7 +699,7 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 
 def write_table(report: dict, path: Path) -> Path:
     s, sm, m = report["settings"], report["summary"], report["machine"]
-    thr = sm.get("threshold")
+    thrs = sm.get("thresholds", [])
     lines = [
         "# Convergence: LoRA vs OLoRA vs PiSSA over a quantized base, each at its own best learning rate",
         "",
@@ -697,29 +712,36 @@ def write_table(report: dict, path: Path) -> Path:
         f"seeds {report['seeds']}.",
         "",
         "Best rate = lowest mean final eval loss over seeds (a diverged run counts as infinitely bad). "
-        + (f"Threshold eval loss {thr['eval_loss']:.4f} = {thr['definition']}; steps are the first eval step at "
-           f"or below it (resolution {s['eval_every']} steps), averaged over the seeds that reach it." if thr else ""),
+        + " ".join(f"Threshold '{t['name']}' = eval loss {t['eval_loss']:.4f}: {t['definition']}." for t in thrs)
+        + (f" Steps to a threshold = the first eval step at or below it (resolution {s['eval_every']} steps), "
+           "mean over the seeds that reach it (reached/seeds in brackets)." if thrs else ""),
         "",
-        "| init | best lr | interior? | final eval loss (mean ± std) | min eval loss on curve | step-0 eval loss "
-        "| steps to threshold (reached) | s / step (median) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| init | best lr | interior? | final eval loss (mean ± std) | min eval loss on curve | step-0 eval loss | "
+        + "".join(f"steps to '{t['name']}' | " for t in thrs) + "s / step (median) |",
+        "|---|---|---|---|---|---|" + "---|" * len(thrs) + "---|",
     ]
+
+    def reached(e: dict) -> str:
+        cells = []
+        for t in thrs:
+            x = e.get("reach", {}).get(t["name"])
+            cells.append(f"{_fmt(x['mean'], '.1f')} ({x['reached']}) | " if x else "- | ")
+        return "".join(cells)
+
     for init, e in sm["inits"].items():
         if e.get("best_lr") is None:
-            lines.append(f"| {init} | all rates diverged | | | | | | |")
+            lines.append(f"| {init} | all rates diverged | | | | | " + "| " * len(thrs) + "|")
             continue
         lines.append(
             f"| {init} | {e['best_lr']:.3g} | {'yes' if e['best_is_interior'] else 'NO (edge)'} | "
             f"{_fmt(e['final_mean'])} ± {_fmt(e['final_std'])} | {_fmt(e['min_mean'])} ± {_fmt(e['min_std'])} | "
-            f"{_fmt(e['initial_mean'])} | {_fmt(e.get('steps_to_threshold_mean'), '.0f')} ({e.get('threshold_reached', '-')}) | "
-            f"{_fmt(e.get('median_step_seconds'), '.2f')} |")
+            f"{_fmt(e['initial_mean'])} | {reached(e)}{_fmt(e.get('median_step_seconds'), '.2f')} |")
     ce = sm.get("ceiling")
     if ce:
         lines.append(
             f"| lora, 16-bit base (ceiling) | {ce['lr']:.3g} | - | {_fmt(ce['final_mean'])}"
             f"{' ± ' + _fmt(ce['final_std']) if ce['n_ok'] > 1 else ' (1 seed)'} | {_fmt(ce['min_mean'])} | "
-            f"{_fmt(ce['initial_mean'])} | {_fmt(ce.get('steps_to_threshold_mean'), '.0f')} "
-            f"({ce.get('threshold_reached', '-')}) | {_fmt(ce.get('median_step_seconds'), '.2f')} |")
+            f"{_fmt(ce['initial_mean'])} | {reached(ce)}{_fmt(ce.get('median_step_seconds'), '.2f')} |")
     lines += ["", "## The sweep: final eval loss by learning rate (mean ± std over seeds; min..max)", "",
               "| init | " + " | ".join(["lr", "runs", "final eval loss", "min..max", "diverged"]) + " |",
               "|---|---|---|---|---|---|"]
@@ -727,15 +749,18 @@ def write_table(report: dict, path: Path) -> Path:
         for r in e["sweep"]:
             star = " **best**" if r["lr"] == e.get("best_lr") else ""
             ext = " (added)" if r["lr"] in report["extended"].get(init, []) else ""
-            lines.append(f"| {init} | {r['lr']:.3g}{ext} | {r['runs']} | {_fmt(r['final_mean'])} ± "
-                         f"{_fmt(r['final_std'])}{star} | {_fmt(r['final_min'])}..{_fmt(r['final_max'])} | "
-                         f"{r['diverged']} |")
+            loss = (f"{_fmt(r['final_mean'])} ± {_fmt(r['final_std'])}{star}" if math.isfinite(r["final_mean"])
+                    else f"diverged ({r['diverged']}/{r['runs']} seeds)")
+            lines.append(f"| {init} | {r['lr']:.3g}{ext} | {r['runs']} | {loss} | "
+                         f"{_fmt(r['final_min'])}..{_fmt(r['final_max'])} | {r['diverged']} |")
     lines += [
         "",
-        f"Runs: {sm['n_runs']} ({sm['n_diverged']} diverged); total run time {sm['total_run_seconds'] / 60:.1f} min "
-        f"(+ {sum(p['seconds'] for p in report['prepare_seconds']) / 60:.1f} min preparing models in the last "
-        f"invocation). Step-0 eval loss spread across rates of one (init, seed), i.e. the adapter restore check: "
-        f"{_fmt(sm['restore_check_max_step0_spread'], '.2e')}.",
+        f"Runs: {sm['n_runs']} ({sm['n_diverged']} diverged, {sm['steps_trained']} optimizer steps); run time "
+        f"{sm['total_run_seconds'] / 60:.1f} min (training {sum(sum(x for x in r['step_seconds'] if x) for r in report['runs']) / 60:.1f} "
+        f"min, the rest evals and set-up) + {sm['total_prepare_seconds'] / 60:.1f} min preparing models; wall time "
+        f"of the whole sweep {_fmt((sm['sweep_wall_seconds'] or math.nan) / 60, '.1f')} min. "
+        f"Step-0 eval loss spread across the rates of one (init, seed), i.e. the check that restoring the initial "
+        f"adapter weights between rates restores the model: {_fmt(sm['restore_check_max_step0_spread'], '.2e')}.",
         f"Machine: {m.get('cpu')} ({m.get('cpu_count')} cores, {m.get('torch_threads')} torch threads, shared: load "
         f"average at start {m.get('load_average')}), {'GPU ' + m['cuda'] if m.get('cuda') else 'no GPU'}; "
         f"torch {m['versions'].get('torch')}, transformers {m['versions'].get('transformers')}, "

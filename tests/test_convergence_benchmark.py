@@ -135,12 +135,16 @@ def test_smallest_sweep_writes_json_png_table_and_resumes(assets, tmp_path, monk
     assert len(ceiling) == 1 and ceiling[0]["bits"] == 16
     assert ceiling[0]["lr"] == report["summary"]["inits"]["lora"]["best_lr"]
     assert report["summary"]["ceiling"]["final_mean"] > 0
-    assert report["summary"]["threshold"]["eval_loss"] > 0
+    assert [t["name"] for t in report["summary"]["thresholds"]] == ["near", "halfway"]
+    for init in ("lora", "olora", "pissa"):
+        near = report["summary"]["inits"][init]["reach"]["near"]
+        assert len(near["steps"]) == 1 and all(x in (None, 0, 2, 4) for x in near["steps"])
+    assert report["summary"]["sweep_wall_seconds"] > 0
 
     # the PNG and the markdown table
     assert res["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and res["png"].stat().st_size > 5000
     md = res["md"].read_text()
-    assert "| init | best lr |" in md and "ceiling" in md and "Threshold eval loss" in md
+    assert "| init | best lr |" in md and "ceiling" in md and "steps to 'near'" in md and "Threshold 'halfway'" in md
     for init in ("lora", "olora", "pissa"):
         assert f"| {init} | " in md
     assert "diverged" in md
