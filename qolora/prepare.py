@@ -208,7 +208,9 @@ def build_model(
             elif stored_kind and (part := stored_part(name, quantized)):
                 pending.setdefault(part[0], {})[part[1]] = tensor
             elif module_name in quantized and leaf == "weight":
-                weight = tensor.to(device=device, dtype=torch.float32, copy=True)
+                # Move in the stored dtype, then widen on the device: converting on the CPU first
+                # costs more than the whole transfer.
+                weight = tensor.to(device).to(torch.float32, copy=True)
                 place(module_name, weight.T.contiguous() if isinstance(linears[module_name], Conv1D) else weight)
                 del weight
             elif to_model(key) is None:
