@@ -54,7 +54,7 @@ def assets(tmp_path_factory):
 
 
 def smallest(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", str(model), "--data", str(data), "--out", str(out), "--steps", "4", "--seeds", "1",
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--steps", "4", "--seeds", "2",
             "--batch-size", "4", "--max-length", "48", "--eval-examples", "6", "--eval-every", "2", "--rank", "4",
             "--alpha", "4", "--threads", "1", "--max-extend", "1", "--optim", "adamw",
             "--rates-lora", "1e-3,1e-2", "--rates-olora", "1e-4,1e-3", "--rates-pissa", "1e-4,1e-3", *extra]
@@ -104,7 +104,7 @@ def test_smallest_sweep_writes_json_png_table_and_resumes(assets, tmp_path, monk
 
     # settings, machine, versions
     assert report["settings"]["steps"] == 4 and report["settings"]["bits"] == 4
-    assert report["machine"]["versions"]["torch"] and report["seeds"] == [0]
+    assert report["machine"]["versions"]["torch"] and report["seeds"] == [0, 1] and report["seed_plan"] == "best"
     # every run: eval at 0, 2, 4 on the same held-out examples; per-step wall time
     runs = report["runs"]
     main_runs = [r for r in runs if not r.get("ceiling")]
@@ -117,7 +117,7 @@ def test_smallest_sweep_writes_json_png_table_and_resumes(assets, tmp_path, monk
     # the adapter restore between rates: one step-0 loss per (init, seed)
     assert report["summary"]["restore_check_max_step0_spread"] < 1e-5
     # the diverged run is recorded, not crashed, and never picked
-    bad = [r for r in main_runs if r["init"] == "pissa" and r["lr"] == 1e-3]
+    bad = [r for r in main_runs if r["init"] == "pissa" and r["lr"] == 1e-3 and r["seed"] == 0]
     assert len(bad) == 1 and bad[0]["status"] == "diverged" and bad[0]["evals"][0]["step"] == 0
     assert report["summary"]["inits"]["pissa"]["best_lr"] != 1e-3
     # grids: each has its starting rates, and an extension only ever beyond an edge
@@ -126,9 +126,12 @@ def test_smallest_sweep_writes_json_png_table_and_resumes(assets, tmp_path, monk
         assert set(start) <= set(grid) and len(grid) <= 3
         for x in report["extended"][init]:
             assert x < min(start) or x > max(start)
-        assert len([r for r in main_runs if r["init"] == init]) == len(grid)
         e = report["summary"]["inits"][init]
         assert e["best_lr"] in grid
+        # seed plan "best": seed 0 sweeps the grid, seed 1 runs at the best rate only
+        assert sorted(r["lr"] for r in main_runs if r["init"] == init and r["seed"] == 0) == grid
+        assert [r["lr"] for r in main_runs if r["init"] == init and r["seed"] == 1] == [e["best_lr"]]
+        assert e["n_ok"] == 2 and len(e["final_per_seed"]) == 2
         assert e["best_is_interior"] == (grid[0] < e["best_lr"] < grid[-1])
     # the ceiling: LoRA, 16-bit, at LoRA's best rate
     ceiling = [r for r in runs if r.get("ceiling")]
@@ -138,7 +141,7 @@ def test_smallest_sweep_writes_json_png_table_and_resumes(assets, tmp_path, monk
     assert [t["name"] for t in report["summary"]["thresholds"]] == ["near", "halfway"]
     for init in ("lora", "olora", "pissa"):
         near = report["summary"]["inits"][init]["reach"]["near"]
-        assert len(near["steps"]) == 1 and all(x in (None, 0, 2, 4) for x in near["steps"])
+        assert len(near["steps"]) == 2 and all(x in (None, 0, 2, 4) for x in near["steps"])
     assert report["summary"]["sweep_wall_seconds"] > 0
 
     # the PNG and the markdown table
