@@ -7,7 +7,7 @@ One checkpoint is a folder ``output_dir/checkpoints/step-000050/``::
                           (python, numpy, torch CPU, every CUDA device)
     state.json            step, data position (epoch, index into that epoch's permutation), the
                           per-step history and eval losses so far, the TrainConfig, and fingerprints
-                          of the model's adapter setup and of the training data
+                          of the model's adapter setup and of the training data (computed by the trainer)
     manifest.json         size and sha256 of the three files above; written last
 
 It is built in a temporary sibling folder and renamed into place (:func:`qolora.adapter_io.atomic_dir`),
@@ -46,7 +46,6 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "checkpoint_name",
-    "data_fingerprint",
     "find_resumable",
     "list_checkpoints",
     "load_checkpoint",
@@ -145,20 +144,6 @@ def model_fingerprint(model: nn.Module) -> str:
     params = [[n, list(p.shape), str(p.dtype)] for n, p in adapter_parameters(model)]
     blob = json.dumps({"config": cfg, "layers": layers, "params": params}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def data_fingerprint(dataset) -> str:
-    """A fingerprint of a tokenized data set: its size, token ids and labels, in order."""
-    h = hashlib.sha256(str(len(dataset)).encode())
-    for start in range(0, len(dataset), 1024):
-        chunk = dataset[start: start + 1024]  # a datasets.Dataset gives columns, a list gives rows
-        rows = [dict(zip(chunk, values)) for values in zip(*chunk.values())] if isinstance(chunk, dict) else chunk
-        for row in rows:
-            for key in ("input_ids", "labels", "position_ids"):
-                if key in row:
-                    h.update(key.encode())
-                    h.update(np.asarray(row[key], dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------ save / list

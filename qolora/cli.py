@@ -99,6 +99,8 @@ def _add_finetune(sub) -> None:
                    help="auto: bf16 on GPUs with bf16, fp16 + grad scaler on older GPUs, none on the CPU")
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                    help="keep activations instead of recomputing them (faster, more memory)")
+    g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   help="plain shuffle instead of batching examples of similar length (more padding)")
     g.add_argument("--seed", type=int, default=d.seed, help="data order and RNG seed")
     g = p.add_argument_group("eval, samples, checkpoints")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="eval loss every N steps (0: start and end)")
@@ -163,13 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------- commands
 def _finetune(args) -> int:
+    from .reporting import prompt_preview  # noqa: PLC0415
     from .train import finetune  # noqa: PLC0415
 
     _set_threads(args.threads)
     adapter_options = {"dropout": args.dropout, "device": args.device}
     train_options = {k: getattr(args, k) for k in (
         "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "warmup_ratio", "min_lr_ratio", "weight_decay",
-        "max_grad_norm", "optim", "mixed_precision", "gradient_checkpointing", "seed", "eval_every",
+        "max_grad_norm", "optim", "mixed_precision", "gradient_checkpointing", "group_by_length", "seed", "eval_every",
         "max_eval_examples", "save_every", "keep_last", "log_every", "n_samples", "sample_prompts", "max_new_tokens",
         "overwrite", "progress")}
     result = finetune(
@@ -181,8 +184,7 @@ def _finetune(args) -> int:
     print()
     print(f"done: {result.summary()}")
     for i, s in enumerate(result.samples, 1):
-        prompt = s["prompt"].strip().splitlines()
-        print(f"\nsample {i}: ...{' / '.join(prompt[-3:])[-120:]}")
+        print(f"\nsample {i}: {prompt_preview(s['prompt'], 120)}")
         if s.get("reference"):
             print(f"  reference:       {s['reference']}")
         print(f"  before training: {s['before']}")

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
@@ -37,6 +38,7 @@ __all__ = [
     "memory_in_use",
     "plot_losses",
     "prompt_ids_for",
+    "prompt_preview",
     "read_samples",
     "sample_prompts",
     "umask_permissions",
@@ -237,6 +239,17 @@ def sample_prompts(dataset, tokenizer, n: int, texts: Sequence[str] | None = Non
             "reference": tokenizer.decode(answer, skip_special_tokens=True).strip(),
         })
     return out
+
+
+_MARKUP = re.compile(r"<\|[^|>]*\|>|</?s>")
+_ROLE_LINE = re.compile(r"^(system|user|assistant|human|gpt|###.*:)$", re.IGNORECASE)
+
+
+def prompt_preview(prompt: str, width: int = 100) -> str:
+    """The end of a rendered prompt without template markup and role lines: usually the last question."""
+    lines = [ln.strip() for ln in _MARKUP.sub("\n", prompt).splitlines()]
+    text = " / ".join(ln for ln in lines if ln and not _ROLE_LINE.match(ln))
+    return text if len(text) <= width else "..." + text[-width:]
 
 
 @torch.no_grad()

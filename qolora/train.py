@@ -3,7 +3,8 @@
 :func:`train` runs AdamW (bitsandbytes' paged 8-bit by default) on the adapter weights only::
 
     for step in 1..max_steps:
-        indices  = next batch_size * grad_accum positions of a seeded per-epoch permutation
+        indices  = next batch_size * grad_accum positions of a seeded per-epoch order
+                   (shuffled; batches of similar length formed inside windows of 8 batches)
         n_labels = label tokens in the whole accumulated batch
         for each micro-batch:  (sum of token cross-entropies / n_labels).backward()
         clip grad norm -> optimizer step -> LR step (linear warmup, cosine to min_lr_ratio)
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -73,6 +75,10 @@ class TrainingError(RuntimeError):
 class TrainConfig:
     """Every option of :func:`train`.
 
+    The defaults size the built-in job (SmolLM2-135M-Instruct in 4-bit on ~1,900 short chatterbot
+    conversations: 60 steps of 8 examples, evals at 0/30/60 on 64 held-out examples) to about ten
+    minutes on a busy 2-core CPU; set ``max_steps`` and the eval / save intervals for real data.
+
     Attributes:
         output_dir: folder for metrics, plot, samples, checkpoints (and ``finetune``'s adapter).
         max_steps: optimizer steps.
@@ -89,6 +95,9 @@ class TrainConfig:
         mixed_precision: ``"auto"`` (bf16 autocast on a CUDA GPU with bf16, fp16 with a gradient
             scaler on older GPUs, none on the CPU), ``"bf16"``, ``"fp16"`` (CUDA only) or ``"no"``.
         gradient_checkpointing: recompute activations in the backward pass (less memory).
+        group_by_length: form batches of similar length inside windows of 8 effective batches of the
+            seeded shuffle (see :class:`DataOrder`): little padding, a third less compute on short
+            chat data; False = a plain shuffle.
         eval_every: eval loss every N steps (also at step 0 and at the end); 0 = start and end only.
         max_eval_examples: eval on at most this many held-out examples; None = all.
         eval_batch_size: micro-batch size for eval; None = ``batch_size``.
@@ -104,7 +113,7 @@ class TrainConfig:
     """
 
     output_dir: str = "qolora-output"
-    max_steps: int = 120
+    max_steps: int = 60
     batch_size: int = 8
     grad_accum: int = 1
     lr: float | None = None
@@ -116,10 +125,11 @@ class TrainConfig:
     optim: str = "paged_adamw_8bit"
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = True
-    eval_every: int = 40
+    group_by_length: bool = True
+    eval_every: int = 30
     max_eval_examples: int | None = 64
     eval_batch_size: int | None = None
-    save_every: int = 40
+    save_every: int = 30
     keep_last: int | None = 2
     log_every: int = 10
     seed: int = 0
@@ -329,17 +339,54 @@ def lr_factor(step: int, *, warmup: int, max_steps: int, min_ratio: float) -> fl
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class DataOrder:
-    """Indices of a seeded permutation per epoch; its position ``(epoch, index)`` is saved and restored."""
+def iter_rows(dataset, chunk: int = 1024):
+    """The rows of a ``datasets.Dataset`` (read a chunk of columns at a time) or of a list of dicts."""
+    for start in range(0, len(dataset), chunk):
+        part = dataset[start: start + chunk]  # a Dataset gives {column: values}, a list gives rows
+        yield from ([dict(zip(part, values)) for values in zip(*part.values())] if isinstance(part, dict) else part)
 
-    def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0):
+
+def scan_dataset(dataset) -> tuple[str, list[int]]:
+    """One pass over a tokenized data set: its fingerprint (size, token ids, labels, positions, in
+    order; a resumed run must see the same data) and the length of each example."""
+    h = hashlib.sha256(str(len(dataset)).encode())
+    lengths = []
+    for row in iter_rows(dataset):
+        lengths.append(len(row["input_ids"]))
+        for key in ("input_ids", "labels", "position_ids"):
+            if key in row:
+                h.update(key.encode())
+                h.update(np.asarray(row[key], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16], lengths
+
+
+class DataOrder:
+    """The order examples are trained in; its position ``(epoch, index)`` is saved and restored.
+
+    Each epoch is a permutation from a generator seeded with ``(seed, epoch)``. With ``lengths``, each
+    window of ``8 * batch`` consecutive positions is then sorted by length and cut into batches of
+    ``batch``, whose order inside the window is shuffled again: every batch holds examples of similar
+    length (little padding) and the batch lengths still come in random order.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0, *, lengths: Sequence[int] | None = None,
+                 batch: int = 1):
         self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
+        self.lengths, self.batch = lengths, batch
         self._perm: list[int] | None = None
 
     def _permutation(self) -> list[int]:
         if self._perm is None:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._perm = torch.randperm(self.n, generator=g).tolist()
+            perm = torch.randperm(self.n, generator=g).tolist()
+            if self.lengths is not None and self.batch > 1:
+                grouped, window = [], 8 * self.batch
+                for start in range(0, self.n, window):
+                    by_length = sorted(perm[start: start + window], key=lambda i: -self.lengths[i])
+                    batches = [by_length[i: i + self.batch] for i in range(0, len(by_length), self.batch)]
+                    grouped += [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+                perm = grouped
+            self._perm = perm
         return self._perm
 
     def take(self, k: int) -> list[int]:
@@ -446,7 +493,10 @@ class _Run:
                                    min_ratio=config.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.collate = PaddingCollator(pad_token_id(tokenizer))
-        self.order = DataOrder(len(train_dataset), config.seed)
+        self.data_fp, lengths = scan_dataset(train_dataset)
+        self._order_args = ({"lengths": lengths, "batch": config.batch_size * config.grad_accum}
+                            if config.group_by_length else {})
+        self.order = DataOrder(len(train_dataset), config.seed, **self._order_args)
         self.metrics = reporting.MetricsLog(out / "metrics.jsonl")
         self.ckpt_root = out / "checkpoints"
         self.step = 0
@@ -456,7 +506,6 @@ class _Run:
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
         self.model_fp = ckpt.model_fingerprint(model)
-        self.data_fp = ckpt.data_fingerprint(train_dataset)
         self.eval_batches = self._eval_batches()
         self._window = {"tokens": 0, "seconds": 0.0}
 
@@ -570,7 +619,7 @@ class _Run:
         return {"lr": self.lr, "max_steps": c.max_steps, "batch_size": c.batch_size, "grad_accum": c.grad_accum,
                 "warmup": c.warmup, "min_lr_ratio": c.min_lr_ratio, "weight_decay": c.weight_decay,
                 "max_grad_norm": c.max_grad_norm, "optim": c.optim, "mixed_precision": self.precision,
-                "seed": c.seed}
+                "seed": c.seed, "group_by_length": c.group_by_length}
 
     def save(self) -> Path:
         trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -618,7 +667,8 @@ class _Run:
             self.scaler.load_state_dict(found.trainer["scaler"])
         ckpt.set_rng_state(found.trainer["rng"])
         pos = s["data_position"]
-        self.order = DataOrder(len(self.train_dataset), self.config.seed, pos["epoch"], pos["index"])
+        self.order = DataOrder(len(self.train_dataset), self.config.seed, pos["epoch"], pos["index"],
+                               **self._order_args)
         self.step, self.history, self.evals = found.step, list(s["history"]), list(s["evals"])
         self.last_checkpoint = self.resumed_from = found.path
         self.metrics.truncate_after(found.step)
@@ -661,7 +711,7 @@ class _Run:
         answers = reporting.generate(self.model, self.tokenizer, self.samples, cfg.max_new_tokens, self.autocast)
         for s, a in zip(self.samples, answers):
             s[stage] = a
-            logger.info("sample (%s training) %r -> %r", stage, s["prompt"][-80:], a)
+            logger.info("sample (%s training) %r -> %r", stage, reporting.prompt_preview(s["prompt"], 60), a)
         self.metrics.write("samples", step=self.step, stage=stage,
                            answers=[{"prompt": s["prompt"], stage: s[stage]} for s in self.samples])
         reporting.write_samples(self.out, self.samples, steps=self.step if stage == "after" else None)

@@ -23,7 +23,7 @@ import importlib
 from qolora import ConfigError, adapter_parameters, adapter_state_dict, prepare
 from qolora.checkpointing import CheckpointError, list_checkpoints
 from qolora.data import DataError, load_records, split_train_eval, tokenize_dataset
-from qolora.train import TrainConfig, TrainingError, finetune, lr_factor, train
+from qolora.train import DataOrder, TrainConfig, TrainingError, finetune, lr_factor, train
 from tiny_models import make_tiny_llama
 from tiny_tokenizer import make_tiny_tokenizer
 
@@ -117,6 +117,24 @@ def test_schedule_warms_up_then_decays_to_min():
     assert f[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[4:], f[5:]))
     assert 0.1 <= f[-1] < 0.12
+
+
+def test_data_order_groups_lengths_and_resumes_mid_epoch():
+    lengths = [((i * 37) % 50) + 1 for i in range(100)]
+    order = DataOrder(100, seed=3, lengths=lengths, batch=4)
+    first = order.take(32)  # one window of 8 batches
+    batches = [first[i: i + 4] for i in range(0, 32, 4)]
+    spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches)
+    assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:]))  # batches cut from one sorted window
+    assert [max(lengths[i] for i in b) for b in batches] != sorted((max(lengths[i] for i in b) for b in batches),
+                                                                    reverse=True)  # ... in shuffled order
+    position = order.position
+    rest = order.take(150)  # crosses into epoch 1
+    again = DataOrder(100, seed=3, **position, lengths=lengths, batch=4)
+    assert again.take(150) == rest and order.position == again.position == {"epoch": 1, "index": 82}
+    assert sorted(first + rest[:68]) == list(range(100))  # epoch 0 is a permutation
+    plain = DataOrder(100, seed=3).take(100)
+    assert sorted(plain) == list(range(100)) and plain != first + rest[:68]
 
 
 def test_fp16_needs_cuda(tmp_path, chat_model_dir, tokenized):
