@@ -13,7 +13,6 @@ import logging
 from transformers import AutoTokenizer
 
 import qolora
-from qolora.adapter_io import save_adapter
 from qolora.assets import default_dataset_path, default_model_dir
 from qolora.data import load_records, split_train_eval, tokenize_dataset
 from qolora.train import TrainConfig, train
@@ -50,7 +49,7 @@ def main() -> None:
         print(f"\nreference: {sample['reference']}\nbefore:    {sample['before']}\nafter:     {sample['after']}")
 
     # 4. Save the adapter (reload it with qolora.load(base, adapter); merge it with `qolora merge`).
-    print("\nadapter saved to", save_adapter(model, f"{args.out}/adapter", overwrite=True))
+    print("\nadapter saved to", qolora.save_adapter(model, f"{args.out}/adapter", overwrite=True))
 
 
 if __name__ == "__main__":
