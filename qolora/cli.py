@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import contextlib
 import logging
 import os
 import sys
@@ -319,18 +320,29 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def _setup_logging(debug: bool, quiet: bool) -> None:
+@contextlib.contextmanager
+def _cli_logging(debug: bool, quiet: bool):
+    """qolora's log records above the progress bars while the command runs; the previous logging
+    state is restored afterwards (``main`` may run inside another program, or a test session)."""
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    log = logging.getLogger("qolora")
+    log, bnb_log = logging.getLogger("qolora"), logging.getLogger("bitsandbytes")
+    saved = (log.handlers[:], log.level, log.propagate, bnb_log.level)
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     log.propagate = False
-    if not debug:  # known, harmless noise from the libraries underneath
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
-        warnings.filterwarnings("ignore", message=r".*[Pp]aged optimizers are not supported on CPU.*")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        with warnings.catch_warnings():
+            if not debug:  # known, harmless noise from the libraries underneath
+                bnb_log.setLevel(logging.ERROR)
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+                warnings.filterwarnings("ignore", message=r".*[Pp]aged optimizers are not supported on CPU.*")
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            yield
+    finally:
+        log.handlers[:], level, log.propagate, bnb_level = saved
+        log.setLevel(level)
+        bnb_log.setLevel(bnb_level)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -344,9 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``qolora`` command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.debug, args.quiet)
     try:
-        return args.func(args)
+        with _cli_logging(args.debug, args.quiet):
+            return args.func(args)
     except KeyboardInterrupt:
         print("qolora: interrupted" + (" (continue with --resume)" if args.command == "finetune" else ""),
               file=sys.stderr)
