@@ -16,10 +16,12 @@ only measures which one that rate happens to suit. So, on the real SmolLM2-135M-
     ceiling: plain LoRA on the full-precision (bits=16) base at LoRA's best rate.
 
 ``--seed-plan full`` runs every seed at every rate and decides on the mean over seeds (the literal design,
-~3x the runs). The default ``best`` lets the first seed sweep the grid (and decide extensions and the best
-rate) and runs the other seeds at the chosen rate only: on a shared 2-core CPU a run costs ~3 minutes, and
-neighbouring rates (3x apart) differ by far more than seeds do (measured: seeds differ by ~0.003 in eval
-loss at a rate, neighbouring rates by 0.3-1.0). Finished runs are reused when switching plans.
+~3x the runs). The default ``neighbours`` lets the first seed sweep the grid (and extend it) and runs the
+other seeds at its best rate and that rate's two neighbours; the mean over seeds then picks among those
+(following the seeds to a new neighbour if the pick moves). On a shared 2-core CPU a run costs 2-3
+minutes; far from the optimum the rates differ by far more than the seeds do, near it they do not (seeds
+at one rate: ~0.003 apart at LoRA 3e-5, ~0.15 at LoRA 1e-2), which is where the extra seeds go.
+Finished runs are reused when switching plans.
 
 A run whose loss or gradient turns NaN/inf (``qolora.train.TrainingError``) is recorded as
 ``diverged`` with the curve up to that point; it counts as infinitely bad when picking rates.
@@ -169,19 +171,34 @@ def extension(grid: Sequence[float], scores: dict[float, list[float]]) -> float 
     if len(grid) < 1 or any(lr not in scores for lr in grid):
         return None
     best = best_rate({lr: scores[lr] for lr in grid})
-    if best is None:
-        ratio = grid[1] / grid[0] if len(grid) > 1 else math.sqrt(10)
-        new = grid[0] / ratio
-    elif best == grid[0]:
-        ratio = grid[1] / grid[0] if len(grid) > 1 else math.sqrt(10)
-        new = grid[0] / ratio
-    elif best == grid[-1]:
-        ratio = grid[-1] / grid[-2] if len(grid) > 1 else math.sqrt(10)
-        new = grid[-1] * ratio
+    if best is None or best == grid[0]:
+        return beyond(grid, "low")
+    if best == grid[-1]:
+        return beyond(grid, "high")
+    return None
+
+
+def beyond(grid: Sequence[float], side: str) -> float | None:
+    """The next rate below (``side="low"``) or above the grid, continuing its spacing at that edge."""
+    grid = sorted(grid)
+    if side == "low":
+        new = grid[0] / (grid[1] / grid[0] if len(grid) > 1 else math.sqrt(10))
     else:
-        return None
+        new = grid[-1] * (grid[-1] / grid[-2] if len(grid) > 1 else math.sqrt(10))
     new = _snap(new)
     return new if LR_BOUNDS[0] <= new <= LR_BOUNDS[1] and new not in grid else None
+
+
+def blown_up(run: dict) -> bool:
+    """Diverged, or ended no better than it started (eval loss): more seeds there cannot make it the best."""
+    initial = run.get("initial_eval_loss")
+    return run_score(run) == math.inf or (initial is not None and run_score(run) >= initial)
+
+
+def settled(runs: Iterable[dict], init: str, lr: float, seeds: Sequence[int]) -> bool:
+    """Every seed ran ``lr``, or the first seed blew up there."""
+    mine = {r["seed"]: r for r in runs if r["init"] == init and r["lr"] == lr and not r.get("ceiling")}
+    return all(x in mine for x in seeds) or (seeds[0] in mine and blown_up(mine[seeds[0]]))
 
 
 def _snap(x: float) -> float:
@@ -468,17 +485,21 @@ def _as_dict(stats) -> dict:
 
 
 # ------------------------------------------------------------------------------------ the sweep
-SEED_PLANS = ("best", "full")
+SEED_PLANS = ("neighbours", "best", "full")
 
 
 def sweep(bench: Bench, inits: Sequence[str], grids: dict[str, list[float]], seeds: Sequence[int], *,
-          max_extend: int, ceiling: bool, ceiling_seeds: Sequence[int], seed_plan: str = "best") -> dict[str, list[float]]:
+          max_extend: int, ceiling: bool, ceiling_seeds: Sequence[int],
+          seed_plan: str = "neighbours") -> dict[str, list[float]]:
     """Run the sweep, extend grids whose best rate is at an edge, then the ceiling.
 
     ``seed_plan="full"``: every seed at every rate; the best rate and the edge test use the mean over seeds.
-    ``seed_plan="best"``: the first seed runs the whole grid (and decides the extensions and the best rate),
-    the other seeds run only at that best rate (mean +- std there). Adding the other seeds at every rate
-    later (``full``) reuses every finished run.
+    ``seed_plan="neighbours"``: the first seed runs the whole grid (extending it while its best rate is at
+    an edge); the other seeds run at that best rate and at its two neighbours in the grid (unless the first
+    seed blew up there); the best rate is then the lowest mean over seeds among those, and if that moves
+    it, the seeds follow to its new neighbours (and beyond the grid's edge, if it gets there).
+    ``seed_plan="best"``: like neighbours, but the other seeds run at the first seed's best rate only.
+    Switching plans later reuses every finished run.
 
     Returns the rates each init's grid was extended by."""
     extended: dict[str, list[float]] = {init: [] for init in inits}
@@ -516,10 +537,30 @@ def sweep(bench: Bench, inits: Sequence[str], grids: dict[str, list[float]], see
             extended[init].append(new)
             grid = sorted(grid + [new])
             total += len(deciding)
-        grids[init] = grid
         best = best_rate(scores)
-        if best is not None and len(deciding) < len(seeds):
-            run_all(init, [best], [x for x in seeds if x not in deciding])
+        others = [x for x in seeds if x not in deciding]
+        if best is not None and others and seed_plan == "best":
+            run_all(init, [best], others)
+        while best is not None and others and seed_plan == "neighbours":
+            best = choose_best(bench.runs, init, grid, seeds)[0]
+            i = grid.index(best)
+            need = [lr for lr in grid[max(0, i - 1): i + 2] if not settled(bench.runs, init, lr, seeds)]
+            if need:
+                total += len(need) * len(others)
+                run_all(init, need, others)
+                continue
+            if best in (grid[0], grid[-1]) and len(extended[init]) < max_extend:
+                new = beyond(grid, "low" if best == grid[0] else "high")
+                if new is not None:  # every seed agrees the edge is best: go beyond it with every seed
+                    logger.info("%s: over all seeds the best rate %.3g is at the edge of the grid; adding %.3g",
+                                init, best, new)
+                    extended[init].append(new)
+                    grid = sorted(grid + [new])
+                    total += len(seeds)
+                    run_all(init, [new], seeds)
+                    continue
+            break
+        grids[init] = grid
     if ceiling and "lora" in inits and bench.s.bits != 16:
         best = choose_best(bench.runs, "lora", grids["lora"], seeds)[0]
         if best is not None:
@@ -530,11 +571,16 @@ def sweep(bench: Bench, inits: Sequence[str], grids: dict[str, list[float]], see
 
 
 def choose_best(runs: list[dict], init: str, grid: Sequence[float], seeds: Sequence[int]) -> tuple[float | None, str]:
-    """The best rate and how it was chosen: by the mean over all seeds when every seed ran every rate of the
-    grid, else by the first seed's sweep (the other seeds then ran at that rate)."""
+    """The best rate and how it was chosen: by the mean over all seeds among the rates every seed ran (all of
+    the grid with ``full``, the first seed's best and its neighbours with ``neighbours``), else by the first
+    seed's sweep (``best``: the other seeds then ran at that rate only)."""
     full = {lr: v for lr, v in rate_scores(runs, init, seeds).items() if lr in grid}
     if len(full) == len(grid):
         return best_rate(full), f"lowest mean final eval loss over seeds {list(seeds)} (every seed ran every rate)"
+    if len(full) >= 2 and best_rate(full) is not None:
+        return best_rate(full), (f"lowest mean final eval loss over seeds {list(seeds)} among the rates every seed "
+                                 f"ran: seed {seeds[0]} swept the whole grid, the other seeds ran at its best rate "
+                                 f"and that rate's neighbours (not where seed {seeds[0]} blew up)")
     first = {lr: v for lr, v in rate_scores(runs, init, seeds[:1]).items() if lr in grid}
     return best_rate(first), (f"lowest final eval loss of seed {seeds[0]}'s sweep over the whole grid; the other "
                               f"seeds ran at that rate only")
@@ -559,8 +605,12 @@ def summarize(runs: list[dict], settings: Settings, inits: Sequence[str], grids:
                                "final_mean": m, "final_std": sd,
                                "final_min": min(finals) if finals else math.nan,
                                "final_max": max(finals) if finals else math.nan})
+        interior = best is not None and grid[0] < best < grid[-1]
         entry: dict[str, Any] = {"grid": grid, "best_lr": best, "chosen_by": how, "sweep": sweep_rows,
-                                 "best_is_interior": best is not None and grid[0] < best < grid[-1]}
+                                 "best_is_interior": interior,
+                                 # both neighbours of the best rate ran with every seed (or blew up for the first)
+                                 "interior_with_all_seeds": interior and all(
+                                     settled(main, init, grid[grid.index(best) + d], seeds) for d in (-1, 1))}
         if best is not None:
             rs = sorted([r for r in main if r["init"] == init and r["lr"] == best], key=lambda r: r["seed"])
             entry.update(_curve_stats(rs))
@@ -765,7 +815,8 @@ def write_table(report: dict, path: Path) -> Path:
             lines.append(f"| {init} | all rates diverged | | | | | " + "| " * len(thrs) + "|")
             continue
         lines.append(
-            f"| {init} | {e['best_lr']:.3g} | {'yes' if e['best_is_interior'] else 'NO (edge)'} | "
+            f"| {init} | {e['best_lr']:.3g} | "
+            f"{('yes' if e.get('interior_with_all_seeds') else 'yes (first seed)') if e['best_is_interior'] else 'NO (edge)'} | "
             f"{_fmt(e['final_mean'])} ± {_fmt(e['final_std'])} | {_fmt(e['min_mean'])} ± {_fmt(e['min_std'])} | "
             f"{_fmt(e['initial_mean'])} | {reached(e)}{_fmt(e.get('median_step_seconds'), '.2f')} |")
     ce = sm.get("ceiling")
@@ -855,9 +906,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1: on the shared 2-core CPU one thread ran a step 3.5x faster than "
                         "two, whose OpenMP threads spin against other jobs; give more on a machine of your own)")
-    p.add_argument("--seed-plan", choices=SEED_PLANS, default="best",
-                   help="best (default): the first seed sweeps the whole grid and picks the rate, the other seeds run "
-                        "at that rate; full: every seed at every rate (3x the runs; reuses finished ones)")
+    p.add_argument("--seed-plan", choices=SEED_PLANS, default="neighbours",
+                   help="neighbours (default): the first seed sweeps the whole grid, the other seeds run at its best "
+                        "rate and that rate's neighbours, and the mean over seeds decides; best: the other seeds at "
+                        "the first seed's best rate only; full: every seed at every rate (reuses finished runs)")
     p.add_argument("--max-extend", type=int, default=None, help="rates that may be added per init (default 3)")
     p.add_argument("--threshold-frac", type=float, default=0.05,
                    help="threshold = LoRA's best final eval loss + FRAC x (its step-0 loss - that loss)")
