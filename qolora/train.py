@@ -76,8 +76,9 @@ class TrainConfig:
     """Every option of :func:`train`.
 
     The defaults size the built-in job (SmolLM2-135M-Instruct in 4-bit on ~1,900 short chatterbot
-    conversations: 60 steps of 8 examples, evals at 0/30/60 on 64 held-out examples) to about ten
-    minutes on a busy 2-core CPU; set ``max_steps`` and the eval / save intervals for real data.
+    conversations: 40 steps of 8 examples, evals at 0/20/40 on 64 held-out examples) to about ten
+    minutes on a busy 2-core CPU (about four on an idle one); set ``max_steps`` and the eval / save
+    intervals for real data.
 
     Attributes:
         output_dir: folder for metrics, plot, samples, checkpoints (and ``finetune``'s adapter).
@@ -113,7 +114,7 @@ class TrainConfig:
     """
 
     output_dir: str = "qolora-output"
-    max_steps: int = 60
+    max_steps: int = 40
     batch_size: int = 8
     grad_accum: int = 1
     lr: float | None = None
@@ -126,10 +127,10 @@ class TrainConfig:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = True
     group_by_length: bool = True
-    eval_every: int = 30
+    eval_every: int = 20
     max_eval_examples: int | None = 64
     eval_batch_size: int | None = None
-    save_every: int = 30
+    save_every: int = 20
     keep_last: int | None = 2
     log_every: int = 10
     seed: int = 0
