@@ -12,8 +12,8 @@ An error prints one line on stderr and exits with code 2 (``--debug`` shows the 
 from __future__ import annotations
 
 import argparse
-import inspect
 import contextlib
+import inspect
 import logging
 import os
 import sys
