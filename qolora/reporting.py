@@ -13,8 +13,7 @@ Everything here is a side channel of :func:`qolora.train.train`; nothing feeds b
   :func:`write_samples` writes the before/after answers to ``samples.json`` and ``samples.md``.
 * :func:`memory_in_use` is what the progress bar shows: CUDA max allocated, or the process RSS.
 
-All files are written atomically (:func:`atomic_write_text`): a temporary sibling, then
-``os.replace``.
+All files are written atomically (:func:`atomic_file`): a temporary sibling, then ``os.replace``.
 """
 
 from __future__ import annotations
@@ -26,12 +25,13 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 
 __all__ = [
     "MetricsLog",
+    "atomic_file",
     "atomic_write_text",
     "format_bytes",
     "generate",
@@ -66,18 +66,26 @@ def umask_permissions(path: Path) -> None:
         os.chmod(path, 0o666 & ~umask)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` (same suffix) to write; once written it replaces ``path``
+    (``os.replace``), on an error it is deleted."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield Path(tmp)
         umask_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 class MetricsLog:
@@ -181,15 +189,8 @@ def plot_losses(history: Sequence[Mapping], evals: Sequence[Mapping], path: Path
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_file(path) as tmp:
             fig.savefig(tmp)
-            umask_permissions(Path(tmp))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     finally:
         plt.close(fig)
     return path
