@@ -12,7 +12,9 @@ from .config import AdapterConfig, ConfigError
 from .export import export_lora, merge
 from .inits import INITS
 from .layer import AdapterLinear, adapter_parameters, adapter_state_dict
+from .checkpointing import CheckpointError
 from .prepare import QuantReport, enable_gradient_checkpointing, prepare
+from .train import TrainConfig, TrainingError, TrainResult, finetune, train
 
 __version__ = "0.1.0"
 
@@ -21,16 +23,22 @@ __all__ = [
     "AdapterError",
     "AdapterLinear",
     "BaseMismatchError",
+    "CheckpointError",
     "ConfigError",
     "INITS",
     "QuantReport",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
     "adapter_parameters",
     "adapter_state_dict",
     "enable_gradient_checkpointing",
     "export_lora",
+    "finetune",
     "load",
     "merge",
     "prepare",
     "read_adapter",
     "save_adapter",
+    "train",
 ]

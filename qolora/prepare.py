@@ -360,6 +360,10 @@ def prepare(
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant checkpointing: works with a frozen embedding and trainable adapters only."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "config"):
         model.config.use_cache = False
