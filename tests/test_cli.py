@@ -47,7 +47,7 @@ def test_help_documents_every_finetune_option(capsys):
         if action.option_strings and action.dest != "help":
             assert action.option_strings[-1] in text
             assert action.help, f"{action.option_strings} has no help"
-    assert "(default: 128)" in text and "(default: paged_adamw_8bit)" in text and "olora 2e-05" in text
+    assert "(default: 128)" in text and "(default: paged_adamw_8bit)" in text and "olora 0.0001" in text
 
 
 def test_console_script_help_runs():
