@@ -1,0 +1,387 @@
+"""Issue 3: one QLoRA training step, qolora vs transformers + PEFT, side by side in one run.
+
+Both contenders train the same 4-bit NF4 base (double quant, blocksize 64, compute dtype = qolora's
+default for the device) with rank-16 adapters (alpha 16, no dropout) on every decoder linear layer,
+on the same token batch, with the same step:
+
+    with autocast(bf16 on CUDA, none on the CPU):
+        logits = model(input_ids=x, use_cache=False).logits
+    loss = cross_entropy(logits[:, :-1].float(), x[:, 1:], sum) / tokens     # as qolora.train computes it
+    loss.backward(); clip_grad_norm_(adapters, 1.0); PagedAdamW8bit.step(); zero_grad(set_to_none=True)
+
+and non-reentrant gradient checkpointing on.
+
+* ``qolora`` -- ``qolora.prepare(dir, bits=4, rank=16, gradient_checkpointing=True)`` (OLoRA init);
+  the optimizer and autocast come from ``qolora.train`` (``make_optimizer``, ``resolve_precision``)
+  when it offers them (see :func:`_qolora_train_parts`), the step mirrors ``qolora.train``'s;
+* ``peft``   -- ``AutoModelForCausalLM.from_pretrained(dir, quantization_config=BitsAndBytesConfig(4-bit))``,
+  ``prepare_model_for_kbit_training`` (gradient checkpointing, non-reentrant), ``get_peft_model(
+  LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))``.
+
+Each contender runs in fresh processes, alternating: ``--rounds`` processes per contender, each
+loading the model, running ``--warmup`` untimed steps and ``--steps`` timed ones. Reported: tokens/s
+(median over all timed steps), peak memory of the training phase (peak RSS on the CPU, CUDA max
+allocated on a GPU; reset after loading) and of the load.
+
+    python -m benchmarks.train_step                                  # CPU, SmolLM2-135M-Instruct, 4 x 256
+    python -m benchmarks.train_step --device cuda --size 7b --layers 8 --seq 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+
+CONTENDERS = ["qolora", "peft"]
+LABELS = {"qolora": "qolora (OLoRA, 4-bit)", "peft": "transformers+PEFT LoRA"}
+TARGETS = {"tokens_per_s_vs_peft_min": 1.0, "peak_memory_vs_peft_max": 1.0}
+
+
+# ------------------------------------------------------------------------------------- worker
+def _dtype(device: str):
+    import torch  # noqa: PLC0415
+
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def _load_qolora(model_dir: str, device: str, rank: int, alpha: float):
+    import qolora  # noqa: PLC0415
+
+    return qolora.prepare(model_dir, bits=4, rank=rank, alpha=alpha, init="olora", quant_type="nf4", blocksize=64,
+                          double_quant=True, device=device, gradient_checkpointing=True, progress=False)
+
+
+def _load_peft(model_dir: str, device: str, rank: int, alpha: float):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: PLC0415
+
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=_dtype(device))
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=bnb_config, dtype=_dtype(device),
+        device_map={"": 0} if device.startswith("cuda") else {"": "cpu"},
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear"))
+    model.config.use_cache = False
+    return model
+
+
+_OPTIM_NAMES = {"PagedAdamW8bit": "paged_adamw_8bit", "PagedAdamW32bit": "paged_adamw_32bit",
+                "AdamW8bit": "adamw_8bit", "AdamW32bit": "adamw_32bit"}
+
+
+def _qolora_train_parts(device: str):
+    """``(make_optimizer, autocast factory, description)`` from ``qolora.train`` when it offers them.
+
+    ``qolora.train`` builds its optimizer with ``make_optimizer(name, params, lr, weight_decay)`` and
+    its autocast with ``resolve_precision("auto", device)``; its step (``_Run.train_step``) is tied to
+    its data pipeline, so the step itself is mirrored in :func:`_step` (identical for both contenders).
+    Returns None when ``qolora.train`` is missing or its API differs (then the mirror is used alone).
+    """
+    try:
+        import torch  # noqa: PLC0415
+
+        from qolora import train as qtrain  # noqa: PLC0415
+
+        make_optimizer, resolve_precision = qtrain.make_optimizer, qtrain.resolve_precision
+        mode, autocast, scaler = resolve_precision("auto", torch.device(device))
+    except Exception:  # not landed, or changed: fall back to the mirror
+        return None
+    if scaler is not None:  # fp16 + GradScaler (pre-bf16 GPUs): not what this benchmark compares
+        return None
+    return make_optimizer, autocast, f"qolora.train.make_optimizer + resolve_precision({mode!r})"
+
+
+def _autocast(device: str):
+    import contextlib  # noqa: PLC0415
+    import functools  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    if device.startswith("cuda"):
+        return functools.partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _step(model, params, opt, autocast, clip: float = 1.0):
+    """One optimizer step as ``qolora.train`` runs it (``_Run.train_step`` with one micro-batch):
+    logits under autocast, summed next-token cross-entropy in fp32 / label tokens, backward, clip the
+    adapters' gradient norm, step, ``zero_grad(set_to_none=True)``. Both contenders run this."""
+    import torch  # noqa: PLC0415
+    from torch.nn import functional as F  # noqa: PLC0415
+
+    def step(x):  # x: (B, T) token ids, also the labels
+        with autocast():
+            logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
+        labels = x[:, 1:]  # (B, T-1): token t predicts t+1
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum") / labels.numel()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so the training peak is not the loader's leftovers."""
+    import ctypes  # noqa: PLC0415
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def worker(payload: dict, probe: common.MemoryProbe) -> dict:
+    import bitsandbytes as bnb  # noqa: PLC0415
+    import peft  # noqa: F401, PLC0415
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: F401, PLC0415
+    from transformers.models.llama import modeling_llama  # noqa: F401, PLC0415
+
+    import qolora  # noqa: F401, PLC0415
+
+    contender, model_dir, device = payload["contender"], payload["model_dir"], payload["device"]
+    if device.startswith("cuda"):
+        torch.zeros(1, device=device)
+    torch.manual_seed(0)
+    result: dict = {"contender": contender}
+
+    probe.start()
+    with common.Timer(device) as t_load:
+        if contender == "qolora":
+            model = _load_qolora(model_dir, device, payload["rank"], payload["alpha"])
+        elif contender == "peft":
+            model = _load_peft(model_dir, device, payload["rank"], payload["alpha"])
+        else:
+            raise ValueError(f"unknown contender {contender!r}")
+    probe.stop("load")
+    result["load_s"] = t_load.seconds
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    result["trainable_params"] = sum(p.numel() for p in params)
+    result["trainable_dtypes"] = sorted({str(p.dtype) for p in params})
+    result["gradient_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
+
+    parts = _qolora_train_parts(device) if contender == "qolora" and payload.get("use_qolora_train", True) else None
+    if parts is not None:
+        make_optimizer, autocast, how = parts
+        opt = make_optimizer(_OPTIM_NAMES.get(payload["optimizer"], payload["optimizer"]), params, payload["lr"], 0.0)
+        result["step_impl"] = how
+    else:
+        opt = getattr(bnb.optim, payload["optimizer"])(params, lr=payload["lr"])
+        autocast = _autocast(device)
+        result["step_impl"] = f"bitsandbytes.optim.{payload['optimizer']} + {'bf16 autocast' if device.startswith('cuda') else 'no autocast'}"
+    result["optimizer_class"] = type(opt).__name__
+    step = _step(model, params, opt, autocast)
+
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randint(3, vocab, (payload["batch"], payload["seq"]), generator=gen).to(device)
+    tokens = x.numel()
+
+    _malloc_trim()
+    probe.start()
+    losses, times, cpu_times = [], [], []
+    for i in range(payload["warmup"] + payload["steps"]):
+        with common.Timer(device) as t:
+            loss = step(x)
+        losses.append(float(loss))
+        if i >= payload["warmup"]:
+            times.append(t.seconds)
+            cpu_times.append(t.cpu_seconds)
+    probe.stop("train")
+    result.update(step_s=times, step_cpu_s=cpu_times, tokens_per_s=[tokens / s for s in times],
+                  tokens_per_cpu_s=[tokens / s for s in cpu_times], losses=losses, tokens_per_step=tokens)
+    return result
+
+
+# ------------------------------------------------------------------------------------- parent
+def _model_dir(args) -> tuple[Path, str]:
+    if args.size == "smollm2":
+        return common.real_model_dir(), "SmolLM2-135M-Instruct (30 layers)"
+    return common.synthetic_checkpoint(args.size, args.layers), f"{args.layers} {args.size}-sized layers (random)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--size", default="smollm2", choices=["smollm2", *sorted(common.SIZES)],
+                   help="the real SmolLM2-135M-Instruct, or a random checkpoint of --layers layers of these shapes")
+    p.add_argument("--layers", type=int, default=None, help="layers of a synthetic checkpoint (default 4)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 256 on CPU, 512 on CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per process (default 1 on CPU, 2 on CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per process (default 4 on CPU, 10 on CUDA)")
+    p.add_argument("--rounds", type=int, default=None, help="processes per contender, alternating (default 3)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--optimizer", default="PagedAdamW8bit")
+    p.add_argument("--no-qolora-train", action="store_true",
+                   help="build qolora's optimizer/autocast here too, not with qolora.train's helpers")
+    p.add_argument("--out", type=Path, default=common.RESULTS)
+    p.add_argument("--quick", action="store_true", help="1 round, 1 warmup, 2 steps: a smoke test")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting new rounds when another would end past this many seconds")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per worker (default: torch's)")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--tag", default="")
+    p.add_argument("--replot", type=Path, default=None, help="only redraw the PNG of an existing result JSON")
+    args = p.parse_args(argv)
+    if args.replot:
+        d = json.loads(args.replot.read_text())
+        _plot(args.replot.with_suffix(".png"), d["summary"], _title(d["config"], d["model_desc"]), d["config"]["device"])
+        return 0
+    cuda = args.device == "cuda"
+    args.layers = args.layers or 4
+    args.seq = args.seq or (512 if cuda else 256)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick or not cuda else 2)
+    args.steps = args.steps or (2 if args.quick else (10 if cuda else 4))
+    args.rounds = args.rounds or (1 if args.quick else 3)
+
+    model_dir, what = _model_dir(args)
+    print(f"model: {model_dir} ({what}); batch {args.batch} x seq {args.seq}; {args.rounds} rounds x "
+          f"({args.warmup} warmup + {args.steps} timed steps)", flush=True)
+    stem = f"train_step_{args.device}_{args.size}{args.tag}"
+    title = _title(vars(args), what)
+    runs: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
+    for rnd, c in common.budgeted(common.alternating(CONTENDERS, args.rounds), args.budget_s):
+        payload = {"contender": c, "model_dir": str(model_dir), "device": args.device, "rank": args.rank,
+                   "alpha": args.alpha, "lr": args.lr, "optimizer": args.optimizer, "batch": args.batch,
+                   "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
+                   "use_qolora_train": not args.no_qolora_train, "threads": args.threads}
+        res = common.run_worker("benchmarks.train_step", payload, timeout=args.timeout)
+        runs[c].append(res)
+        if "error" in res:
+            print(f"  round {rnd} {c}: FAILED {res['error']}\n{res.get('stderr_tail', '')[-1500:]}", flush=True)
+        else:
+            tps = common.summarize(res["tokens_per_s"])["median"]
+            print(f"  round {rnd} {c:7s} {tps:9.1f} tok/s  train peak {common.peak_mb(res, 'train', args.device):8.0f} MiB"
+                  f"  load {res['load_s']:.1f} s  loss {res['losses'][0]:.3f}->{res['losses'][-1]:.3f}"
+                  f"  step={res.get('step_impl')}", flush=True)
+        _save(args, runs, stem, title, str(model_dir), what, final=False)  # partial results survive a kill
+
+    summary, ratios, verdicts = _save(args, runs, stem, title, str(model_dir), what, final=True)
+    unit = "CUDA MiB" if cuda else "RSS MiB"
+    print(f"\n{title}")
+    print(f"{'contender':26s} {'tok/s (med)':>11s} {'min..max':>17s} {'step s':>7s} {'tok/cpu-s':>9s}"
+          f" {'train peak ' + unit:>20s} {'load peak':>10s} {'load s':>7s} {'trainable':>10s}")
+    for c, s in summary.items():
+        t = s["tokens_per_s"]
+        if t["median"] is None:
+            print(f"{LABELS[c]:26s} FAILED")
+            continue
+        print(f"{LABELS[c]:26s} {t['median']:11.1f} {t['min']:8.1f}..{t['max']:<8.1f} {s['step_s']['median']:7.2f}"
+              f" {s['tokens_per_cpu_s']['median']:9.1f} {s['peak_train_mb']['median']:20.0f}"
+              f" {s['peak_load_mb']['median']:10.0f} {s['load_s']['median']:7.1f} {s['trainable_params'] or 0:10d}")
+    for k, v in ratios.items():
+        print(f"  {k:36s} {'n/a' if v is None else format(v, '.3f')}")
+    print("targets:")
+    for k, v in verdicts.items():
+        val = "n/a" if v["value"] is None else f"{v['value']:.3f}"
+        print(f"  {k:30s} {val:>8s}  target {v['target']:7s} {'MET' if v['met'] else 'MISSED' if v['met'] is False else 'n/a'}")
+    print(f"\nwrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
+    return 0
+
+
+def _summarize(runs: dict[str, list[dict]], device: str) -> tuple[dict, dict, dict]:
+    summary = {}
+    for c, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        summary[c] = {
+            "tokens_per_s": common.summarize(t for r in ok for t in r["tokens_per_s"]),
+            "tokens_per_s_per_round": [common.summarize(r["tokens_per_s"])["median"] for r in ok],
+            "step_s": common.summarize(s for r in ok for s in r["step_s"]),
+            "tokens_per_cpu_s": common.summarize(t for r in ok for t in r["tokens_per_cpu_s"]),
+            "peak_train_mb": common.summarize(common.peak_mb(r, "train", device) for r in ok),
+            "peak_load_mb": common.summarize(common.peak_mb(r, "load", device) for r in ok),
+            "load_s": common.summarize(r["load_s"] for r in ok),
+            "trainable_params": next((r["trainable_params"] for r in ok), None),
+            "step_impl": next((r.get("step_impl") for r in ok), None),
+            "failures": [{"error": r["error"], "stderr_tail": r.get("stderr_tail", "")[-1500:]} for r in rs if "error" in r],
+            "runs": rs,
+        }
+
+    def med(c, k):
+        return summary[c][k]["median"]
+
+    # Rounds ran back to back (qolora, peft, peft, qolora, ...): the ratio of neighbouring rounds cancels
+    # slow drifts of the machine's load better than the ratio of pooled medians.
+    pairs = [common.ratio(a, b) for a, b in zip(summary["qolora"]["tokens_per_s_per_round"],
+                                                 summary["peft"]["tokens_per_s_per_round"])]
+    ratios = {
+        "tokens_per_s_qolora_vs_peft": common.ratio(med("qolora", "tokens_per_s"), med("peft", "tokens_per_s")),
+        "tokens_per_s_qolora_vs_peft_paired_rounds": common.summarize(pairs)["median"],
+        "tokens_per_cpu_s_qolora_vs_peft": common.ratio(med("qolora", "tokens_per_cpu_s"), med("peft", "tokens_per_cpu_s")),
+        "peak_train_qolora_vs_peft": common.ratio(med("qolora", "peak_train_mb"), med("peft", "peak_train_mb")),
+        "peak_load_qolora_vs_peft": common.ratio(med("qolora", "peak_load_mb"), med("peft", "peak_load_mb")),
+        "load_s_qolora_vs_peft": common.ratio(med("qolora", "load_s"), med("peft", "load_s")),
+    }
+
+    def verdict(value, target, ok):
+        return {"value": value, "target": target, "met": None if value is None else ok(value)}
+
+    tmin, mmax = TARGETS["tokens_per_s_vs_peft_min"], TARGETS["peak_memory_vs_peft_max"]
+    verdicts = {
+        "tokens_per_s_vs_peft": verdict(ratios["tokens_per_s_qolora_vs_peft"], f">= {tmin}", lambda v: v >= tmin),
+
+        "peak_memory_vs_peft": verdict(ratios["peak_train_qolora_vs_peft"], f"<= {mmax}", lambda v: v <= mmax),
+    }
+    if device == "cpu":  # on a GPU, CPU time measures host threads, not the work
+        verdicts["tokens_per_cpu_s_vs_peft"] = verdict(ratios["tokens_per_cpu_s_qolora_vs_peft"],
+                                                       f">= {tmin} (cross-check)", lambda v: v >= tmin)
+    return summary, ratios, verdicts
+
+
+def _title(config: dict, what: str) -> str:
+    return (f"train step, {config['device']}, {what}, batch {config['batch']} x {config['seq']}, r={config['rank']}, "
+            f"{config['optimizer']}")
+
+
+def _plot(path: Path, summary: dict, title: str, device: str) -> None:
+    names = [c for c in CONTENDERS if summary[c]["tokens_per_s"]["median"] is not None]
+    if not names:
+        return
+    unit = "CUDA MiB" if device == "cuda" else "RSS MiB"
+    labels = [LABELS[c].replace(" ", "\n", 1) for c in names]
+    common.bar_panels(path, [
+        {"title": "tokens/s (median, min..max)", "labels": labels,
+         "values": [summary[c]["tokens_per_s"]["median"] for c in names],
+         "lo": [summary[c]["tokens_per_s"]["min"] for c in names],
+         "hi": [summary[c]["tokens_per_s"]["max"] for c in names], "ylabel": "tokens / s", "fmt": "{:.1f}"},
+        {"title": "peak memory, training phase", "labels": labels,
+         "values": [summary[c]["peak_train_mb"]["median"] for c in names], "ylabel": unit, "fmt": "{:.0f}"},
+        {"title": "peak memory, load phase", "labels": labels,
+         "values": [summary[c]["peak_load_mb"]["median"] for c in names], "ylabel": unit, "fmt": "{:.0f}"},
+    ], title)
+
+
+def _save(args, runs, stem: str, title: str, model_dir: str, what: str, final: bool):
+    summary, ratios, verdicts = _summarize(runs, args.device)
+    payload = {"benchmark": "train_step", "complete": final,
+               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "model": model_dir, "model_desc": what, "contenders": LABELS, "summary": summary, "ratios": ratios,
+               "targets": TARGETS, "verdicts": verdicts}
+    common.write_json(args.out / f"{stem}.json", payload, args.device)
+    if final:
+        _plot(args.out / f"{stem}.png", summary, title, args.device)
+    return summary, ratios, verdicts
+
+
+if __name__ == "__main__":
+    if not common.worker_main(worker):
+        sys.exit(main())
