@@ -617,6 +617,21 @@ def summarize(runs: list[dict], settings: Settings, inits: Sequence[str], grids:
         all_secs = [x for r in main if r["init"] == init for x in r["step_seconds"] if x is not None]
         entry["median_step_seconds_all_rates"] = statistics.median(all_secs) if all_secs else None
         out["inits"][init] = entry
+    # paired by seed (the seed fixes the data order for every init): final loss minus LoRA's, at the best rates
+    lora_e = out["inits"].get("lora", {})
+    for init in inits:
+        e = out["inits"][init]
+        if init == "lora" or e.get("best_lr") is None or lora_e.get("best_lr") is None:
+            continue
+        mine = dict(zip(e["seeds"], [r["final_eval_loss"] if r["status"] == "ok" else math.inf for r in
+                                     sorted([r for r in main if r["init"] == init and r["lr"] == e["best_lr"]],
+                                            key=lambda r: r["seed"])]))
+        ref = dict(zip(lora_e["seeds"], [r["final_eval_loss"] if r["status"] == "ok" else math.inf for r in
+                                         sorted([r for r in main if r["init"] == "lora" and r["lr"] == lora_e["best_lr"]],
+                                                key=lambda r: r["seed"])]))
+        diffs = [mine[x] - ref[x] for x in sorted(set(mine) & set(ref))]
+        m, sd = mean_std(diffs)
+        e["paired_vs_lora"] = {"seeds": sorted(set(mine) & set(ref)), "diffs": diffs, "mean": m, "std": sd}
     # thresholds. "near": LoRA's best final eval loss + 5% of the drop it achieved (does an init get to LoRA's
     # end result sooner?). "halfway": half-way from LoRA's step-0 loss to the best final loss of any init.
     ref_init = "lora" if out["inits"].get("lora", {}).get("best_lr") is not None else next(
@@ -798,10 +813,19 @@ def write_table(report: dict, path: Path) -> Path:
         + (f" Steps to a threshold = the first eval step at or below it (resolution {s['eval_every']} steps), "
            "mean over the seeds that reach it (reached/seeds in brackets)." if thrs else ""),
         "",
-        "| init | best lr | interior? | final eval loss (mean ± std) | min eval loss on curve | step-0 eval loss | "
+        "| init | best lr | interior? | final eval loss (mean ± std) | per seed | minus LoRA, paired by seed "
+        "| min eval loss on curve | step-0 eval loss | "
         + "".join(f"steps to '{t['name']}' | " for t in thrs) + "s / step (median) |",
-        "|---|---|---|---|---|---|" + "---|" * len(thrs) + "---|",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(thrs) + "---|",
     ]
+
+    def per_seed(e: dict) -> str:
+        return ", ".join(_fmt(x, ".3f") for x in e.get("final_per_seed", []))
+
+    def paired(e: dict) -> str:
+        p = e.get("paired_vs_lora")
+        return f"{p['mean']:+.3f} ± {_fmt(p['std'], '.3f')} (n={len(p['diffs'])})" if p and p["diffs"] else "-"
+
 
     def reached(e: dict) -> str:
         cells = []
@@ -812,20 +836,23 @@ def write_table(report: dict, path: Path) -> Path:
 
     for init, e in sm["inits"].items():
         if e.get("best_lr") is None:
-            lines.append(f"| {init} | all rates diverged | | | | | " + "| " * len(thrs) + "|")
+            state = "all rates diverged" if any(r["runs"] for r in e["sweep"]) else "not run yet"
+            lines.append(f"| {init} | {state} | | | | | | | " + "| " * len(thrs) + "|")
             continue
         lines.append(
             f"| {init} | {e['best_lr']:.3g} | "
             f"{('yes' if e.get('interior_with_all_seeds') else 'yes (first seed)') if e['best_is_interior'] else 'NO (edge)'} | "
-            f"{_fmt(e['final_mean'])} ± {_fmt(e['final_std'])} | {_fmt(e['min_mean'])} ± {_fmt(e['min_std'])} | "
+            f"{_fmt(e['final_mean'])} ± {_fmt(e['final_std'])} | {per_seed(e)} | {paired(e)} | "
+            f"{_fmt(e['min_mean'])} ± {_fmt(e['min_std'])} | "
             f"{_fmt(e['initial_mean'])} | {reached(e)}{_fmt(e.get('median_step_seconds'), '.2f')} |")
     ce = sm.get("ceiling")
     if ce:
         lines.append(
             f"| lora, 16-bit base (ceiling) | {ce['lr']:.3g} | - | {_fmt(ce['final_mean'])}"
-            f"{' ± ' + _fmt(ce['final_std']) if ce['n_ok'] > 1 else ' (1 seed)'} | {_fmt(ce['min_mean'])} | "
+            f"{' ± ' + _fmt(ce['final_std']) if ce['n_ok'] > 1 else ' (1 seed)'} | {per_seed(ce)} | - | {_fmt(ce['min_mean'])} | "
             f"{_fmt(ce['initial_mean'])} | {reached(ce)}{_fmt(ce.get('median_step_seconds'), '.2f')} |")
-    lines += ["", "## The sweep: final eval loss by learning rate (mean ± std over seeds; min..max)", "",
+    main_runs = [r for r in report["runs"] if not r.get("ceiling")]
+    lines += ["", "## The sweep: final eval loss by learning rate (mean ± std over the seeds run there; min..max)", "",
               "| init | " + " | ".join(["lr", "runs", "final eval loss", "min..max", "diverged"]) + " |",
               "|---|---|---|---|---|---|"]
     for init, e in sm["inits"].items():
@@ -833,7 +860,10 @@ def write_table(report: dict, path: Path) -> Path:
             star = " **best**" if r["lr"] == e.get("best_lr") else ""
             ext = " (added)" if r["lr"] in report["extended"].get(init, []) else ""
             loss = (f"{_fmt(r['final_mean'])} ± {_fmt(r['final_std'])}{star}" if math.isfinite(r["final_mean"])
-                    else f"diverged ({r['diverged']}/{r['runs']} seeds)")
+                    else f"diverged ({r['diverged']}/{r['runs']} seeds)" if r["runs"] else "not run yet")
+            worse = sum(blown_up(x) and x["status"] == "ok" for x in main_runs if x["init"] == init and x["lr"] == r["lr"])
+            if worse:
+                loss += f" (blew up: {worse} run(s) ended above their step-0 loss)"
             lines.append(f"| {init} | {r['lr']:.3g}{ext} | {r['runs']} | {loss} | "
                          f"{_fmt(r['final_min'])}..{_fmt(r['final_max'])} | {r['diverged']} |")
     lines += [
