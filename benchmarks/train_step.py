@@ -88,9 +88,11 @@ def _qolora_train_parts(device: str):
     Returns None when ``qolora.train`` is missing or its API differs (then the mirror is used alone).
     """
     try:
+        import importlib  # noqa: PLC0415
+
         import torch  # noqa: PLC0415
 
-        from qolora import train as qtrain  # noqa: PLC0415
+        qtrain = importlib.import_module("qolora.train")  # the module (``qolora.train`` is also the function)
 
         make_optimizer, resolve_precision = qtrain.make_optimizer, qtrain.resolve_precision
         mode, autocast, scaler = resolve_precision("auto", torch.device(device))
