@@ -688,6 +688,9 @@ def summarize(runs: list[dict], settings: Settings, inits: Sequence[str], grids:
     starts = [e - r["seconds"] for e, r in zip(ends, runs)]
     out["sweep_wall_seconds"] = max(ends) - min(starts) if ends else None  # first run's start to last run's end
     out["steps_trained"] = sum(r.get("steps_done", 0) for r in runs)
+    loads = [r["load_average"][0] for r in runs if r.get("load_average")]
+    out["run_load_1min"] = ({"median": statistics.median(loads), "min": min(loads), "max": max(loads), "runs": len(loads)}
+                            if loads else None)
     out["n_runs"] = len(runs)
     out["n_diverged"] = sum(r["status"] == "diverged" for r in runs)
     return out
@@ -749,17 +752,26 @@ def write_plot(summary: dict, path: Path, settings: Settings) -> Path | None:
     ax.set_title("eval loss at each init's best learning rate\n(mean over seeds, band = min..max)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    # clip the y axis a little above the highest step-0 loss: a rate that blew up (final loss far above where it
+    # started) is drawn as a triangle at the top instead of squashing the rest of the sweep
+    starts = [e["initial_mean"] for e in summary["inits"].values() if math.isfinite(e.get("initial_mean", math.nan))]
+    cap = max(starts) * 1.08 if starts else math.inf
     finite_all = []
     for init, e in summary["inits"].items():
         rows = [r for r in e["sweep"] if r["runs"]]
-        ok = [r for r in rows if math.isfinite(r["final_mean"])]
-        finite_all += [r["final_max"] for r in ok if math.isfinite(r["final_max"])]
+        ok = [r for r in rows if math.isfinite(r["final_mean"]) and r["final_mean"] <= cap]
+        off = [r["lr"] for r in rows if math.isfinite(r["final_mean"]) and r["final_mean"] > cap]
+        finite_all += [min(r["final_max"], cap) for r in ok if math.isfinite(r["final_max"])]
         if ok:
             x = [r["lr"] for r in ok]
             y = [r["final_mean"] for r in ok]
             lo = [r["final_mean"] - r["final_min"] for r in ok]
-            hi = [max(0.0, r["final_max"] - r["final_mean"]) if math.isfinite(r["final_max"]) else 0.0 for r in ok]
+            hi = [max(0.0, min(r["final_max"], cap) - r["final_mean"]) if math.isfinite(r["final_max"]) else 0.0
+                  for r in ok]
             bx.errorbar(x, y, yerr=[lo, hi], color=colors.get(init), marker="o", capsize=3, label=init)
+        if off:
+            bx.scatter(off, [cap] * len(off), marker="^", s=70, color=colors.get(init),
+                       label=f"{init}: blew up (final loss off the scale)")
         if e.get("best_lr") is not None:
             bx.scatter([e["best_lr"]], [e["final_mean"]], s=120, facecolors="none", edgecolors=colors.get(init))
     top = max(finite_all) if finite_all else 1.0
@@ -773,9 +785,9 @@ def write_plot(summary: dict, path: Path, settings: Settings) -> Path | None:
     bx.set_xscale("log")
     bx.set_xlabel("peak learning rate")
     bx.set_ylabel(f"final eval loss after {settings.steps} steps")
-    bx.set_title("learning-rate sweep (mean over seeds, bars = min..max; circle = best)")
+    bx.set_title("learning-rate sweep (mean over the seeds run at a rate,\nbars = min..max; circle = best)")
     bx.grid(alpha=0.3, which="both")
-    bx.legend(fontsize=8)
+    bx.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
@@ -874,8 +886,11 @@ def write_table(report: dict, path: Path) -> Path:
         f"of the whole sweep {_fmt((sm['sweep_wall_seconds'] or math.nan) / 60, '.1f')} min. "
         f"Step-0 eval loss spread across the rates of one (init, seed), i.e. the check that restoring the initial "
         f"adapter weights between rates restores the model: {_fmt(sm['restore_check_max_step0_spread'], '.2e')}.",
-        f"Machine: {m.get('cpu')} ({m.get('cpu_count')} cores, {m.get('torch_threads')} torch threads, shared: load "
-        f"average at start {m.get('load_average')}), {'GPU ' + m['cuda'] if m.get('cuda') else 'no GPU'}; "
+        f"Machine: {m.get('cpu')} ({m.get('cpu_count')} cores, {m.get('torch_threads')} torch thread(s), shared with "
+        + (f"other jobs: 1-min load average at the end of a run median {sm['run_load_1min']['median']:.1f}, "
+           f"{sm['run_load_1min']['min']:.1f}..{sm['run_load_1min']['max']:.1f} over the {sm['run_load_1min']['runs']} "
+           f"runs that recorded it" if sm.get("run_load_1min") else f"other jobs: load average {m.get('load_average')}")
+        + f"), {'GPU ' + m['cuda'] if m.get('cuda') else 'no GPU'}; "
         f"torch {m['versions'].get('torch')}, transformers {m['versions'].get('transformers')}, "
         f"bitsandbytes {m['versions'].get('bitsandbytes')}; qolora commit {m.get('git_commit')}"
         f"{' (qolora/ had uncommitted changes)' if m.get('git_qolora_dirty') else ''}.",
