@@ -60,8 +60,8 @@ logger = logging.getLogger(__name__)
 #: non-zero B and a large A (the weight's own directions), so under Adam a given rate moves the model
 #: much faster than LoRA's zero-initialised B. From benchmarks/convergence.py (SmolLM2-135M, 4-bit
 #: NF4, r=16, chatterbot, batch 8, 16 steps; see benchmarks/results/convergence.md): the best rates
-#: were ~3e-4 for OLoRA and ~3e-3 for LoRA (LoRA diverged at 3e-2), 3 seeds each, and ~1e-3 for
-#: PiSSA (one seed so far). The defaults sit one grid step below those bests, for runs longer than
+#: were 3e-4 for OLoRA, 1e-3 for PiSSA and 3e-3 for LoRA (3 seeds each; LoRA blew up at 3e-2).
+#: The defaults sit one grid step below those bests, for runs longer than
 #: the benchmark's. Other tasks and models move these: sweep when it matters.
 DEFAULT_LR: dict[str, float] = {"olora": 1e-4, "pissa": 3e-4, "lora": 1e-3}
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
