@@ -300,35 +300,31 @@ def _table(summary: dict, ratios: dict, title: str, device: str) -> str:
 
 def _verdicts(speed: dict, speed_ratios: dict, real_ratios: dict | None, device: str) -> dict:
     tg = TARGETS["cuda" if device.startswith("cuda") else "cpu"]
-    v = {}
-    r = speed_ratios["qolora_olora"]["time_vs_hf_4bit"]
-    v["time_vs_plain_4bit_load"] = {"value": r, "target": f"<= {tg['time_vs_plain_max']}",
-                                    "met": None if r is None else r <= tg["time_vs_plain_max"]}
-    r2 = speed_ratios["qolora_olora"]["time_vs_qolora_lora"]
-    v["time_vs_qolora_lora_load"] = {"value": r2, "target": f"<= {tg['time_vs_plain_max']}",
-                                     "met": None if r2 is None else r2 <= tg["time_vs_plain_max"]}
+    at_most, at_least = tg["time_vs_plain_max"], tg["speedup_vs_peft_min"]
+
+    def verdict(value, limit, upper: bool, note: str = "") -> dict:
+        target = f"{'<=' if upper else '>='} {limit}" + (f" ({note})" if note else "")
+        met = None if value is None else (value <= limit if upper else value >= limit)
+        return {"value": value, "target": target, "met": met}
+
+    olora = speed_ratios["qolora_olora"]
     on_cpu = not device.startswith("cuda")  # on a GPU, CPU time measures host threads, not the work
-    rc = speed_ratios["qolora_olora"]["cpu_time_vs_hf_4bit"]
+    v = {
+        "time_vs_plain_4bit_load": verdict(olora["time_vs_hf_4bit"], at_most, True),
+        "time_vs_qolora_lora_load": verdict(olora["time_vs_qolora_lora"], at_most, True),
+    }
     if on_cpu:
-        v["cpu_time_vs_plain_4bit_load"] = {"value": rc, "target": f"<= {tg['time_vs_plain_max']} (cross-check)",
-                                            "met": None if rc is None else rc <= tg["time_vs_plain_max"]}
-    sp = speed_ratios.get("speedup_qolora_olora_vs_peft_olora")
-    v["speedup_vs_peft"] = {"value": sp, "target": f">= {tg['speedup_vs_peft_min']}",
-                            "met": None if sp is None else sp >= tg["speedup_vs_peft_min"]}
-    io = speed_ratios.get("init_only_speedup_vs_peft")
-    v["init_only_speedup_vs_peft"] = {"value": io, "target": f">= {tg['speedup_vs_peft_min']} (init alone, informative)",
-                                      "met": None if io is None else io >= tg["speedup_vs_peft_min"]}
-    cs = speed_ratios.get("cpu_speedup_qolora_olora_vs_peft_olora")
+        v["cpu_time_vs_plain_4bit_load"] = verdict(olora["cpu_time_vs_hf_4bit"], at_most, True, "cross-check")
+    v["speedup_vs_peft"] = verdict(speed_ratios.get("speedup_qolora_olora_vs_peft_olora"), at_least, False)
+    v["init_only_speedup_vs_peft"] = verdict(speed_ratios.get("init_only_speedup_vs_peft"), at_least, False,
+                                             "init alone, informative")
     if on_cpu:
-        v["cpu_speedup_vs_peft"] = {"value": cs, "target": f">= {tg['speedup_vs_peft_min']} (cross-check)",
-                                    "met": None if cs is None else cs >= tg["speedup_vs_peft_min"]}
+        v["cpu_speedup_vs_peft"] = verdict(speed_ratios.get("cpu_speedup_qolora_olora_vs_peft_olora"), at_least,
+                                           False, "cross-check")
     if real_ratios is not None:
-        rt = real_ratios["qolora_olora"]["time_vs_hf_4bit"]
-        v["real_model_time_vs_plain_4bit_load"] = {"value": rt, "target": f"<= {tg['time_vs_plain_max']} (not an issue target)",
-                                                   "met": None if rt is None else rt <= tg["time_vs_plain_max"]}
-        e = real_ratios["qolora_olora"]["error_vs_plain"]
-        v["real_model_error_vs_plain"] = {"value": e, "target": f"<= {tg['error_vs_plain_max']}",
-                                          "met": None if e is None else e <= tg["error_vs_plain_max"]}
+        real = real_ratios["qolora_olora"]
+        v["real_model_time_vs_plain_4bit_load"] = verdict(real["time_vs_hf_4bit"], at_most, True, "not an issue target")
+        v["real_model_error_vs_plain"] = verdict(real["error_vs_plain"], tg["error_vs_plain_max"], True)
     return v
 
 

@@ -184,20 +184,6 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         logger.warning("The converted tokenizer has no chat template")
 
 
-def _apply_umask(folder: Path) -> None:
-    """Give ``folder`` and its files the permissions the process umask allows.
-
-    ``tempfile.mkdtemp`` creates folders readable by the owner only; a cache shared by several
-    users of one machine should follow the umask like any ``mkdir`` would.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for child in folder.iterdir():
-        if child.is_file():
-            os.chmod(child, 0o666 & ~umask)
-
-
 def default_model_dir() -> Path:
     """Return a transformers folder with the default model, converting it on first use.
 
@@ -224,7 +210,9 @@ def default_model_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=final.parent))
     try:
         _convert_gguf(gguf_path, tmp)
-        _apply_umask(tmp)
+        from .reporting import umask_permissions  # noqa: PLC0415 - torch is loaded by now anyway
+
+        umask_permissions(tmp)
         if _is_complete_model_dir(final):
             logger.info("Another process finished converting %s first; using it", final)
         else:
