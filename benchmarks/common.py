@@ -102,20 +102,20 @@ def worker_main(fn: Callable[[dict, "MemoryProbe"], dict], argv: list[str] | Non
         return False
     payload = json.loads(argv[argv.index("--worker") + 1])
     if payload.get("threads"):
-        import torch  # noqa: PLC0415
+        import torch
 
         torch.set_num_threads(int(payload["threads"]))
     probe = MemoryProbe(payload.get("device", "cpu"))
     try:
         result = fn(payload, probe)
     except Exception as exc:  # report, do not hide: the parent prints it next to the other contenders
-        import traceback  # noqa: PLC0415
+        import traceback
 
         traceback.print_exc()
         result = {"error": f"{type(exc).__name__}: {exc}"}
     result["memory"] = probe.phases
     try:
-        import torch  # noqa: PLC0415
+        import torch
 
         result["torch_threads"] = torch.get_num_threads()
     except ImportError:
@@ -168,7 +168,7 @@ class MemoryProbe:
 
     def _sync(self):
         if self.cuda:
-            import torch  # noqa: PLC0415
+            import torch
 
             torch.cuda.synchronize()
 
@@ -177,7 +177,7 @@ class MemoryProbe:
         hwm_reset = _reset_hwm()
         self._start = {"rss_mb": _proc_status_mb("VmRSS"), "hwm_reset": hwm_reset}
         if self.cuda:
-            import torch  # noqa: PLC0415
+            import torch
 
             torch.cuda.reset_peak_memory_stats()
             self._start["cuda_alloc_mb"] = torch.cuda.memory_allocated() / 2**20
@@ -196,7 +196,7 @@ class MemoryProbe:
             "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         }
         if self.cuda:
-            import torch  # noqa: PLC0415
+            import torch
 
             row.update(
                 cuda_start_alloc_mb=self._start.get("cuda_alloc_mb"),
@@ -226,7 +226,7 @@ class Timer:
 
     def _sync(self):
         if self.cuda:
-            import torch  # noqa: PLC0415
+            import torch
 
             torch.cuda.synchronize()
 
@@ -304,9 +304,9 @@ def machine_info(device: str = "cpu") -> dict:
 
 def _machine_info(device: str = "cpu") -> dict:
     """Versions and hardware, recorded next to every result."""
-    import importlib.metadata as md  # noqa: PLC0415
+    import importlib.metadata as md
 
-    import torch  # noqa: PLC0415
+    import torch
 
     versions = {}
     for pkg in ("torch", "transformers", "bitsandbytes", "peft", "accelerate", "safetensors"):
@@ -362,10 +362,10 @@ def bar_panels(path: Path, panels: list[dict], title: str = "") -> Path:
     (min/max whiskers), ``"ref"`` (a dashed horizontal line, e.g. a target) with ``"ref_label"``,
     ``"fmt"`` (value label format, default ``"{:.3g}"``), ``"colors"``.
     """
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
     palette = ["#1f77b4", "#7fb3e0", "#d62728", "#f2a09f", "#2ca02c", "#9467bd"]
@@ -429,9 +429,9 @@ def synthetic_checkpoint(size: str, layers: int, *, seed: int = 0, std: float = 
     Built once (atomically) under ``cache`` and reused. ``device`` only decides where the random
     numbers are drawn (``"cuda"`` is much faster for 7B-sized layers); the saved file is on disk.
     """
-    import torch  # noqa: PLC0415
-    from safetensors.torch import save_file  # noqa: PLC0415
-    from transformers import LlamaConfig  # noqa: PLC0415
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
 
     if size not in SIZES:
         raise ValueError(f"size={size!r}; allowed: {sorted(SIZES)}")
@@ -486,14 +486,14 @@ def synthetic_checkpoint(size: str, layers: int, *, seed: int = 0, std: float = 
 
 def real_model_dir() -> Path:
     """The real pretrained SmolLM2-135M-Instruct, converted once by :mod:`qolora.assets`."""
-    from qolora.assets import default_model_dir  # noqa: PLC0415
+    from qolora.assets import default_model_dir
 
     return Path(default_model_dir())
 
 
 def checkpoint_keys(model_dir: Path, _cache: dict = {}) -> dict[str, str]:  # noqa: B006 - per-process cache
     """``{key: shard file name}`` of a safetensors checkpoint folder."""
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     model_dir = Path(model_dir)
     if model_dir not in _cache:
@@ -508,8 +508,8 @@ def checkpoint_keys(model_dir: Path, _cache: dict = {}) -> dict[str, str]:  # no
 
 def checkpoint_weight(model_dir: Path, key: str):
     """One tensor of a safetensors checkpoint folder as fp32, read independently of the code under test."""
-    import torch  # noqa: PLC0415
-    from safetensors import safe_open  # noqa: PLC0415
+    import torch
+    from safetensors import safe_open
 
     shard = checkpoint_keys(model_dir).get(key)
     if shard is None:

@@ -238,9 +238,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 # --------------------------------------------------------------------------------- machine
 def machine_info() -> dict:
-    import importlib.metadata as md  # noqa: PLC0415
+    import importlib.metadata as md
 
-    import torch  # noqa: PLC0415
+    import torch
 
     versions = {}
     for pkg in ("torch", "transformers", "bitsandbytes", "datasets", "numpy", "qolora"):
@@ -249,7 +249,7 @@ def machine_info() -> dict:
         except md.PackageNotFoundError:
             versions[pkg] = None
     try:
-        import qolora  # noqa: PLC0415
+        import qolora
 
         versions["qolora"] = versions["qolora"] or getattr(qolora, "__version__", None)
     except ImportError:
@@ -328,11 +328,11 @@ class Bench:
     # ---------------------------------------------------------------- lazily built pieces
     def data(self):
         if self._data is None:
-            from qolora.data import load_records, split_train_eval, tokenize_dataset  # noqa: PLC0415
-            from qolora.train import _load_tokenizer  # noqa: PLC0415
+            from qolora.data import load_records, split_train_eval, tokenize_dataset
+            from qolora.finetune import load_tokenizer
 
             t0 = time.perf_counter()
-            tokenizer = _load_tokenizer(Path(self.s.model))
+            tokenizer = load_tokenizer(Path(self.s.model))
             records = load_records(self.s.data)
             if self.s.max_examples is not None and len(records) > self.s.max_examples:
                 records = records.select(range(self.s.max_examples))
@@ -352,15 +352,15 @@ class Bench:
 
     def model(self, init: str, seed: int, bits: int):
         """The prepared model for ``(init, seed, bits)`` with its initial adapter weights restored."""
-        import torch  # noqa: PLC0415
+        import torch
 
-        from qolora import adapter_parameters, prepare  # noqa: PLC0415
+        from qolora import adapter_parameters, prepare
 
         key = (init, seed, bits)
         if key not in self._models:
             for other in [k for k in self._models if k[0] != init or k[2] != bits]:  # keep one init's seeds only
                 del self._models[other]
-            import gc  # noqa: PLC0415
+            import gc
 
             gc.collect()
             t0 = time.perf_counter()
@@ -386,7 +386,7 @@ class Bench:
         for r in self.runs:
             if r["key"] == key and key in self.done:
                 return r
-        from qolora.train import TrainConfig, TrainingError, train  # noqa: PLC0415
+        from qolora.train import TrainConfig, TrainingError, train
 
         tokenizer, train_ds, eval_ds, _ = self.data()
         net, prep_s = self.model(init, seed, bits)
@@ -436,7 +436,7 @@ class Bench:
         if self.keep_run_plots:
             yield
             return
-        from qolora import reporting  # noqa: PLC0415
+        from qolora import reporting
 
         original = reporting.plot_losses
         reporting.plot_losses = lambda *a, **k: None
@@ -720,10 +720,10 @@ def _curve_stats(rs: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------ outputs
 def write_plot(summary: dict, path: Path, settings: Settings) -> Path | None:
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
     except ImportError:
         logger.warning("matplotlib is missing: no plot")
         return None
@@ -975,7 +975,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch  # noqa: PLC0415
+    import torch
 
     torch.set_num_threads(args.threads or 1)
 
@@ -992,7 +992,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ceiling_seeds = args.ceiling_seeds or (0,)
     max_extend = args.max_extend if args.max_extend is not None else (1 if q else 3)
 
-    from qolora import assets  # noqa: PLC0415
+    from qolora import assets
 
     model = Path(args.model).expanduser().resolve() if args.model else assets.default_model_dir()
     data = Path(args.data).expanduser().resolve() if args.data else assets.default_dataset_path()

@@ -49,13 +49,13 @@ TARGETS = {
 
 # ------------------------------------------------------------------------------------- worker
 def _dtype(device: str):
-    import torch  # noqa: PLC0415
+    import torch
 
     return torch.bfloat16 if device.startswith("cuda") else torch.float32  # qolora's default per device
 
 
 def _bnb_config(device: str):
-    from transformers import BitsAndBytesConfig  # noqa: PLC0415
+    from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -64,7 +64,7 @@ def _bnb_config(device: str):
 
 
 def _hf_load(model_dir: str, device: str):
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=_bnb_config(device), dtype=_dtype(device),
@@ -73,14 +73,14 @@ def _hf_load(model_dir: str, device: str):
 
 
 def _peft_wrap(model, rank: int, alpha: float):
-    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+    from peft import LoraConfig, get_peft_model
 
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
                                             init_lora_weights="olora"))
 
 
 def _qolora(model_dir: str, device: str, rank: int, alpha: float, init: str):
-    import qolora  # noqa: PLC0415
+    import qolora
 
     return qolora.prepare(model_dir, bits=4, rank=rank, init=init, alpha=alpha, quant_type="nf4", blocksize=64,
                           double_quant=True, device=device, progress=False)
@@ -98,10 +98,10 @@ def _checkpoint_key(model_dir: str, name: str) -> str | None:
 
 def _effective_weights(model, contender: str):
     """``(name, effective fp32 weight (out, in))`` of every adapted/quantized linear layer."""
-    import bitsandbytes as bnb  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import bitsandbytes as bnb
+    import torch
 
-    from qolora.layer import AdapterLinear  # noqa: PLC0415
+    from qolora.layer import AdapterLinear
 
     def deq(layer):
         w = layer.weight
@@ -122,7 +122,7 @@ def _effective_weights(model, contender: str):
 
 def measure_errors(model, contender: str, model_dir: str) -> dict:
     """Summed (and per projection kind) ``||W - W_eff||`` against the checkpoint's weights."""
-    import torch  # noqa: PLC0415
+    import torch
 
     total, by_kind, count, norm = 0.0, {}, 0, 0.0
     for name, eff in _effective_weights(model, contender):
@@ -141,13 +141,13 @@ def measure_errors(model, contender: str, model_dir: str) -> dict:
 
 
 def worker(payload: dict, probe: common.MemoryProbe) -> dict:
-    import torch  # noqa: PLC0415 - every worker imports the same stack before timing
-    import bitsandbytes  # noqa: F401, PLC0415
-    import peft  # noqa: F401, PLC0415
-    import transformers  # noqa: F401, PLC0415
-    from transformers.models.llama import modeling_llama  # noqa: F401, PLC0415
+    import torch  # every worker imports the same stack before timing
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
 
-    import qolora  # noqa: F401, PLC0415
+    import qolora  # noqa: F401
 
     contender, model_dir, device = payload["contender"], payload["model_dir"], payload["device"]
     rank, alpha = payload["rank"], payload["alpha"]

@@ -57,7 +57,7 @@ def _phase_times(stats: pstats.Stats) -> dict[str, float]:
 
 
 def _load(which: str, model_dir: str):
-    from benchmarks.init import _hf_load, _qolora  # noqa: PLC0415
+    from benchmarks.init import _hf_load, _qolora
 
     if which == "hf_4bit":
         return _hf_load(model_dir, "cpu")
@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)
 
-    import bitsandbytes  # noqa: F401, PLC0415
-    import peft  # noqa: F401, PLC0415
-    import torch  # noqa: F401, PLC0415
-    from transformers.models.llama import modeling_llama  # noqa: F401, PLC0415
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
 
-    import qolora  # noqa: F401, PLC0415
+    import qolora  # noqa: F401
 
     model_dir = str(common.real_model_dir() if args.real else common.synthetic_checkpoint(args.size, args.layers))
     names = ["qolora_olora", "qolora_lora", "hf_4bit"]

@@ -24,11 +24,11 @@ from benchmarks import common  # noqa: E402
 
 
 def worker(payload: dict, probe: common.MemoryProbe) -> dict:
-    import bitsandbytes as bnb  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    import bitsandbytes as bnb
+    import torch
+    from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks import train_step as ts  # noqa: PLC0415
+    from benchmarks import train_step as ts
 
     device, contender = payload["device"], payload["contender"]
     load = ts._load_qolora if contender == "qolora" else ts._load_peft

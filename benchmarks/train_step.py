@@ -46,21 +46,21 @@ TARGETS = {"tokens_per_s_vs_peft_min": 1.0, "peak_memory_vs_peft_max": 1.0}
 
 # ------------------------------------------------------------------------------------- worker
 def _dtype(device: str):
-    import torch  # noqa: PLC0415
+    import torch
 
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 def _load_qolora(model_dir: str, device: str, rank: int, alpha: float):
-    import qolora  # noqa: PLC0415
+    import qolora
 
     return qolora.prepare(model_dir, bits=4, rank=rank, alpha=alpha, init="olora", quant_type="nf4", blocksize=64,
                           double_quant=True, device=device, gradient_checkpointing=True, progress=False)
 
 
 def _load_peft(model_dir: str, device: str, rank: int, alpha: float):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: PLC0415
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                     bnb_4bit_compute_dtype=_dtype(device))
@@ -88,9 +88,9 @@ def _qolora_train_parts(device: str):
     Returns None when ``qolora.train`` is missing or its API differs (then the mirror is used alone).
     """
     try:
-        import importlib  # noqa: PLC0415
+        import importlib
 
-        import torch  # noqa: PLC0415
+        import torch
 
         qtrain = importlib.import_module("qolora.train")  # the module (``qolora.train`` is also the function)
 
@@ -104,10 +104,10 @@ def _qolora_train_parts(device: str):
 
 
 def _autocast(device: str):
-    import contextlib  # noqa: PLC0415
-    import functools  # noqa: PLC0415
+    import contextlib
+    import functools
 
-    import torch  # noqa: PLC0415
+    import torch
 
     if device.startswith("cuda"):
         return functools.partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
@@ -118,8 +118,8 @@ def _step(model, params, opt, autocast, clip: float = 1.0):
     """One optimizer step as ``qolora.train`` runs it (``_Run.train_step`` with one micro-batch):
     logits under autocast, summed next-token cross-entropy in fp32 / label tokens, backward, clip the
     adapters' gradient norm, step, ``zero_grad(set_to_none=True)``. Both contenders run this."""
-    import torch  # noqa: PLC0415
-    from torch.nn import functional as F  # noqa: PLC0415
+    import torch
+    from torch.nn import functional as F
 
     def step(x):  # x: (B, T) token ids, also the labels
         with autocast():
@@ -137,8 +137,8 @@ def _step(model, params, opt, autocast, clip: float = 1.0):
 
 def _malloc_trim() -> None:
     """Give freed heap memory back to the OS (glibc), so the training peak is not the loader's leftovers."""
-    import ctypes  # noqa: PLC0415
-    import gc  # noqa: PLC0415
+    import ctypes
+    import gc
 
     gc.collect()
     try:
@@ -148,13 +148,13 @@ def _malloc_trim() -> None:
 
 
 def worker(payload: dict, probe: common.MemoryProbe) -> dict:
-    import bitsandbytes as bnb  # noqa: PLC0415
-    import peft  # noqa: F401, PLC0415
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: F401, PLC0415
-    from transformers.models.llama import modeling_llama  # noqa: F401, PLC0415
+    import bitsandbytes as bnb
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
 
-    import qolora  # noqa: F401, PLC0415
+    import qolora  # noqa: F401
 
     contender, model_dir, device = payload["contender"], payload["model_dir"], payload["device"]
     if device.startswith("cuda"):

@@ -7,14 +7,19 @@
     qolora.export_lora(...) / qolora.merge(...)                  # plain LoRA / merged checkpoint
 """
 
-from .adapter_io import AdapterError, BaseMismatchError, load, read_adapter, save_adapter
+from .adapter_io import AdapterError, BaseMismatchError, read_adapter, save_adapter
+from .adapter_load import load
 from .config import AdapterConfig, ConfigError
-from .export import export_lora, merge
+from .export import export_lora
+from .finetune import finetune
 from .inits import INITS
 from .layer import AdapterLinear, adapter_parameters, adapter_state_dict
-from .checkpointing import CheckpointError
-from .prepare import QuantReport, enable_gradient_checkpointing, prepare
-from .train import TrainConfig, TrainingError, TrainResult, finetune, train
+from .merge import merge
+from .model_record import ModelRecord, QuantReport
+from .prepare import enable_gradient_checkpointing, prepare
+from .run_checkpoints import CheckpointError
+from .train import train
+from .train_config import TrainConfig, TrainingError, TrainResult
 
 __version__ = "0.1.0"
 
@@ -26,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "INITS",
+    "ModelRecord",
     "QuantReport",
     "TrainConfig",
     "TrainResult",

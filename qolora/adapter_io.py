@@ -1,4 +1,4 @@
-"""Saving a trained qolora adapter, and loading it back onto its base *exactly* as it was trained.
+"""The saved-adapter format: what a trained qolora adapter folder holds, writing and reading it.
 
 An OLoRA/PiSSA adapter is only meaningful together with the base it was trained on: the frozen base
 is not the checkpoint's ``W`` but the quantized residual ``q(W - s*B0@A0)``, where ``(A0, B0)`` are the
@@ -11,13 +11,10 @@ initial factors. So a saved adapter folder holds, next to the PEFT-compatible fi
                                 quantization settings, base-weight fingerprints (+ a combined one),
                                 per-layer residual quantization error, sha256 of the weight files
 
-:func:`load` rebuilds the model through :func:`qolora.prepare.build_model` with the saved config and
-hands it the saved ``(A0, B0)``: no QR and no SVD are run, the residual is the same fp32 computation
-as during training, so (on the same kind of device) it quantizes to the identical base, and after
-copying the trained A/B the logits equal the trained model's bit for bit. Every problem with the
-adapter folder (missing or corrupted file, unknown format version, inconsistent shapes) is found
-before the base is read; a base whose weights differ from the training base is refused on the first
-differing layer (``allow_base_mismatch=True`` downgrades that to a warning).
+:func:`qolora.adapter_load.load` rebuilds the model from the base and this folder, exactly (no QR or
+SVD is run). :func:`read_adapter` finds every problem with the folder (missing or corrupted file, a
+sha256 that differs from the recorded one, NaN/inf weights, unknown format version, inconsistent
+shapes) before any base weight is read.
 
 Writes are atomic: the folder is built under a temporary sibling name and renamed into place, so an
 interrupted save never leaves a half-written adapter at the destination (``overwrite=True`` swaps
@@ -26,24 +23,22 @@ the old folder out only once the new one is complete).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from .checkpoint import meta_model, resolve_model_dir, weight_fingerprint
+from .base_reader import linear_layers
 from .config import AdapterConfig, ConfigError
+from .files import atomic_dir, check_out_dir, sha256_file, write_json
 from .inits import INITS
 from .layer import AdapterLinear, adapter_layers
+from .model_record import record_of
 from .quant import quant_settings, quantization_kind
 
 __all__ = [
@@ -53,8 +48,8 @@ __all__ = [
     "LayerRecord",
     "FORMAT_VERSION",
     "save_adapter",
-    "load",
     "read_adapter",
+    "remove_adapter_folder",
     "adapter_from_model",
     "peft_adapter_config",
 ]
@@ -155,7 +150,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _qolora_version() -> str:
-    from . import __version__  # noqa: PLC0415 - at call time: the package is fully imported by then
+    from . import __version__  # at call time: the package is fully imported by then
 
     return __version__
 
@@ -165,30 +160,33 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
     """Snapshot the adapter of a prepared (or loaded) qolora model, tensors copied to the CPU.
 
     Raises:
-        AdapterError: ``model`` was not built by qolora, has no adapter layers, or lost the initial
-            factors a residual init needs.
+        AdapterError: ``model`` was not built by qolora, has no adapter layers, or a layer lost the
+            initial factors a residual init needs or its base fingerprint.
     """
-    config = getattr(model, "qolora_config", None)
-    if not isinstance(config, AdapterConfig):
+    record = record_of(model)
+    if record is None:
         raise AdapterError(
-            f"{type(model).__name__} has no qolora_config: expected a model returned by qolora.prepare or qolora.load"
+            f"{type(model).__name__} has no qolora record (model.qolora): expected a model returned by qolora.prepare "
+            "or qolora.load"
         )
+    config = record.config
     layers = list(adapter_layers(model))
     if not layers:
         raise AdapterError("the model has no qolora adapter layers (AdapterLinear) to save")
     needs_residual = INITS[config.init].needs_residual
-    report = getattr(model, "qolora_report", None)
-    rows = {r.name: r for r in getattr(report, "layers", [])}
+    rows = {r.name: r for r in record.report.layers}
     records, weights, init = {}, {}, {} if needs_residual else None
     for name, layer in layers:
-        if needs_residual and getattr(layer, "init_factors", None) is None:
+        if needs_residual and layer.init_factors is None:
             raise AdapterError(f"layer {name} has no init_factors, which init={config.init!r} needs to be saved")
+        if not layer.base_fingerprint:
+            raise AdapterError(f"layer {name} has no base fingerprint: it was not built by qolora.prepare / qolora.load")
         row = rows.get(name)
         records[name] = LayerRecord(
             shape=(layer.out_features, layer.in_features),
             fan_in_fan_out=bool(layer.fan_in_fan_out),
             quant=quant_settings(layer.base_layer),
-            fingerprint=str(getattr(layer, "base_fingerprint", "")),
+            fingerprint=layer.base_fingerprint,
             weight_norm=None if row is None else float(row.weight_norm),
             quant_error=None if row is None else float(row.error),
         )
@@ -208,7 +206,7 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
     pinned = config.replace(dtype=_dtype_name(config.torch_dtype), compute_dtype=_dtype_name(config.torch_compute_dtype))
     saved = SavedAdapter(
         config=pinned, layers=records, weights=weights, init=init, frozen_quantized=frozen,
-        base_name_or_path=getattr(model, "name_or_path", None) or getattr(model, "qolora_base", None),
+        base_name_or_path=record.base,
         device_type=layers[0][1].base_layer.weight.device.type,
     )
     saved.peft_target_modules = _peft_target_modules(saved, model)
@@ -220,12 +218,8 @@ def _peft_target_modules(saved: SavedAdapter, model: nn.Module | None) -> list[s
     short = sorted({n.rsplit(".", 1)[-1] for n in saved.layers})
     if model is None:
         return short
-    from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
-
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inside = {id(m.base_layer) for _, m in adapter_layers(model)}
-    others = [n for n, m in model.named_modules()
-              if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in inside and m is not head and n not in saved.layers]
+    others = [n for n, m in linear_layers(model).items() if id(m) not in inside and n not in saved.layers]
     if any(n.rsplit(".", 1)[-1] in short for n in others):
         return list(saved.layers)  # a short name would also catch a layer that was not adapted
     return short
@@ -277,50 +271,6 @@ def peft_adapter_config(
     }
 
 
-# ---------------------------------------------------------------------------------- atomic folders
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, what: str = "output folder") -> Path:
-    """Refuse an existing ``out_dir`` unless ``overwrite`` (and a file there always), before any work."""
-    path = Path(out_dir).expanduser()
-    if path.is_file() or path.is_symlink() and not path.is_dir():
-        raise ConfigError(f"{what} {str(path)!r} exists and is a file; expected a folder path")
-    if path.exists() and not overwrite:
-        raise ConfigError(f"{what} {str(path)!r} already exists; pass overwrite=True to replace it, or choose another path")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out_dir``, on error it is deleted."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        check_out_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 # ------------------------------------------------------------------------------------------ save
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save a trained qolora adapter so that :func:`load` rebuilds the model exactly.
@@ -347,7 +297,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: boo
     """
     out = check_out_dir(out_dir, overwrite, "adapter folder")
     saved = adapter_from_model(model)
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safetensors.torch import save_file
 
     weights = {}
     for name, (a, b) in saved.weights.items():
@@ -364,8 +314,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: boo
                 init[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b0
             save_file(init, str(tmp / INIT_WEIGHTS), metadata={"format": "pt"})
             files[INIT_WEIGHTS] = sha256_file(tmp / INIT_WEIGHTS)
-        _write_json(tmp / ADAPTER_CONFIG, peft_config)
-        _write_json(tmp / QOLORA_CONFIG, {  # written last: its presence marks a complete folder
+        write_json(tmp / ADAPTER_CONFIG, peft_config)
+        write_json(tmp / QOLORA_CONFIG, {  # written last: its presence marks a complete folder
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "qolora_version": _qolora_version(),
@@ -380,6 +330,28 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: boo
         })
     logger.info("saved %d adapter layers (%s, rank %d) to %s", len(saved.layers), saved.config.init, saved.config.rank, out)
     return out
+
+
+def remove_adapter_folder(folder: Path) -> bool:
+    """Delete an adapter folder qolora wrote (its record and files), and nothing else.
+
+    A folder without a qolora record is not qolora's and stays; files qolora did not write keep the
+    folder in place (with a warning). Returns whether the folder is gone.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return True
+    if not (folder / QOLORA_CONFIG).is_file():
+        logger.warning("left %s in place: it has no %s, so qolora did not write it", folder, QOLORA_CONFIG)
+        return False
+    for name in (QOLORA_CONFIG, ADAPTER_WEIGHTS, ADAPTER_CONFIG, INIT_WEIGHTS):
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        logger.warning("left %s in place: it holds files qolora did not write", folder)
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------ read
@@ -400,16 +372,23 @@ def _read_tensors(folder: Path, name: str, expected_sha256: str | None) -> dict[
     path = folder / name
     if not path.is_file():
         raise AdapterError(f"adapter folder {str(folder)!r} is incomplete: {name} is missing")
-    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+    if not isinstance(expected_sha256, str):
+        raise AdapterError(f"{folder / QOLORA_CONFIG} is corrupted: it records no sha256 for {name}")
+    if sha256_file(path) != expected_sha256:
         raise AdapterError(
             f"{path} is corrupted or was modified after saving: its sha256 differs from the one recorded in {QOLORA_CONFIG}"
         )
-    from safetensors.torch import load_file  # noqa: PLC0415
+    from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises SafetensorError / OSError on bad files
         raise AdapterError(f"{path} is corrupted: cannot be read as safetensors ({type(exc).__name__}: {exc})") from exc
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise AdapterError(f"{path}: tensor {bad!r} holds NaN/inf values (did training diverge?); a usable adapter "
+                           "is finite")
+    return tensors
 
 
 def _factor_pairs(tensors: dict, layers: dict[str, LayerRecord], rank: int, path: Path) -> dict:
@@ -493,6 +472,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
                            f"r={peft.get('r')!r}, expected 'LORA' and r={config.rank}")
 
     files = meta["files"]
+    if not isinstance(files, dict):
+        raise AdapterError(f"{folder / QOLORA_CONFIG} is corrupted: 'files' must map file names to sha256")
     weights = _factor_pairs(_read_tensors(folder, ADAPTER_WEIGHTS, files.get(ADAPTER_WEIGHTS)), layers, config.rank,
                             folder / ADAPTER_WEIGHTS)
     init = None
@@ -506,155 +487,3 @@ def read_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
         base_name_or_path=meta["base"].get("name_or_path"), device_type=str(meta.get("device_type", "cpu")), path=folder,
         peft_target_modules=peft["target_modules"] if isinstance(peft.get("target_modules"), list) else None,
     )
-
-
-# ------------------------------------------------------------------------------------ base checks
-def check_base_structure(skeleton: nn.Module, saved: SavedAdapter, base: str) -> dict[str, nn.Module]:
-    """Check that the base has exactly the adapter's target layers, with the recorded shapes.
-
-    Returns the base's linear layers by name (from :func:`qolora.prepare.linear_layers`).
-
-    Raises:
-        AdapterError: naming the first layers that are missing, extra, or of another shape.
-    """
-    from .prepare import linear_layers, select_targets  # noqa: PLC0415
-
-    linears = linear_layers(skeleton)
-    targets = select_targets(linears, saved.config.target_modules)
-    missing = [n for n in saved.layers if n not in linears]
-    if missing:
-        raise AdapterError(f"base {base} has no layer(s) {missing[:3]} that the adapter was trained on "
-                           f"({len(missing)} missing): a different architecture")
-    extra = [n for n in targets if n not in saved.layers]
-    if extra:
-        raise AdapterError(f"base {base} has {len(extra)} targeted layer(s) the adapter lacks, e.g. {extra[:3]}: "
-                           "a different architecture (more layers?)")
-    for name, rec in saved.layers.items():
-        module = linears[name]
-        shape = (module.out_features, module.in_features) if isinstance(module, nn.Linear) else (module.nf, module.nx)
-        if tuple(shape) != tuple(rec.shape):
-            raise AdapterError(
-                f"layer {name}: the base's weight is {shape[0]}x{shape[1]} but the adapter (rank {saved.config.rank}) "
-                f"was trained on a {rec.shape[0]}x{rec.shape[1]} weight: a different model"
-            )
-    return linears
-
-
-class FingerprintCheck:
-    """Compares base weights with the recorded fingerprints: raise on the first mismatch, or collect."""
-
-    def __init__(self, saved: SavedAdapter, base: str, allow_mismatch: bool):
-        self.saved, self.base, self.allow = saved, base, allow_mismatch
-        self.mismatched: list[str] = []
-
-    def __call__(self, name: str, weight: torch.Tensor) -> None:
-        recorded = self.saved.layers[name].fingerprint
-        found = weight_fingerprint(weight)
-        if found == recorded:
-            return
-        if not self.allow:
-            raise BaseMismatchError(
-                f"base {self.base} is not the model this adapter was trained on: layer {name}'s weight has "
-                f"fingerprint {found}, the adapter recorded {recorded}. Use the original base, or pass "
-                "allow_base_mismatch=True to apply it anyway"
-            )
-        self.mismatched.append(name)
-
-    def warn(self) -> None:
-        if self.mismatched:
-            logger.warning(
-                "allow_base_mismatch: %d of %d layers of base %s differ from the base the adapter was trained on "
-                "(e.g. %s); the result is NOT the trained model", len(self.mismatched), len(self.saved.layers),
-                self.base, self.mismatched[:3],
-            )
-
-
-def resolve_device_config(saved: SavedAdapter, device: str | None) -> AdapterConfig:
-    """The saved config on ``device`` (default: the saved one), validated; warns on a device change."""
-    config = saved.config if device is None else saved.config.replace(device=str(device))
-    config.validate()
-    if config.bits != 16 and config.torch_device.type != saved.device_type:
-        logger.warning(
-            "the adapter was trained with its base quantized on %s, now quantizing on %s: bitsandbytes kernels may "
-            "round differently, so results can differ slightly from the trained model", saved.device_type,
-            config.torch_device.type,
-        )
-    return config
-
-
-# ------------------------------------------------------------------------------------------ load
-def load(
-    base: str | os.PathLike,
-    adapter_dir: str | os.PathLike,
-    *,
-    device: str | None = None,
-    allow_base_mismatch: bool = False,
-    progress: bool = True,
-):
-    """Rebuild a trained model from its full-precision base and a folder written by :func:`save_adapter`.
-
-    The base is streamed through :func:`qolora.prepare.build_model` with the saved configuration
-    (same bits, quantization settings, dtypes) and the saved initial factors, so each residual is
-    the training residual and quantizes to the same base (no QR / SVD is run); the trained A/B are
-    then copied in. On the device type used for training the logits equal the trained model's.
-
-    Args:
-        base: the full-precision checkpoint the adapter was trained on (folder or hub id).
-        adapter_dir: the adapter folder.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``; default: the saved setting.
-        allow_base_mismatch: apply the adapter even if base weights differ from the training base
-            (a warning instead of :class:`BaseMismatchError`).
-        progress: show a progress bar.
-
-    Returns:
-        The model (as :func:`qolora.prepare` returns it, in eval mode, adapters trainable) with
-        ``qolora_config``, ``qolora_base``, ``qolora_report`` and ``qolora_adapter`` set.
-
-    Raises:
-        AdapterError: a problem with the adapter folder (before the base is read), or a base with
-            other layers or shapes (before its weights are read).
-        BaseMismatchError: a base weight differs from the training base (on the first such layer).
-        ConfigError: a missing base, or an unusable ``device``.
-    """
-    from .prepare import build_model  # noqa: PLC0415
-
-    saved = read_adapter(adapter_dir)
-    config = resolve_device_config(saved, device)
-    model_dir = resolve_model_dir(base)
-    check_base_structure(meta_model(model_dir)[0], saved, str(base))
-    check = FingerprintCheck(saved, str(base), allow_base_mismatch)
-    seen: set[str] = set()
-
-    def factors_for(name: str, weight: torch.Tensor):
-        if name not in saved.layers:  # pragma: no cover - check_base_structure rules this out
-            raise AdapterError(f"base layer {name} is targeted but the adapter has no weights for it")
-        check(name, weight)
-        seen.add(name)
-        factors = saved.init[name] if saved.needs_residual else saved.weights[name]
-        return tuple(t.clone() for t in factors)  # build_model may keep (and so train) what it gets
-
-    model, report = build_model(model_dir, config, factors_for, progress=progress)
-    check.warn()
-    unseen = [n for n in saved.layers if n not in seen]
-    if unseen:  # pragma: no cover - check_base_structure rules this out
-        raise AdapterError(f"base {base} never provided weights for adapted layer(s) {unseen[:3]}")
-    layers = dict(adapter_layers(model))
-    with torch.no_grad():
-        for name, rec in saved.layers.items():
-            layer = layers[name]
-            settings = quant_settings(layer.base_layer)
-            if settings != rec.quant:
-                raise AdapterError(f"layer {name} was rebuilt with quantization {settings}, but was trained with {rec.quant}")
-            a, b = saved.weights[name]
-            if saved.needs_residual:  # our own copies: never tensors the optimizer will update
-                layer.init_factors = tuple(t.clone() for t in saved.init[name])
-            layer.lora_A.weight.copy_(a)
-            layer.lora_B.weight.copy_(b)
-    model.name_or_path = str(base)
-    model.qolora_config = config
-    model.qolora_base = str(model_dir)
-    model.qolora_report = report
-    model.qolora_adapter = str(adapter_dir)
-    model.eval()
-    logger.info("loaded adapter %s (%s, rank %d, %d-bit) onto %s", adapter_dir, config.init, config.rank, config.bits, base)
-    return model

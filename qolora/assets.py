@@ -210,7 +210,7 @@ def default_model_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=final.parent))
     try:
         _convert_gguf(gguf_path, tmp)
-        from .reporting import umask_permissions  # noqa: PLC0415 - torch is loaded by now anyway
+        from .files import umask_permissions  # torch is loaded by now anyway
 
         umask_permissions(tmp)
         if _is_complete_model_dir(final):
@@ -349,18 +349,8 @@ def default_dataset_path() -> Path:
         return final
     records = default_dataset_records()
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{_DATASET_FILE}.tmp-", dir=final.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes it owner-only
-        os.replace(tmp_name, final)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    from .files import atomic_write_text
+
+    atomic_write_text(final, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     logger.info("Wrote %d chat records to %s", len(records), final)
     return final

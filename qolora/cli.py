@@ -2,9 +2,10 @@
 
 ``qolora finetune`` with no arguments runs the built-in job (SmolLM2-135M-Instruct, 4-bit base,
 OLoRA rank 16, chatterbot English conversations) sized to finish in about ten minutes on a 2-core
-CPU; every option maps to :func:`qolora.train.finetune`. ``qolora merge`` writes a merged
-full-precision checkpoint (:func:`qolora.export.merge`), ``qolora info`` describes an adapter folder,
-a run folder or a checkpoint.
+CPU; every option maps to :func:`qolora.finetune.finetune`. ``qolora merge`` writes a merged
+full-precision checkpoint (:func:`qolora.merge.merge`), ``qolora info`` describes an adapter folder,
+a merged checkpoint, a run folder or a checkpoint. Option choices and defaults come from the library
+(its constants and signatures), never repeated here.
 
 An error prints one line on stderr and exits with code 2 (``--debug`` shows the traceback).
 """
@@ -49,7 +50,11 @@ def _none_or(kind):
 
 
 def _add_finetune(sub) -> None:
-    from .train import DEFAULT_LR, MIXED_PRECISION, OPTIMIZERS, TrainConfig, finetune  # noqa: PLC0415
+    from .config import BITS
+    from .data import FORMATS
+    from .finetune import finetune
+    from .inits import INITS
+    from .train_config import DEFAULT_LR, MIXED_PRECISION, OPTIMIZERS, TrainConfig
 
     d = TrainConfig()
     f = {name: p.default for name, p in inspect.signature(finetune).parameters.items()}
@@ -67,7 +72,7 @@ def _add_finetune(sub) -> None:
     g.add_argument("--data", default=None,
                    help=".jsonl/.json/.csv/.parquet/.txt file, save_to_disk folder or hub dataset "
                         "(default: built-in chatterbot English conversations)")
-    g.add_argument("--format", default=None, choices=["messages", "instruction", "prompt_completion", "text"],
+    g.add_argument("--format", default=None, choices=list(FORMATS),
                    help="record format (default: detected from the columns)")
     g.add_argument("--max-length", type=int, default=f["max_length"], help="tokens per example (longer: truncated)")
     g.add_argument("--packing", action="store_true", help="pack several examples into each sequence")
@@ -75,10 +80,10 @@ def _add_finetune(sub) -> None:
                    help="train on the prompts too, not only the answers")
     g.add_argument("--eval-fraction", type=float, default=f["eval_fraction"], help="share of examples held out")
     g = p.add_argument_group("adapters and quantization")
-    g.add_argument("--bits", type=int, default=4, choices=[4, 8, 16], help="base weights: 4-bit NF4, 8-bit, or 16 (none)")
-    g.add_argument("--rank", type=int, default=16, help="adapter rank")
+    g.add_argument("--bits", type=int, default=f["bits"], choices=list(BITS), help="base weights: 4-bit NF4, 8-bit, or 16 (none)")
+    g.add_argument("--rank", type=int, default=f["rank"], help="adapter rank")
     g.add_argument("--alpha", type=float, default=None, help="adapter alpha (default: = rank, scale 1)")
-    g.add_argument("--init", default="olora", choices=["olora", "pissa", "lora"], help="adapter initialisation")
+    g.add_argument("--init", default=f["init"], choices=sorted(INITS), help="adapter initialisation")
     g.add_argument("--target-modules", type=_csv, default=None,
                    help="comma-separated layer names to adapt, e.g. q_proj,v_proj (default: every linear layer)")
     g.add_argument("--dropout", type=float, default=0.0, help="adapter dropout")
@@ -124,6 +129,9 @@ def _add_finetune(sub) -> None:
 
 
 def _add_merge(sub) -> None:
+    from .merge import INTO, merge
+
+    m = {name: p.default for name, p in inspect.signature(merge).parameters.items()}
     p = sub.add_parser(
         "merge", formatter_class=_Help,
         help="merge a saved adapter into its base: a plain transformers checkpoint",
@@ -133,11 +141,11 @@ def _add_merge(sub) -> None:
     p.add_argument("base", help="the full-precision checkpoint the adapter was trained on (folder or hub id)")
     p.add_argument("adapter", help="adapter folder (e.g. OUTPUT_DIR/adapter of qolora finetune)")
     p.add_argument("out", help="folder to write")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the written weights")
-    p.add_argument("--into", default="trained", choices=["trained", "original"],
+    p.add_argument("--dtype", default=m["dtype"], choices=["bf16", "fp16", "fp32"], help="dtype of the written weights")
+    p.add_argument("--into", default=m["into"], choices=list(INTO),
                    help="trained: exactly the function trained on the quantized base; original: the update added "
                         "to the full-precision weights")
-    p.add_argument("--max-shard-size", default="2GB", help="largest shard")
+    p.add_argument("--max-shard-size", default=m["max_shard_size"], help="largest shard")
     p.add_argument("--device", default=None, help="where layers are merged (default: as in training)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -166,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------- commands
 def _finetune(args) -> int:
-    from .reporting import prompt_preview  # noqa: PLC0415
-    from .train import finetune  # noqa: PLC0415
+    from .finetune import finetune
+    from .reporting import prompt_preview
 
     _set_threads(args.threads)
     adapter_options = {"dropout": args.dropout, "device": args.device}
@@ -203,7 +211,7 @@ def _finetune(args) -> int:
 def _set_threads(requested: int | None) -> None:
     """``--threads``, or one thread when the CPU is already busy: OpenMP threads that spin while waiting
     for each other on cores that other processes hold make each step many times slower."""
-    import torch  # noqa: PLC0415
+    import torch
 
     if requested is not None:
         if requested < 1:
@@ -219,10 +227,8 @@ def _set_threads(requested: int | None) -> None:
 
 
 def _merge(args) -> int:
-    try:
-        from .export import merge  # noqa: PLC0415
-    except ImportError as exc:  # pragma: no cover - export ships with qolora
-        raise RuntimeError(f"qolora merge needs qolora.export, which cannot be imported: {exc}") from exc
+    from .merge import merge
+
     result = merge(args.base, args.adapter, args.out, dtype=args.dtype, into=args.into,
                    max_shard_size=args.max_shard_size, overwrite=args.overwrite, device=args.device,
                    progress=args.progress)
@@ -233,22 +239,39 @@ def _merge(args) -> int:
 
 
 def _info(args) -> int:
+    from .adapter_io import QOLORA_CONFIG
+    from .merge import MERGE_RECORD
+    from .run_checkpoints import MANIFEST_FILE, STATE_FILE
+    from .run_folder import METRICS_FILE
+
     path = Path(args.path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder")
-    if (path / "qolora_config.json").is_file():
+    if (path / QOLORA_CONFIG).is_file():
         _info_adapter(path)
-    elif (path / "manifest.json").is_file() or (path / "state.json").is_file():
+    elif (path / MERGE_RECORD).is_file():
+        _info_merged(path / MERGE_RECORD)
+    elif (path / MANIFEST_FILE).is_file() or (path / STATE_FILE).is_file():
         _info_checkpoint(path)
-    elif (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir():
+    elif (path / METRICS_FILE).is_file() or (path / "checkpoints").is_dir():
         _info_run(path)
     else:
-        raise ValueError(f"{path} is neither an adapter folder, a qolora run folder nor a training checkpoint")
+        raise ValueError(f"{path} is neither an adapter folder, a merged checkpoint, a qolora run folder nor a "
+                         "training checkpoint")
     return 0
 
 
+def _info_merged(record_path: Path) -> None:
+    import json
+
+    r = json.loads(record_path.read_text(encoding="utf-8"))
+    print(f"merged checkpoint {record_path.parent}")
+    print(f"  {r.get('init')} adapter {r.get('adapter')} (rank {r.get('rank')}, {r.get('bits')}-bit base) merged into "
+          f"{r.get('base')} as {r.get('into')!r}, {r.get('dtype')} weights")
+
+
 def _info_adapter(path: Path) -> None:
-    from .adapter_io import read_adapter  # noqa: PLC0415
+    from .adapter_io import read_adapter
 
     saved = read_adapter(path)
     c = saved.config
@@ -262,7 +285,7 @@ def _info_adapter(path: Path) -> None:
 
 
 def _info_checkpoint(path: Path) -> None:
-    from .checkpointing import CheckpointError, load_checkpoint  # noqa: PLC0415
+    from .run_checkpoints import CheckpointError, load_checkpoint
 
     try:
         found = load_checkpoint(path)
@@ -281,10 +304,11 @@ def _info_checkpoint(path: Path) -> None:
 
 
 def _info_run(path: Path) -> None:
-    from .checkpointing import list_checkpoints  # noqa: PLC0415
-    from .reporting import MetricsLog  # noqa: PLC0415
+    from .reporting import MetricsLog
+    from .run_checkpoints import list_checkpoints
+    from .run_folder import METRICS_FILE
 
-    events = MetricsLog(path / "metrics.jsonl").read()
+    events = MetricsLog(path / METRICS_FILE).read()
     start = next((e for e in events if e["event"] == "start"), {})
     steps = [e["step"] for e in events if e["event"] == "train"]
     evals = [e for e in events if e["event"] == "eval"]
@@ -313,7 +337,7 @@ class _TqdmHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            from tqdm.auto import tqdm  # noqa: PLC0415
+            from tqdm.auto import tqdm
 
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise

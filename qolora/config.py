@@ -10,13 +10,17 @@ collects *every* problem it can see without touching the checkpoint and raises o
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from .inits import INITS, adapter_scale
 
-__all__ = ["AdapterConfig", "ConfigError", "DTYPES", "parse_dtype"]
+__all__ = ["AdapterConfig", "BITS", "ConfigError", "DTYPES", "QUANT_TYPES", "parse_dtype", "parse_size"]
+
+BITS = (4, 8, 16)
+QUANT_TYPES = ("nf4", "fp4")
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -141,12 +145,15 @@ class AdapterConfig:
     def problems(self) -> list[str]:
         """Every problem with this config that can be seen without the model."""
         p: list[str] = []
-        if self.bits not in (4, 8, 16):
-            p.append(f"bits={self.bits!r} is not supported; allowed: 4, 8, 16")
+        if self.bits not in BITS:
+            p.append(f"bits={self.bits!r} is not supported; allowed: {', '.join(map(str, BITS))}")
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             p.append(f"rank={self.rank!r} must be an integer >= 1")
-        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            p.append(f"alpha={self.alpha!r} must be > 0 (or None for alpha = rank)")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+                                           and math.isfinite(self.alpha) and self.alpha > 0):
+            p.append(f"alpha={self.alpha!r} must be a finite number > 0 (or None for alpha = rank)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            p.append(f"seed={self.seed!r} must be an integer >= 0")
         if self.init not in INITS:
             p.append(f"init={self.init!r} is unknown; allowed: {sorted(INITS)}")
         if self.target_modules is not None and (
@@ -154,10 +161,10 @@ class AdapterConfig:
             or not all(isinstance(t, str) and t for t in self.target_modules)
         ):
             p.append(f"target_modules={self.target_modules!r} must be a non-empty list of module names, or None")
-        if not 0.0 <= self.dropout < 1.0:
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout={self.dropout!r} must be in [0, 1)")
-        if self.quant_type not in ("nf4", "fp4"):
-            p.append(f"quant_type={self.quant_type!r} is not supported; allowed: 'nf4', 'fp4'")
+        if self.quant_type not in QUANT_TYPES:
+            p.append(f"quant_type={self.quant_type!r} is not supported; allowed: {list(QUANT_TYPES)}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             p.append(f"blocksize={self.blocksize!r} is not supported; allowed: 32, 64, 128, ..., 4096")
         for name, allowed in (("dtype", DTYPES), ("compute_dtype", DTYPES), ("adapter_dtype", DTYPES),
@@ -190,3 +197,27 @@ class AdapterConfig:
         if problems:
             raise ConfigError(problems)
         return self
+
+
+def parse_size(value: int | str, what: str = "max_shard_size") -> int:
+    """Bytes from an int or a string like ``"2GB"``, ``"500MB"``, ``"1.5GiB"`` (GB = 10^9, GiB = 2^30).
+
+    Raises:
+        ConfigError: not a positive size.
+    """
+    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    size = -1
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTIB")
+        try:
+            size = int(float(number) * units[text[len(number):] or "B"])
+        except (ValueError, KeyError, OverflowError):
+            size = -1
+    if size <= 0:
+        raise ConfigError(f"{what}={value!r} is not a size; use a positive number of bytes or a string like "
+                          "'2GB', '500MB', '1GiB'")
+    return size

@@ -40,8 +40,23 @@ class AdapterLinear(nn.Module):
         dropout: float = 0.0,
         adapter_dtype: torch.dtype = torch.float32,
         fan_in_fan_out: bool = False,
+        init_factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+        base_fingerprint: str | None = None,
     ):
-        """Wrap ``base_layer`` with factors ``lora_a`` (r, in) and ``lora_b`` (out, r)."""
+        """Wrap ``base_layer`` with factors ``lora_a`` (r, in) and ``lora_b`` (out, r).
+
+        Args:
+            base_layer: the frozen base (``nn.Linear``, ``Linear4bit`` or ``Linear8bitLt``), (out, in).
+            lora_a, lora_b: the trainable factors' starting values (copied).
+            scale: ``s`` in ``y = base(x) + s * B @ A x``.
+            dropout: dropout on the adapter's input.
+            adapter_dtype: dtype of the trainable factors.
+            fan_in_fan_out: the checkpoint stores this weight transposed (GPT-2 ``Conv1D``).
+            init_factors: ``(A0, B0)`` subtracted from the base weight (OLoRA / PiSSA residual):
+                needed to save, reload exactly and export. Copied to the CPU in fp32, so they never
+                alias the trainable factors. None when the base is the weight itself (LoRA).
+            base_fingerprint: :func:`qolora.base_reader.weight_fingerprint` of the checkpoint weight.
+        """
         super().__init__()
         rank, in_features = lora_a.shape
         out_features = lora_b.shape[0]
@@ -58,6 +73,9 @@ class AdapterLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.fan_in_fan_out = fan_in_fan_out
+        self.init_factors = None if init_factors is None else tuple(
+            t.detach().to("cpu", torch.float32, copy=True) for t in init_factors)
+        self.base_fingerprint = base_fingerprint
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

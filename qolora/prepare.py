@@ -24,113 +24,26 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .checkpoint import (
-    checkpoint_files, checkpoint_key_map, iter_checkpoint, meta_model, resolve_model_dir, weight_fingerprint,
-)
+from .base_reader import BaseCheckpoint, LinearWeight, layer_shape, linear_layers, select_targets, weight_fingerprint
 from .config import AdapterConfig, ConfigError
 from .inits import INITS, residual_
 from .layer import AdapterLinear, mark_only_adapters_trainable
-from .quant import dequantize_stored, dequantize_weight, make_base_layer, stored_group_complete, stored_part
+from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
+from .quant import dequantize_weight, make_base_layer
 
-__all__ = ["prepare", "build_model", "QuantReport", "LayerReport", "linear_layers", "select_targets"]
+__all__ = ["prepare", "build_model", "enable_gradient_checkpointing"]
 
 logger = logging.getLogger(__name__)
 
-# (layer name, fp32 weight (out, in) on the compute device) -> initial (A, B), or None for no adapter
-FactorProvider = Callable[[str, torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None"]
-
-
-# --------------------------------------------------------------------------------------- report
-@dataclass
-class LayerReport:
-    """Reconstruction error of one adapted layer (Frobenius norms, fp32)."""
-
-    name: str
-    shape: tuple[int, int]
-    weight_norm: float
-    error: float  # ||W - (deq(q(W_res)) + s*B@A)||
-    plain_error: float | None = None  # ||W - deq(q(W))||, plain QLoRA, when compare_plain
-
-
-@dataclass
-class QuantReport:
-    """Per-layer and summed weight error of a prepared model against its checkpoint weights."""
-
-    init: str
-    bits: int
-    layers: list[LayerReport] = field(default_factory=list)
-    seconds: float = 0.0
-    requantized: str | None = None  # "4bit"/"8bit": the checkpoint was stored quantized (errors vs its weights)
-
-    @property
-    def total_error(self) -> float:
-        return sum(r.error for r in self.layers)
-
-    @property
-    def total_plain_error(self) -> float | None:
-        if not self.layers or any(r.plain_error is None for r in self.layers):
-            return None
-        return sum(r.plain_error for r in self.layers)
-
-    @property
-    def ratio_to_plain(self) -> float | None:
-        plain = self.total_plain_error
-        return None if not plain else self.total_error / plain
-
-    def summary(self) -> str:
-        text = f"{self.init} init, {self.bits}-bit base, {len(self.layers)} adapted layers: summed weight error {self.total_error:.4g}"
-        if self.ratio_to_plain is not None:
-            text += f" = {self.ratio_to_plain:.3f}x plain {self.bits}-bit quantization's {self.total_plain_error:.4g}"
-        return text + f" ({self.seconds:.1f} s)"
-
-    def to_dict(self) -> dict:
-        return {
-            "init": self.init, "bits": self.bits, "seconds": self.seconds,
-            "total_error": self.total_error, "total_plain_error": self.total_plain_error,
-            "ratio_to_plain": self.ratio_to_plain, "requantized": self.requantized,
-            "layers": [{f.name: getattr(r, f.name) for f in fields(r)} for r in self.layers],
-        }
-
-
-# ------------------------------------------------------------------------------ model structure
-def _is_linear(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
-
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear (or GPT-2 ``Conv1D``) layer of ``model`` except its output head, by name."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name: m for name, m in model.named_modules() if _is_linear(m) and m is not head and name}
-
-
-def _shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of a Linear or Conv1D (which stores its weight as (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    return module.nf, module.nx
-
-
-def select_targets(linears: dict[str, nn.Module], target_modules: tuple[str, ...] | None) -> list[str]:
-    """Names of the linear layers to adapt: all, or those whose last name part or full name matches."""
-    if target_modules is None:
-        return list(linears)
-    wanted = set(target_modules)
-    chosen = [n for n in linears if n in wanted or n.rsplit(".", 1)[-1] in wanted]
-    matched = {t for t in wanted if any(n == t or n.rsplit(".", 1)[-1] == t for n in chosen)}
-    unmatched = sorted(wanted - matched)
-    if unmatched:
-        available = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise ConfigError(f"target_modules {unmatched} match no linear layer of this model; available: {available}")
-    return chosen
+# (layer name, fp32 weight (out, in) on the compute device) -> initial (A, B)
+FactorProvider = Callable[[str, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -146,102 +59,78 @@ def _layer_generator(seed: int, name: str) -> torch.Generator:
 
 # ------------------------------------------------------------------------------------- building
 def build_model(
-    model_dir: Path,
+    base: BaseCheckpoint,
     config: AdapterConfig,
     factors_for: FactorProvider,
     *,
     compare_plain: bool = False,
     progress: bool = True,
 ) -> tuple[nn.Module, QuantReport]:
-    """Stream ``model_dir`` into a quantized model with adapters (see the module docstring).
+    """Stream ``base`` into a quantized model with adapters (see the module docstring).
 
     ``factors_for(name, W)`` returns the initial ``(A, B)`` of a targeted layer (computed from ``W``,
     or known already, as when an adapter is reloaded); the base becomes ``W - s*B@A`` when the init
     needs a residual.
     """
-    from accelerate.utils import set_module_tensor_to_device  # noqa: PLC0415
-    from tqdm.auto import tqdm  # noqa: PLC0415
-    from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
+    from accelerate.utils import set_module_tensor_to_device
+    from tqdm.auto import tqdm
 
     start = time.perf_counter()
     device, dtype = config.torch_device, config.torch_dtype
-    files = checkpoint_files(model_dir)
-    model, stored_kind = meta_model(model_dir, dtype)
+    model = base.skeleton(dtype)
     linears = linear_layers(model)
     targets = set(select_targets(linears, config.target_modules))
     # Layers rebuilt from their weight: all linears when quantizing (QLoRA quantizes every one),
     # only the adapted ones at 16 bits, and every one whose checkpoint is stored quantized.
-    quantized = set(linears) if config.bits != 16 or stored_kind else set(targets)
+    rebuilt = set(linears) if config.bits != 16 or base.stored_kind else set(targets)
     _check_rank(linears, targets, config.rank)
 
     needs_residual = INITS[config.init].needs_residual
-    to_model = checkpoint_key_map(model)
-    report = QuantReport(init=config.init, bits=config.bits)
+    report = QuantReport(init=config.init, bits=config.bits, requantized=base.stored_kind)
     biases: dict[str, torch.Tensor] = {}
-    pending: dict[str, dict[str, torch.Tensor]] = {}  # stored-quantized layers being gathered
     unexpected: list[str] = []
     done: set[str] = set()
-    bar = tqdm(total=len(quantized), desc=f"{config.bits}-bit + {config.init}", unit="layer", disable=not progress)
-
-    def place(module_name: str, weight: torch.Tensor) -> None:
-        """Build layer ``module_name`` from its fp32 (out, in) weight, consuming it."""
-        if module_name in targets:
-            layer, row = _adapted_layer(module_name, weight, factors_for, config, needs_residual, compare_plain,
-                                        isinstance(linears[module_name], Conv1D))
-            report.layers.append(row)
-        else:
-            layer = make_base_layer(weight, None, config, device)
-        _set_submodule(model, module_name, layer)
-        done.add(module_name)
-        bar.update(1)
-
-    def place_stored(complete_only: bool) -> None:
-        for module_name in [m for m, parts in pending.items() if not complete_only or stored_group_complete(parts)]:
-            place(module_name, dequantize_stored(pending.pop(module_name), device))
-
-    for file in files:
-        for key, tensor in iter_checkpoint([file]):
-            name = to_model(key) or key
-            module_name, _, leaf = name.rpartition(".")
-            if module_name in quantized and leaf == "bias":
-                biases[module_name] = tensor
-            elif stored_kind and (part := stored_part(name, quantized)):
-                pending.setdefault(part[0], {})[part[1]] = tensor
-            elif module_name in quantized and leaf == "weight":
-                # Move in the stored dtype, then widen on the device: converting on the CPU first
-                # costs more than the whole transfer.
-                weight = tensor.to(device).to(torch.float32, copy=True)
-                place(module_name, weight.T.contiguous() if isinstance(linears[module_name], Conv1D) else weight)
-                del weight
-            elif to_model(key) is None:
-                unexpected.append(key)
+    bar = tqdm(total=len(rebuilt), desc=f"{config.bits}-bit + {config.init}", unit="layer", disable=not progress)
+    for item in base.stream(model, rebuilt, device):
+        if isinstance(item, LinearWeight):
+            if item.module in targets:
+                layer, row = _adapted_layer(item.module, item.weight, factors_for, config, needs_residual,
+                                            compare_plain, isinstance(linears[item.module], nn.Linear))
+                report.layers.append(row)
             else:
-                set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
-        place_stored(complete_only=True)  # groups are usually whole within a shard
-    place_stored(complete_only=False)
+                layer = make_base_layer(item.weight, None, config, device)
+            _set_submodule(model, item.module, layer)
+            done.add(item.module)
+            bar.update(1)
+            del item
+        elif item.name is None:
+            unexpected.append(item.key)
+        elif item.name.endswith(".bias") and item.name.rpartition(".")[0] in rebuilt:
+            biases[item.name.rpartition(".")[0]] = item.tensor
+        else:
+            set_module_tensor_to_device(model, item.name, device, value=item.tensor, dtype=dtype)
     bar.close()
 
     for module_name, bias in biases.items():
         module = model.get_submodule(module_name)
-        base = module.base_layer if isinstance(module, AdapterLinear) else module
-        base.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+        layer = module.base_layer if isinstance(module, AdapterLinear) else module
+        layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
 
-    _finish(model, device, sorted(quantized - done), unexpected)
+    _finish(model, device, sorted(rebuilt - done), unexpected)
     mark_only_adapters_trainable(model)
     report.seconds = time.perf_counter() - start
-    report.requantized = stored_kind
-    if stored_kind:
+    if base.stored_kind:
         logger.warning(
             "%s is stored %s: its weights were dequantized, factored and quantized again (the base is quantized "
             "twice). Measured error of the adapted layers against the stored weights: %.4g summed, %.2f%% of their "
-            "norm. A full-precision checkpoint avoids this.", model_dir, stored_kind, report.total_error,
+            "norm. A full-precision checkpoint avoids this.", base.dir, base.stored_kind, report.total_error,
             100 * report.total_error / max(sum(r.weight_norm for r in report.layers), 1e-12),
         )
     return model, report
 
 
-def _adapted_layer(name, weight, factors_for, config, needs_residual, compare_plain, transposed):
-    """Factor ``weight`` (fp32, consumed), quantize its residual once, wrap it with the adapter."""
+def _adapted_layer(name, weight, factors_for, config, needs_residual, compare_plain, is_linear):
+    """Factor ``weight`` (fp32 (out, in), consumed), quantize its residual once, wrap it with the adapter."""
     norm = float(torch.linalg.norm(weight))
     fingerprint = weight_fingerprint(weight)
     plain_error = None
@@ -257,19 +146,14 @@ def _adapted_layer(name, weight, factors_for, config, needs_residual, compare_pl
     # W - (deq(q(W_res)) + s*B@A) == W_res - deq(q(W_res)); for LoRA (no residual) W - deq(q(W)).
     error = float(torch.linalg.norm(weight - dequantize_weight(base)))
     layer = AdapterLinear(
-        base, a, b, config.scale, dropout=config.dropout,
-        adapter_dtype=config.torch_adapter_dtype, fan_in_fan_out=transposed,
+        base, a, b, config.scale, dropout=config.dropout, adapter_dtype=config.torch_adapter_dtype,
+        fan_in_fan_out=not is_linear, init_factors=(a, b) if needs_residual else None, base_fingerprint=fingerprint,
     )
-    # The initial factors define the residual; kept (on the CPU) so the adapter can be saved,
-    # reloaded exactly and exported against the original weights.
-    # Copies: the trainable lora_A / lora_B must never alias them (on the CPU .cpu() is a no-op).
-    layer.init_factors = (a.detach().cpu().clone(), b.detach().cpu().clone()) if needs_residual else None
-    layer.base_fingerprint = fingerprint
     return layer, LayerReport(name, tuple(weight.shape), norm, error, plain_error)
 
 
 def _check_rank(linears: dict[str, nn.Module], targets: set[str], rank: int) -> None:
-    smallest = min((_shape(linears[n]) for n in targets), key=min)
+    smallest = min((layer_shape(linears[n]) for n in targets), key=min)
     if rank > min(smallest):
         raise ConfigError(
             f"rank={rank} is larger than a targeted weight allows: the smallest targeted layer is "
@@ -331,8 +215,8 @@ def prepare(
 
     Returns:
         A ``transformers.PreTrainedModel`` in eval mode whose only trainable parameters are the
-        adapters; ``model.qolora_config`` holds the config and ``model.qolora_report`` the
-        :class:`QuantReport`.
+        adapters; ``model.qolora`` holds its :class:`~qolora.model_record.ModelRecord` (the config,
+        the base, and the :class:`QuantReport`, also reachable as ``model.qolora_report``).
 
     Raises:
         ConfigError: bad options (all listed at once), a missing model, targets matching nothing,
@@ -340,17 +224,14 @@ def prepare(
             weight is read.
     """
     cfg = (config or _option_config(bits, rank, options)).validate()
-    model_dir = resolve_model_dir(model)
+    base = BaseCheckpoint.open(model)
     init = INITS[cfg.init]
 
     def factors_for(name: str, weight: torch.Tensor):
         return init.factors(weight, cfg.rank, cfg.scale, _layer_generator(cfg.seed, name))
 
-    net, report = build_model(model_dir, cfg, factors_for, compare_plain=compare_plain, progress=progress)
-    net.name_or_path = str(model)
-    net.qolora_config = cfg
-    net.qolora_base = str(model_dir)
-    net.qolora_report = report
+    net, report = build_model(base, cfg, factors_for, compare_plain=compare_plain, progress=progress)
+    attach_record(net, ModelRecord(config=cfg, base=str(model), base_dir=base.dir, report=report))
     if gradient_checkpointing:
         enable_gradient_checkpointing(net)
     net.eval()

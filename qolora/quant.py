@@ -25,7 +25,7 @@ __all__ = ["make_base_layer", "dequantize_weight", "dequantize_stored", "stored_
 
 
 def _bnb():
-    import bitsandbytes as bnb  # noqa: PLC0415 - optional at import time
+    import bitsandbytes as bnb  # optional at import time
 
     return bnb
 
@@ -139,7 +139,6 @@ def quant_settings(layer: nn.Module) -> dict:
 #   4-bit: X.weight (packed), X.weight.absmax, X.weight.quant_map, X.weight.quant_state.bitsandbytes__nf4
 #          (+ X.weight.nested_absmax, X.weight.nested_quant_map with double quantization)
 #   8-bit: X.weight (int8), X.SCB, X.weight_format
-STORED_COMPONENTS = ("weight.", "SCB", "weight_format")
 
 
 def stored_part(name: str, layers) -> tuple[str, str] | None:
@@ -173,7 +172,7 @@ def stored_group_complete(components: dict[str, torch.Tensor]) -> bool:
     state_key = _stored_4bit_state_key(components)
     if state_key is None:
         return False
-    import json  # noqa: PLC0415
+    import json
 
     state = json.loads(bytes(components[state_key].tolist()).decode())
     needed = {"weight.absmax", "weight.quant_map"}

@@ -13,7 +13,7 @@ Everything here is a side channel of :func:`qolora.train.train`; nothing feeds b
   :func:`write_samples` writes the before/after answers to ``samples.json`` and ``samples.md``.
 * :func:`memory_in_use` is what the progress bar shows: CUDA max allocated, or the process RSS.
 
-All files are written atomically (:func:`atomic_file`): a temporary sibling, then ``os.replace``.
+All files are written atomically (:func:`qolora.files.atomic_file`): a temporary sibling, then ``os.replace``.
 """
 
 from __future__ import annotations
@@ -23,70 +23,28 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 
+from .data import IGNORE_INDEX
+from .files import atomic_file, atomic_write_text
+from .records import prompt_ids
+
 __all__ = [
     "MetricsLog",
-    "atomic_file",
-    "atomic_write_text",
     "format_bytes",
     "generate",
     "memory_in_use",
     "plot_losses",
-    "prompt_ids_for",
     "prompt_preview",
     "read_samples",
     "sample_prompts",
-    "umask_permissions",
     "write_samples",
 ]
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-
-
-# ------------------------------------------------------------------------------------ files
-def umask_permissions(path: Path) -> None:
-    """Give ``path`` (and the files directly in it, for a folder) the permissions a plain ``open`` /
-    ``mkdir`` would: ``tempfile`` creates them private to the owner."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path = Path(path)
-    if path.is_dir():
-        os.chmod(path, 0o777 & ~umask)
-        for child in path.iterdir():
-            if child.is_file():
-                os.chmod(child, 0o666 & ~umask)
-    else:
-        os.chmod(path, 0o666 & ~umask)
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` (same suffix) to write; once written it replaces ``path``
-    (``os.replace``), on an error it is deleted."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask_permissions(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_file`)."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
 
 class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per event, flushed line by line."""
@@ -129,7 +87,7 @@ def memory_in_use(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     try:
-        import psutil  # noqa: PLC0415 - optional
+        import psutil  # optional
 
         return int(psutil.Process().memory_info().rss)
     except ImportError:
@@ -138,7 +96,7 @@ def memory_in_use(device: torch.device) -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        import resource  # noqa: PLC0415 - Unix only; max RSS in KiB on Linux
+        import resource  # Unix only; max RSS in KiB on Linux
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -160,10 +118,10 @@ def plot_losses(history: Sequence[Mapping], evals: Sequence[Mapping], path: Path
         to draw.
     """
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
     except ImportError:
         logger.warning("matplotlib is not installed: skipping %s (pip install matplotlib)", Path(path).name)
         return None
@@ -197,22 +155,10 @@ def plot_losses(history: Sequence[Mapping], evals: Sequence[Mapping], path: Path
 
 
 # ---------------------------------------------------------------------------------- samples
-def prompt_ids_for(text: str, tokenizer) -> list[int]:
-    """Token ids of a user prompt as the model sees it: the chat template with the generation prompt,
-    or qolora's plain ``### Instruction`` template when the tokenizer has none."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        if isinstance(ids, Mapping) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-    return list(tokenizer(f"### Instruction:\n{text}\n\n### Response:\n")["input_ids"])
-
-
 def sample_prompts(dataset, tokenizer, n: int, texts: Sequence[str] | None = None) -> list[dict]:
     """Up to ``n`` prompts to answer before and after training.
 
-    With ``texts``, those (through :func:`prompt_ids_for`). Otherwise the first ``n`` examples of
+    With ``texts``, those (through :func:`qolora.records.prompt_ids`). Otherwise the first ``n`` examples of
     the held-out ``dataset`` that have a prompt: the tokens before the first labelled token are the
     prompt exactly as training rendered it (chat template included), the labelled ones the reference
     answer.
@@ -221,7 +167,7 @@ def sample_prompts(dataset, tokenizer, n: int, texts: Sequence[str] | None = Non
         ``[{"prompt": text shown, "prompt_ids": [...], "reference": text or None}]``.
     """
     if texts:
-        return [{"prompt": t, "prompt_ids": prompt_ids_for(t, tokenizer), "reference": None} for t in texts[:n]]
+        return [{"prompt": t, "prompt_ids": prompt_ids(tokenizer, t), "reference": None} for t in texts[:n]]
     out: list[dict] = []
     if dataset is None:
         return out

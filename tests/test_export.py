@@ -17,10 +17,14 @@ import torch
 
 import qolora
 from qolora.adapter_io import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_WEIGHTS, QOLORA_CONFIG, AdapterError, BaseMismatchError, load, save_adapter,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_WEIGHTS, QOLORA_CONFIG, AdapterError, BaseMismatchError, save_adapter,
 )
+from qolora.adapter_load import load
 from qolora.config import ConfigError
-from qolora.export import export_lora, merge, parse_size
+from qolora.config import parse_size
+from qolora.export import export_lora
+from qolora.merge import merge
+from qolora.base_reader import BaseCheckpoint
 from qolora.layer import adapter_layers
 from tiny_models import make_tiny_llama
 
@@ -85,8 +89,7 @@ def no_weight_reads(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a checkpoint weight was read before the error")
 
-    monkeypatch.setattr(importlib.import_module("qolora.prepare"), "iter_checkpoint", boom)
-    monkeypatch.setattr(importlib.import_module("qolora.export"), "iter_checkpoint", boom)
+    monkeypatch.setattr(BaseCheckpoint, "tensors", boom)
 
 
 # ------------------------------------------------------------------------------ save -> load
@@ -379,14 +382,19 @@ def test_non_finite_adapters_are_not_exported_or_merged(tiny_llama_dir, tmp_path
         next(l for _, l in adapter_layers(model)).lora_B.weight[0, 0] = float("nan")
     adapter = save_adapter(model, tmp_path / "adapter")
     with pytest.raises(AdapterError, match=r"layer model\.layers\.0\.self_attn\.q_proj: the adapter has non-finite"):
+        export_lora(model, tmp_path / "lora")
+    nan_file = r"adapter_model\.safetensors: tensor '.*layers\.0\.self_attn\.q_proj\.lora_B\.weight' holds NaN/inf"
+    with pytest.raises(AdapterError, match=nan_file):
         export_lora(adapter, tmp_path / "lora")
-    with pytest.raises(AdapterError, match=r"layer model\.layers\.0\.self_attn\.q_proj: the merged weight has non-finite"):
+    with pytest.raises(AdapterError, match=nan_file):
         merge(tiny_llama_dir, adapter, tmp_path / "merged", progress=False)
+    with pytest.raises(AdapterError, match=nan_file):
+        load(tiny_llama_dir, adapter, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
 def test_save_refuses_a_model_qolora_did_not_build(tiny_llama_dir, tmp_path):
-    with pytest.raises(AdapterError, match="has no qolora_config"):
+    with pytest.raises(AdapterError, match=r"has no qolora record \(model\.qolora\)"):
         save_adapter(original(tiny_llama_dir), tmp_path / "a")
 
 
@@ -404,12 +412,12 @@ def test_existing_output_folders_are_refused_unless_overwrite(tiny_llama_dir, sa
     save_adapter(model, existing, overwrite=True)
     assert not (existing / "keep.txt").exists() and (existing / QOLORA_CONFIG).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no temp or old folder left
-    with pytest.raises(ConfigError, match="is or contains the base checkpoint"):
+    with pytest.raises(ConfigError, match="is, holds or lies inside the base checkpoint"):
         merge(tiny_llama_dir, adapter, tiny_llama_dir, overwrite=True)
 
 
 def test_interrupted_merge_leaves_nothing_at_out_dir(tiny_llama_dir, saved4, tmp_path, monkeypatch):
-    export = importlib.import_module("qolora.export")
+    export = importlib.import_module("qolora.merge")
     real, calls = export._write_shard, []
 
     def failing(path, tensors):
@@ -455,7 +463,7 @@ import json, os, sys, threading, time
 import torch
 torch.set_num_threads(1)
 import accelerate, bitsandbytes, safetensors.torch, transformers.models.llama.modeling_llama  # noqa: F401 (warm imports)
-from qolora.export import merge
+from qolora.merge import merge
 
 def anon():
     with open("/proc/self/status") as f:

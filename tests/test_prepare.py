@@ -1,13 +1,13 @@
 """qolora.prepare on tiny random checkpoints: exactness, PEFT parity, quantization, bad input."""
 
-import importlib
 
 import pytest
 import torch
 
 import qolora
 from qolora import ConfigError
-from qolora.layer import AdapterLinear, adapter_layers
+from qolora.base_reader import BaseCheckpoint
+from qolora.layer import adapter_layers
 from qolora.quant import dequantize_weight, quantization_kind
 
 LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -177,20 +177,18 @@ def test_conv1d_weights_are_factored_in_the_right_orientation(tiny_gpt2_dir):
 @pytest.fixture
 def no_weight_reads(monkeypatch):
     """Fail the test if a checkpoint weight is read: errors must come before heavy work."""
-    prep = importlib.import_module("qolora.prepare")  # the module (qolora.prepare is also the function)
-
     def boom(*a, **k):
         raise AssertionError("a checkpoint weight was read before the error")
 
-    monkeypatch.setattr(prep, "iter_checkpoint", boom)
+    monkeypatch.setattr(BaseCheckpoint, "tensors", boom)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(bits=3), r"bits=3 .*allowed: 4, 8, 16"),
     (dict(rank=0), r"rank=0 must be an integer >= 1"),
     (dict(rank=33), r"rank=33 is larger than a targeted weight allows.*32x64.*<= 32"),
-    (dict(alpha=0), r"alpha=0 must be > 0"),
-    (dict(alpha=-1.5), r"alpha=-1.5 must be > 0"),
+    (dict(alpha=0), r"alpha=0 must be a finite number > 0"),
+    (dict(alpha=-1.5), r"alpha=-1.5 must be a finite number > 0"),
     (dict(target_modules=["qkv", "q_proj"]), r"target_modules \['qkv'\] match no linear layer.*available: \['down_proj'"),
     (dict(init="svd"), r"init='svd' is unknown; allowed: \['lora', 'olora', 'pissa'\]"),
     (dict(quant_type="int4"), r"quant_type='int4'.*'nf4', 'fp4'"),

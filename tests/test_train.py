@@ -21,9 +21,10 @@ import torch
 
 import importlib
 from qolora import ConfigError, adapter_parameters, adapter_state_dict, prepare
-from qolora.checkpointing import CheckpointError, list_checkpoints
+from qolora.run_checkpoints import CheckpointError, list_checkpoints
 from qolora.data import DataError, load_records, split_train_eval, tokenize_dataset
-from qolora.train import DataOrder, TrainConfig, TrainingError, finetune, lr_factor, train
+from qolora import finetune
+from qolora.train import DataOrder, TrainConfig, TrainingError, lr_factor, train
 from tiny_models import make_tiny_llama
 from tiny_tokenizer import make_tiny_tokenizer
 
@@ -97,6 +98,7 @@ def no_prepare(monkeypatch):
         raise AssertionError("prepare() was called: the bad input should have been caught before the model loads")
 
     monkeypatch.setattr(importlib.import_module("qolora.prepare"), "prepare", refuse)
+    monkeypatch.setattr(importlib.import_module("qolora.finetune"), "prepare", refuse)
 
 
 # ------------------------------------------------------------------------------------- config

@@ -10,7 +10,7 @@ One checkpoint is a folder ``output_dir/checkpoints/step-000050/``::
                           of the model's adapter setup and of the training data (computed by the trainer)
     manifest.json         size and sha256 of the three files above; written last
 
-It is built in a temporary sibling folder and renamed into place (:func:`qolora.adapter_io.atomic_dir`),
+It is built in a temporary sibling folder and renamed into place (:func:`qolora.files.atomic_dir`),
 so a run killed while saving leaves no folder under a ``step-*`` name. A folder that is there but
 fails verification (no manifest, a missing file, a size or hash that differs: a disk fault or a
 hand edit) is *corrupted*: :func:`find_resumable` skips the newest such folders with a warning and
@@ -38,9 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapter_io import atomic_dir, sha256_file
+from .base_reader import weight_fingerprint
+from .files import atomic_dir, remove_stale_temporaries, sha256_file
 from .layer import adapter_layers, adapter_parameters
-from .reporting import umask_permissions
+from .model_record import record_of
 
 __all__ = [
     "Checkpoint",
@@ -51,6 +52,7 @@ __all__ = [
     "load_checkpoint",
     "model_fingerprint",
     "prune_checkpoints",
+    "remove_checkpoint",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -131,16 +133,13 @@ def model_fingerprint(model: nn.Module) -> str:
     each adapted layer's base-weight fingerprint and the fingerprint of its initial factors (which
     define the frozen residual for OLoRA/PiSSA).
     """
-    from .checkpoint import weight_fingerprint  # noqa: PLC0415
-
-    config = getattr(model, "qolora_config", None)
-    cfg = config.to_dict() if config is not None else {}
+    record = record_of(model)
+    cfg = record.config.to_dict() if record is not None else {}
     cfg.pop("device", None)
     layers = []
     for name, layer in adapter_layers(model):
-        init = getattr(layer, "init_factors", None)
-        layers.append([name, str(getattr(layer, "base_fingerprint", "")),
-                       [weight_fingerprint(t) for t in init] if init is not None else None])
+        init = layer.init_factors
+        layers.append([name, layer.base_fingerprint, [weight_fingerprint(t) for t in init] if init is not None else None])
     params = [[n, list(p.shape), str(p.dtype)] for n, p in adapter_parameters(model)]
     blob = json.dumps({"config": cfg, "layers": layers, "params": params}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -167,11 +166,11 @@ def save_checkpoint(
     Returns:
         The checkpoint folder.
     """
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safetensors.torch import save_file
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(root)
+    remove_stale_temporaries(root, "step-*")
     final = root / checkpoint_name(step)
     with atomic_dir(final, overwrite=True) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}, str(tmp / ADAPTER_FILE),
@@ -182,16 +181,7 @@ def save_checkpoint(
         files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
                  for n in (ADAPTER_FILE, TRAINER_FILE, STATE_FILE)}
         (tmp / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
-        umask_permissions(tmp)
     return final
-
-
-def _remove_stale_temporaries(root: Path) -> None:
-    """Delete temporary folders that a run killed while saving left behind."""
-    for path in root.glob(".step-*.tmp-*"):
-        shutil.rmtree(path, ignore_errors=True)
-    for path in root.glob(".step-*.old-*"):
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -207,15 +197,36 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove_checkpoint(path: Path) -> bool:
+    """Delete a checkpoint folder qolora wrote: its own files, then the folder if nothing else is in it.
+
+    A folder without qolora's manifest is not a qolora checkpoint and is left alone, as is anything
+    else inside a checkpoint (with a warning). Returns whether the folder is gone.
+    """
+    path = Path(path)
+    if not (path / MANIFEST_FILE).is_file():
+        logger.warning("left %s in place: it has no %s, so qolora did not write it", path, MANIFEST_FILE)
+        return False
+    for name in (ADAPTER_FILE, TRAINER_FILE, STATE_FILE, MANIFEST_FILE):
+        (path / name).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        logger.warning("left %s in place: it holds files qolora did not write (%s)", path,
+                       sorted(p.name for p in path.iterdir())[:5])
+        return False
+    return True
+
+
 def prune_checkpoints(root: Path, keep_last: int | None) -> list[Path]:
     """Delete all but the ``keep_last`` newest checkpoints (``None``: keep all); returns those deleted."""
     if keep_last is None:
         return []
     doomed = [path for _, path in list_checkpoints(root)[:-keep_last]]
-    for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+    deleted = [path for path in doomed if remove_checkpoint(path)]
+    for path in deleted:
         logger.debug("deleted old checkpoint %s", path)
-    return doomed
+    return deleted
 
 
 # ------------------------------------------------------------------------------------ read / verify
@@ -250,7 +261,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         CheckpointError: see :func:`verify_checkpoint`; also an unknown format version or files that
             verify but cannot be parsed.
     """
-    from safetensors.torch import load_file  # noqa: PLC0415
+    from safetensors.torch import load_file
 
     path = Path(path)
     verify_checkpoint(path)

@@ -1,0 +1,173 @@
+"""``finetune``: the whole job in one call, every cheap check before the expensive work.
+
+    options (all problems at once) -> output folder (checked, then locked) -> data file, format and
+    tokenization -> qolora.prepare -> qolora.train.train -> save the adapter to OUTPUT_DIR/adapter
+
+The ``qolora finetune`` command line calls this; so can a script.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from torch import nn
+
+from . import assets
+from .adapter_io import save_adapter
+from .base_reader import BaseCheckpoint
+from .config import AdapterConfig, ConfigError
+from .data import detect_format, load_records, split_train_eval, tokenize_dataset
+from .files import folder_lock
+from .optim import resolve_precision
+from .prepare import prepare
+from .run_folder import check_output_dir, check_resume
+from .train import train
+from .train_config import TrainConfig, TrainResult
+
+__all__ = ["finetune", "load_tokenizer"]
+
+logger = logging.getLogger(__name__)
+
+
+def finetune(
+    model: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
+    *,
+    output_dir: str | os.PathLike = "qolora-output",
+    bits: int = 4,
+    rank: int = 16,
+    init: str = "olora",
+    alpha: float | None = None,
+    target_modules: Sequence[str] | None = None,
+    format: str | None = None,
+    max_length: int = 128,
+    packing: bool = False,
+    mask_prompt: bool = True,
+    eval_fraction: float = 0.05,
+    resume: bool = False,
+    adapter_options: dict | None = None,
+    config: TrainConfig | None = None,
+    **train_options,
+) -> TrainResult:
+    """Fine-tune a causal LM with a quantized base and OLoRA adapters, end to end.
+
+    Checks everything cheap first (options, output folder, data file and columns, the tokenized
+    data), then prepares the model (:func:`qolora.prepare`, gradient checkpointing on), trains
+    (:func:`train`) and saves the adapter to ``output_dir/adapter``.
+
+    Args:
+        model: a transformers checkpoint folder or hub id; None = the built-in default
+            (SmolLM2-135M-Instruct, :func:`qolora.assets.default_model_dir`).
+        data: a data file / saved dataset / hub dataset (:func:`qolora.data.load_records`); None =
+            the built-in chatterbot English conversations.
+        output_dir: the run's folder (``TrainConfig.output_dir``).
+        bits, rank, init, alpha, target_modules: the adapter setup (:class:`qolora.AdapterConfig`).
+        format: the record format (:data:`qolora.data.FORMATS`); None = detected from the columns.
+        max_length: tokens per example (longer ones are truncated).
+        packing: pack several examples into each sequence of ``max_length``.
+        mask_prompt: train on the answers only.
+        eval_fraction: share of the examples held out for eval loss and samples.
+        resume: continue an interrupted run in ``output_dir``.
+        adapter_options: further :class:`qolora.AdapterConfig` fields (``dropout``, ``quant_type``,
+            ``device``, ...).
+        config: a whole :class:`TrainConfig` instead of ``output_dir`` and ``**train_options``.
+        **train_options: :class:`TrainConfig` fields (``max_steps``, ``lr``, ``batch_size``, ...).
+
+    Returns:
+        The :class:`TrainResult`, with ``adapter_dir`` set.
+
+    Raises:
+        ConfigError, DataError, AssetError: bad options, paths or data, all before the model is loaded.
+        CheckpointError, TrainingError: see :func:`train`.
+    """
+    tcfg, acfg = _checked_configs(config, output_dir, train_options, bits, rank, init, alpha, target_modules,
+                                  adapter_options, eval_fraction, max_length)
+    out = check_output_dir(tcfg, resume)
+    model_dir = BaseCheckpoint.open(assets.default_model_dir() if model is None else model).dir  # config + files
+    tokenizer = load_tokenizer(model_dir)
+    train_ds, eval_ds = _tokenized_split(data, tokenizer, format=format, max_length=max_length, packing=packing,
+                                         mask_prompt=mask_prompt, eval_fraction=eval_fraction, seed=tcfg.seed)
+    # The heavy part; the output folder is this run's from here on (a second run is refused).
+    with folder_lock(out):
+        check_output_dir(tcfg, resume)  # again, now that no other run can change the folder
+        if resume:
+            check_resume(tcfg, train_ds, acfg)
+        net = prepare(model_dir, config=acfg, gradient_checkpointing=tcfg.gradient_checkpointing,
+                      progress=tcfg.progress)
+        result = train(net, tokenizer, train_ds, eval_ds, tcfg, resume=resume)
+        result.adapter_dir = _save_final_adapter(net, out / "adapter")
+    return result
+
+
+def _checked_configs(config, output_dir, train_options, bits, rank, init, alpha, target_modules, adapter_options,
+                     eval_fraction, max_length) -> tuple[TrainConfig, AdapterConfig]:
+    """The training and adapter configs, or one ConfigError listing every problem with the options."""
+    problems: list[str] = []
+    if config is not None and train_options:
+        problems.append(f"pass either config or training options, not both (got {sorted(train_options)})")
+    try:
+        tcfg = config if config is not None else TrainConfig.from_options(output_dir=str(output_dir), **train_options)
+        problems += tcfg.problems()
+    except (ConfigError, TypeError) as exc:
+        tcfg = None
+        problems += getattr(exc, "problems", [str(exc)])
+    adapter = {"alpha": alpha, "init": init, **(adapter_options or {})}
+    if target_modules is not None:
+        adapter["target_modules"] = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+    try:
+        acfg = AdapterConfig(bits=bits, rank=rank, **adapter)
+        problems += acfg.problems()
+    except TypeError as exc:
+        acfg = None
+        problems.append(f"unknown adapter option: {exc}")
+    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 < eval_fraction < 1:
+        problems.append(f"eval_fraction={eval_fraction!r} must be a number strictly between 0 and 1")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        problems.append(f"max_length={max_length!r} must be an integer >= 2")
+    if problems:
+        raise ConfigError(problems)
+    resolve_precision(tcfg.mixed_precision, acfg.torch_device)
+    return tcfg, acfg
+
+
+def _tokenized_split(data, tokenizer, *, format, max_length, packing, mask_prompt, eval_fraction, seed):
+    """Load, check and tokenize the data, then split it into train and eval examples."""
+    records = load_records(assets.default_dataset_path() if data is None else data)
+    detect_format(records.column_names, format)
+    tokenized, stats = tokenize_dataset(records, tokenizer, format=format, max_length=max_length,
+                                        mask_prompt=mask_prompt, packing=packing)
+    if stats.n_truncated > 0.05 * stats.n_examples:
+        logger.warning("%d of %d examples are longer than max_length=%d and were cut; raise max_length to keep them",
+                       stats.n_truncated, stats.n_examples, max_length)
+    train_ds, eval_ds = split_train_eval(tokenized, eval_fraction, seed=seed)
+    logger.info("data: %d train / %d eval examples (%s)", len(train_ds), len(eval_ds), stats)
+    return train_ds, eval_ds
+
+
+def load_tokenizer(model_dir: Path):
+    """The model folder's tokenizer (never running code from the folder), padding with EOS if needed.
+
+    Raises:
+        ConfigError: the folder has no usable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as exc:  # transformers raises OSError / ValueError / others for a missing tokenizer
+        raise ConfigError(f"cannot load a tokenizer from {model_dir}: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("tokenizer has no pad token: using EOS %r", tokenizer.eos_token)
+    return tokenizer
+
+
+def _save_final_adapter(model: nn.Module, path: Path) -> Path:
+    """The trained adapter in qolora's adapter format (reloadable with ``qolora.load``, mergeable)."""
+    saved = save_adapter(model, path, overwrite=True)
+    logger.info("saved the adapter to %s", saved)
+    return Path(saved)

@@ -1,0 +1,107 @@
+"""What qolora knows about a model it built: one typed record, kept on the model as ``model.qolora``.
+
+``prepare`` and ``load`` return an ordinary transformers model; everything qolora needs later (to
+save the adapter, check a training checkpoint belongs to it, merge, report) is in a
+:class:`ModelRecord` attached in one place (:func:`attach_record`) and read back in one place
+(:func:`record_of`). Per-layer state (initial factors, base fingerprint) lives on each
+:class:`qolora.layer.AdapterLinear`, declared in its constructor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from torch import nn
+
+from .config import AdapterConfig
+
+__all__ = ["LayerReport", "ModelRecord", "QuantReport", "attach_record", "record_of"]
+
+
+@dataclass
+class LayerReport:
+    """Reconstruction error of one adapted layer (Frobenius norms, fp32)."""
+
+    name: str
+    shape: tuple[int, int]
+    weight_norm: float
+    error: float  # ||W - (deq(q(W_res)) + s*B@A)||
+    plain_error: float | None = None  # ||W - deq(q(W))||, plain QLoRA, when compare_plain
+
+
+@dataclass
+class QuantReport:
+    """Per-layer and summed weight error of a prepared model against its checkpoint weights."""
+
+    init: str
+    bits: int
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    requantized: str | None = None  # "4bit"/"8bit": the checkpoint was stored quantized (errors vs its weights)
+
+    @property
+    def total_error(self) -> float:
+        return sum(r.error for r in self.layers)
+
+    @property
+    def total_plain_error(self) -> float | None:
+        if not self.layers or any(r.plain_error is None for r in self.layers):
+            return None
+        return sum(r.plain_error for r in self.layers)
+
+    @property
+    def ratio_to_plain(self) -> float | None:
+        plain = self.total_plain_error
+        return None if not plain else self.total_error / plain
+
+    def summary(self) -> str:
+        text = f"{self.init} init, {self.bits}-bit base, {len(self.layers)} adapted layers: summed weight error {self.total_error:.4g}"
+        if self.ratio_to_plain is not None:
+            text += f" = {self.ratio_to_plain:.3f}x plain {self.bits}-bit quantization's {self.total_plain_error:.4g}"
+        return text + f" ({self.seconds:.1f} s)"
+
+    def to_dict(self) -> dict:
+        return {
+            "init": self.init, "bits": self.bits, "seconds": self.seconds,
+            "total_error": self.total_error, "total_plain_error": self.total_plain_error,
+            "ratio_to_plain": self.ratio_to_plain, "requantized": self.requantized,
+            "layers": [{f.name: getattr(r, f.name) for f in fields(r)} for r in self.layers],
+        }
+
+
+@dataclass
+class ModelRecord:
+    """How a qolora model was built.
+
+    Attributes:
+        config: the adapter configuration (for a loaded adapter, with the dtypes training used).
+        base: the base model as the user named it (folder or hub id).
+        base_dir: the local folder it was read from.
+        report: the weight-error report of the build.
+        adapter_dir: the adapter folder it was loaded from (None for a fresh ``prepare``).
+    """
+
+    config: AdapterConfig
+    base: str
+    base_dir: Path
+    report: QuantReport
+    adapter_dir: Path | None = None
+
+
+def attach_record(model: nn.Module, record: ModelRecord) -> None:
+    """Keep ``record`` on ``model`` as ``model.qolora``.
+
+    ``model.qolora_config`` and ``model.qolora_report`` name the same objects, for code written
+    against qolora 0.1 (read them, never assign them: qolora reads ``model.qolora``).
+    """
+    model.qolora = record
+    model.qolora_config = record.config
+    model.qolora_report = record.report
+    model.name_or_path = record.base
+
+
+def record_of(model: nn.Module) -> ModelRecord | None:
+    """The :class:`ModelRecord` of a model built by qolora, or None."""
+    record = getattr(model, "qolora", None)
+    return record if isinstance(record, ModelRecord) else None
