@@ -63,8 +63,13 @@ from torch.nn import functional as F
 from .data import IGNORE_INDEX
 
 __all__ = [
-    "DEFAULT_CHUNK_BYTES", "CHUNKED_MODEL_TYPES", "causal_lm_loss_sum", "chunked_cross_entropy_sum",
-    "chunked_loss_unsupported_reason", "default_chunk_tokens", "plain_causal_lm_loss_sum",
+    "CHUNKED_MODEL_TYPES",
+    "DEFAULT_CHUNK_BYTES",
+    "causal_lm_loss_sum",
+    "chunked_cross_entropy_sum",
+    "chunked_loss_unsupported_reason",
+    "default_chunk_tokens",
+    "plain_causal_lm_loss_sum",
 ]
 
 logger = logging.getLogger(__name__)
@@ -209,6 +214,7 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels
     chunk = int(chunk_tokens) if chunk_tokens is not None else default_chunk_tokens(weight.shape[0])
     if chunk < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    labels = labels.long()  # (N,): gather wants int64; no copy when it already is
     dtype = _compute_dtype(hidden, weight)
     # casts outside the Function, so autograd routes the gradients back to the original dtypes
     hidden, weight = hidden.to(dtype), weight.to(dtype)  # (N, H), (V, H)
