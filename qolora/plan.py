@@ -201,9 +201,11 @@ def meta_skeleton(hf_config, dtype: torch.dtype) -> nn.Module:
         del cfg.quantization_config
     try:
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
     except ValueError as exc:
         raise ConfigError(f"model_type {cfg.model_type!r} has no causal-LM class in transformers: {exc}") from exc
+    model.tie_weights()  # a tied head is one parameter (counted once), as after loading
+    return model
 
 
 # ---------------------------------------------------------------------------------- the plan
@@ -669,7 +671,9 @@ def _suggest(model, current: MemoryPlan, options: dict, hf_config) -> list[dict]
     combined = {k: v for _, c in changes if "seq_len" not in c and "batch_size" not in c for k, v in c.items()}
     if len(combined) > 1:
         changes.append((" + ".join(f"{k}={v}" for k, v in combined.items()), combined))
-    out = []
+    out = [{"change": f"a GPU with at least {_gib(current.gpu_bytes)} GiB (or rank/targets/seq_len lower)",
+            "options": {"gpu_memory": current.gpu_bytes}, "total_bytes": current.total_bytes, "fits": True}] \
+        if not changes else []
     for text, change in changes:
         p = plan(hf_config, **{**options, **change}, _search=False)
         out.append({"change": text, "options": change, "total_bytes": p.total_bytes, "fits": bool(p.fits)})
