@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_merge(sub)
     _add_info(sub)
+    from .plan import add_parser as _add_plan  # noqa: PLC0415
+
+    _add_plan(sub)
     return parser
 
 

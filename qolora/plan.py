@@ -1,0 +1,722 @@
+"""``qolora plan``: does a fine-tuning job fit, and with what? Answered from ``config.json`` alone.
+
+The model is built on the ``meta`` device (``accelerate.init_empty_weights`` +
+``AutoModelForCausalLM.from_config``, no remote code), so every parameter is counted exactly and no
+weight is read. The answer is a :class:`MemoryPlan` with one figure per component and the predicted
+peak of one training step. Notation: ``N = batch_size * seq_len`` tokens, ``h`` hidden size, ``i``
+intermediate size, ``q = heads * head_dim``, ``kv = kv_heads * head_dim``, ``V`` vocabulary, ``L``
+decoder layers, ``r`` rank, ``a`` bytes of the compute dtype (2 for bf16), ``n`` a weight's numel.
+
+Stored weights (exact; what :func:`qolora.prepare` builds):
+
+* 4-bit linear (``nn.Linear`` / GPT-2 ``Conv1D``, not the output head): ``ceil(n/2)`` packed bytes;
+  absmax per ``blocksize`` block: fp32 (``4*blocks``), or with double quantization uint8 (``blocks``)
+  + fp32 per 256 blocks (``4*ceil(blocks/256)``) + the 256-entry fp32 second-level code (1024) + a
+  fp32 offset (4); plus the 16-entry fp32 NF4/FP4 code (64). Every layer owns its code tables.
+* 8-bit linear: ``n`` int8 + one fp32 scale per output row (``4*out``).
+* everything else (embeddings, norms, the head (a tied head once), biases) in the compute dtype;
+  buffers (rotary frequencies) as the skeleton holds them.
+* adapters: ``r*(in+out)`` per targeted layer in the adapter dtype; their gradients the same.
+
+Optimizer states (exact; bitsandbytes' rules): ``adamw`` (torch): 2 states in the adapter dtype + a
+4-byte step per tensor. ``*_32bit``: ``2*4`` bytes per parameter. ``*_8bit``: a tensor with fewer
+than 4096 elements keeps fp32 states (``2*4*n``); a larger one ``2*n`` + ``2*4*ceil(n/256)`` block
+maxima; plus two shared 256-entry fp32 quantization maps. Paged variants take the same GPU memory
+(paging only moves pages out under pressure).
+
+Activations (a derived estimate, validated on the CPU against an exact allocation tracker in
+``tests/test_plan.py``). Per decoder layer, the tensors autograd keeps for the backward pass of a
+Llama-style layer (Llama, Mistral, Qwen2, ...; no padding mask, so grouped-query attention runs in SDPA
+without repeated K/V)::
+
+    norms      2 * (4*N*h + 4*N)              RMSNorm keeps its fp32 input and 1/rms
+    attention  a*N*(q + 2*kv) + a*N*q + 4*B*heads*T   rotated q, k, v; SDPA output + logsumexp
+    mlp        3*a*N*i                        gate (SiLU input), SiLU output, up
+    inputs     a*N*w per adapted layer's input w, once per tensor when shared (fp32 compute), or one
+               16-bit copy per adapted layer under bf16/fp16 autocast (fp32 adapters cast their input)
+    adapters   a*N*r per adapted layer        the ``x @ A^T`` kept for ``B``
+
+GPT-2 style layers (LayerNorm, fused ``c_attn``, GELU MLP) use the same terms with their own list
+(see :func:`_gpt2_layer`). Without gradient checkpointing all ``L`` layers are kept; with it, only
+each layer's input (``a*N*h`` each) plus one recomputed layer. On top: the backward pass's working
+gradients of one layer (``a*N*(i + h)``, doubled under autocast, where every adapted input's
+gradient also passes through the fp32 <-> 16-bit casts), the rotary tables, the final norm, and one dequantized
+weight (the largest, in the compute dtype: bitsandbytes dequantizes a whole weight per matmul when
+training).
+
+The loss: the current loop computes full logits and ``cross_entropy`` in fp32: at the start of the
+backward pass the log-softmax output, the gradient from NLL and the log-softmax gradient coexist,
+``3*4*N*V`` bytes. With ``chunked_loss`` (the loop being restructured) at most ``chunk_tokens`` rows of
+fp32 logits and their gradient exist at a time: ``2*4*chunk_tokens*V`` with ``chunk_tokens`` =
+``loss_chunk_bytes / (4*V)`` (256 MiB by default), prompt-masked tokens skipped. This branch is an
+assumption about code not yet written and is not validated.
+
+The peak of one step is the larger of two moments: the start of the backward pass (all kept
+activations + the loss) and the backward pass of the most loaded layer (kept activations, the
+recomputed layer with gradient checkpointing, working gradients, one dequantized weight). Adapter
+gradients and optimizer states are added to both (steady state; the first step has no states yet).
+On CUDA the plan adds the CUDA context (500 MiB; it varies 300-900 MiB with the driver and kernels
+loaded) and an allocator margin of ``max(256 MiB, 5%)`` of the rest for fragmentation in PyTorch's
+caching allocator. On the CPU neither is added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .config import DTYPES, AdapterConfig, ConfigError
+
+__all__ = ["MemoryPlan", "plan", "parse_size", "load_hf_config", "builtin_configs", "add_parser", "run"]
+
+logger = logging.getLogger(__name__)
+
+GiB = 1024**3
+MiB = 1024**2
+CONFIG_DIR = Path(__file__).with_name("configs")
+CUDA_CONTEXT_BYTES = 500 * MiB
+MARGIN_FRACTION = 0.05
+MARGIN_MIN_BYTES = 256 * MiB
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps fp32 optimizer states below this many elements
+BNB_OPTIM_BLOCK = 256
+LOSS_CHUNK_BYTES = 256 * MiB
+_DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2", "phi3", "olmo", "olmo2",
+               "granite", "smollm3", "cohere", "starcoder2", "stablelm", "internlm2")
+
+
+# ------------------------------------------------------------------------------------- sizes
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes from ``"24GiB"`` (binary), ``"24GB"`` (decimal), ``"80G"`` (binary, as nvidia-smi shows), or a number.
+
+    Raises:
+        ConfigError: not a size.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    m = _SIZE.match(str(text))
+    if not m or (not m.group(2) and m.group(3)):
+        raise ConfigError(f"size {text!r} is not understood; use e.g. '24GiB', '24GB', '80G' or a number of bytes")
+    number, unit, binary, b = float(m.group(1)), m.group(2).lower(), bool(m.group(3)), bool(m.group(4))
+    power = " kmgt".index(unit) if unit else 0
+    base = 1000 if (b and not binary) else 1024  # "GB" decimal; "GiB" and bare "G" binary
+    return int(number * base**power)
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+# ----------------------------------------------------------------------------------- configs
+def builtin_configs() -> dict[str, Path]:
+    """Names of the configs kept in ``qolora/configs`` (e.g. ``"llama-3-8b"``) and their files."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.json"))}
+
+
+def _config_from_dict(d: Mapping, source: str):
+    from transformers import AutoConfig  # noqa: PLC0415
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: PLC0415
+
+    d = dict(d)
+    if d.get("auto_map"):
+        raise ConfigError(f"{source} needs remote code (auto_map {sorted(d['auto_map'])}); qolora plan builds only "
+                          "architectures built into transformers (trust_remote_code=False)")
+    model_type = d.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING:
+        examples = ", ".join(sorted(set(_LLAMA_LIKE) & set(CONFIG_MAPPING))[:8])
+        raise ConfigError(f"{source}: model_type {model_type!r} is not a transformers architecture; allowed: one of "
+                          f"the {len(CONFIG_MAPPING)} built-in model types (e.g. {examples}, gpt2)")
+    d.pop("transformers_version", None)
+    return AutoConfig.for_model(model_type, **d)
+
+
+def load_hf_config(model: Any):
+    """The transformers config of ``model``: a config object, a dict, a built-in name, a ``.json`` file, a
+    folder holding ``config.json``, a hub id in the local cache (or reachable), or an object with ``hf_config()``.
+
+    Raises:
+        ConfigError: no config.json, not JSON, an unknown model_type, or remote code required.
+    """
+    from transformers import PretrainedConfig  # noqa: PLC0415
+
+    if hasattr(model, "hf_config") and callable(model.hf_config):
+        return model.hf_config()
+    if isinstance(model, PretrainedConfig):
+        if getattr(model, "auto_map", None):
+            raise ConfigError(f"config of {type(model).__name__} needs remote code (auto_map); not supported")
+        return model
+    if isinstance(model, Mapping):
+        return _config_from_dict(model, "config dict")
+    text = os.fspath(model)
+    builtin = builtin_configs()
+    path = Path(text).expanduser()
+    if text in builtin:
+        path = builtin[text]
+    elif path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist: a model folder needs config.json (weights are not needed)")
+    elif not path.is_file():
+        if text.startswith((".", "/", "~")) or text.endswith(".json") or "/" not in text:
+            raise ConfigError(f"model {text!r} is neither a config.json file, a folder holding one, a hub id "
+                              f"'org/name', nor a built-in name ({', '.join(builtin)})")
+        try:
+            from huggingface_hub import hf_hub_download  # noqa: PLC0415
+
+            path = Path(hf_hub_download(text, "config.json"))
+        except Exception as exc:  # offline / not found / gated
+            raise ConfigError(f"config.json of hub model {text!r} is not in the local cache and could not be "
+                              f"fetched: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is not a readable JSON config: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return _config_from_dict(data, str(path))
+
+
+def meta_skeleton(hf_config, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of ``hf_config`` on the ``meta`` device (buffers stay real, as in :func:`qolora.prepare`)."""
+    from accelerate import init_empty_weights  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    cfg = hf_config
+    if getattr(cfg, "quantization_config", None) is not None:
+        cfg = dataclasses.replace(cfg) if dataclasses.is_dataclass(cfg) else cfg.__class__.from_dict(cfg.to_dict())
+        del cfg.quantization_config
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
+    except ValueError as exc:
+        raise ConfigError(f"model_type {cfg.model_type!r} has no causal-LM class in transformers: {exc}") from exc
+    model.tie_weights()  # a tied head is one parameter (counted once), as after loading
+    return model
+
+
+# ---------------------------------------------------------------------------------- the plan
+@dataclass
+class MemoryPlan:
+    """Predicted memory of fine-tuning one model (bytes). See the module docstring for the formulas.
+
+    Attributes:
+        quantized_weights_bytes: the quantized linear layers (packed weights + quantization statistics).
+        other_weights_bytes: embeddings, norms, head, biases and buffers, unquantized.
+        weights_bytes: all base weights as stored (the two above).
+        adapter_bytes / adapter_grad_bytes: trainable adapter weights and their gradients.
+        optimizer_bytes: optimizer states.
+        activation_bytes: activations kept at the peak moment (incl. working gradients and one dequantized weight).
+        loss_bytes: logits and loss buffers at the peak moment (0 when the peak is inside the layers).
+        peak_moment: ``"loss"`` (start of the backward pass) or ``"layer"`` (backward through a layer).
+        step_bytes: the peak of one training step above the prepared model (activations + loss + adapter
+            gradients + optimizer states).
+        cuda_context_bytes / margin_bytes: CUDA context and allocator margin (0 on the CPU).
+        total_bytes: predicted peak; gpu_bytes: its GPU part (all of it until offloading exists); host_bytes: 0.
+        fits: ``gpu_bytes <= gpu_memory`` when ``gpu_memory`` was given.
+        max_seq_len / max_batch_size: the longest sequence (at ``batch_size``) and the largest batch (at
+            ``seq_len``) that fit ``gpu_memory`` (None without it, 0 when nothing fits).
+        suggestions: changes that make it fit, each with its predicted total.
+    """
+
+    model: str
+    model_type: str
+    num_layers: int
+    settings: dict
+    quantized_weights_bytes: int
+    other_weights_bytes: int
+    adapter_bytes: int
+    adapter_grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    loss_bytes: int
+    peak_moment: str
+    cuda_context_bytes: int
+    margin_bytes: int
+    n_adapted_layers: int = 0
+    trainable_params: int = 0
+    details: dict = field(default_factory=dict)
+    gpu_memory: int | None = None
+    max_seq_len: int | None = None
+    max_batch_size: int | None = None
+    suggestions: list[dict] = field(default_factory=list)
+
+    @property
+    def weights_bytes(self) -> int:
+        return self.quantized_weights_bytes + self.other_weights_bytes
+
+    @property
+    def step_bytes(self) -> int:
+        return self.activation_bytes + self.loss_bytes + self.adapter_grad_bytes + self.optimizer_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.adapter_bytes + self.step_bytes + self.cuda_context_bytes + self.margin_bytes
+
+    @property
+    def gpu_bytes(self) -> int:
+        return self.total_bytes - self.host_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return 0
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_memory is None else self.gpu_bytes <= self.gpu_memory
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("weights_bytes", "step_bytes", "total_bytes", "gpu_bytes", "host_bytes", "fits"):
+            d[name] = getattr(self, name)
+        return d
+
+    def format_table(self) -> str:
+        """A human-readable, aligned table in GiB."""
+        s = self.settings
+        rows = [
+            ("quantized linear weights", self.quantized_weights_bytes,
+             f"{s['bits']}-bit" + (f" {s['quant_type']}, blocksize {s['blocksize']}" + (", double quant" if s["double_quant"] else "")
+                                   if s["bits"] == 4 else "")),
+            ("other weights", self.other_weights_bytes, f"embeddings, norms, head in {s['compute_dtype']}"),
+            ("adapters", self.adapter_bytes, f"r={s['rank']} on {self.n_adapted_layers} layers, "
+                                             f"{self.trainable_params:,} params, {s['adapter_dtype']}"),
+            ("adapter gradients", self.adapter_grad_bytes, ""),
+            ("optimizer states", self.optimizer_bytes, s["optim"]),
+            ("activations", self.activation_bytes,
+             f"seq {s['seq_len']} x batch {s['batch_size']}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"),
+            ("loss", self.loss_bytes, ("chunked" if s["chunked_loss"] else "full fp32 logits")
+             + ("" if self.loss_bytes or self.peak_moment == "loss" else " (peak is inside the layers)")),
+            ("CUDA context", self.cuda_context_bytes, ""),
+            ("allocator margin", self.margin_bytes, f"max(256 MiB, {MARGIN_FRACTION:.0%})" if self.margin_bytes else ""),
+        ]
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{self.model} ({self.model_type}, {self.num_layers} layers) on {s['device']}",
+                 f"{'component':<{width}}  {'GiB':>8}  note", "-" * (width + 40)]
+        lines += [f"{name:<{width}}  {_gib(b):>8}  {note}".rstrip() for name, b, note in rows]
+        lines.append("-" * (width + 40))
+        lines.append(f"{'total (predicted peak)':<{width}}  {_gib(self.total_bytes):>8}  "
+                     f"weights {_gib(self.weights_bytes)}, peak at the {self.peak_moment}")
+        if self.gpu_memory is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"{'GPU memory':<{width}}  {_gib(self.gpu_memory):>8}  {verdict} "
+                         f"({_gib(self.gpu_memory - self.gpu_bytes)} GiB left)")
+            lines.append(f"longest seq_len at batch {s['batch_size']}: {self.max_seq_len}; "
+                         f"largest batch at seq_len {s['seq_len']}: {self.max_batch_size}")
+            for sug in self.suggestions:
+                lines.append(f"  suggestion: {sug['change']}: {_gib(sug['total_bytes'])} GiB"
+                             + (" (fits)" if sug["fits"] else " (still too big)"))
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Dims:
+    family: str
+    L: int
+    h: int
+    i: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    attn_dropout: float
+    resid_dropout: float
+    activation: str
+
+
+def _dims(hf_config) -> _Dims:
+    c = hf_config
+    mt = c.model_type
+    if mt == "gpt2":
+        h = c.n_embd
+        return _Dims("gpt2", c.n_layer, h, c.n_inner or 4 * h, c.n_head, c.n_head, h // c.n_head, c.vocab_size,
+                     float(c.attn_pdrop), float(c.resid_pdrop), c.activation_function)
+    text = getattr(c, "text_config", None) or c
+    h = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    if mt not in _LLAMA_LIKE:
+        logger.warning("activation estimate for model_type %r uses the Llama-style layer formula (validated for "
+                       "llama, mistral, qwen2 and gpt2 only)", mt)
+    return _Dims("llama", text.num_hidden_layers, h, text.intermediate_size, heads,
+                 getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size,
+                 float(getattr(text, "attention_dropout", 0.0) or 0.0), 0.0, getattr(text, "hidden_act", "silu"))
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    return module.nf, module.nx  # Conv1D
+
+
+def _quantized_bytes(out_f: int, in_f: int, bits: int, blocksize: int, double_quant: bool, dtype_bytes: int) -> int:
+    n = out_f * in_f
+    if bits == 16:
+        return n * dtype_bytes
+    if bits == 8:
+        return n + 4 * out_f
+    blocks = -(-n // blocksize)
+    stats = blocks + 4 * -(-blocks // 256) + 256 * 4 + 4 if double_quant else 4 * blocks
+    return -(-n // 2) + stats + 16 * 4
+
+
+def _optimizer_bytes(optim: str, numels: list[int], adapter_bytes: int) -> int:
+    if optim == "adamw":
+        return sum(2 * n * adapter_bytes + 4 for n in numels)
+    if optim.endswith("32bit"):
+        return sum(2 * 4 * n for n in numels)
+    total, any8 = 0, False
+    for n in numels:
+        if n < BNB_MIN_8BIT_SIZE:
+            total += 2 * 4 * n
+        else:
+            any8 = True
+            total += 2 * n + 2 * 4 * -(-n // BNB_OPTIM_BLOCK)
+    return total + (2 * 256 * 4 if any8 else 0)
+
+
+def _inputs_bytes(N: int, widths_consumers: list[tuple[int, list[str]]], adapted: set[str], a: int,
+                  adapter_b: int, autocast: bool, bits: int) -> int:
+    """Bytes kept for the inputs of a layer's linear layers: each input tensor (width w) read by consumers."""
+    total = 0
+    for w, consumers in widths_consumers:
+        shared = bits == 16  # an unquantized base keeps its input; bitsandbytes keeps only its weight
+        for c in consumers:
+            if c not in adapted:
+                continue
+            if autocast:
+                total += N * w * a  # fp32 adapter: x -> fp32 -> autocast's own 16-bit copy, one per layer
+            elif adapter_b == a:
+                shared = True
+            else:
+                total += N * w * adapter_b
+        total += N * w * a if shared else 0
+    return total
+
+
+def _llama_layer(d: _Dims, B: int, T: int, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
+                 bits: int, padded: bool) -> int:
+    N = B * T
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    norms = 2 * (4 * N * d.h + 4 * N)
+    k_v = 2 * N * (q if padded and d.kv_heads != d.heads else kv) * a
+    attn = N * q * a + k_v + N * q * a + 4 * B * d.heads * T
+    if d.attn_dropout > 0:  # SDPA falls back to the math kernel: probabilities and their mask
+        attn += B * d.heads * T * T * (a + 1)
+    mlp = 3 * N * d.i * a
+    inputs = _inputs_bytes(N, [(d.h, ["q_proj", "k_proj", "v_proj"]), (q, ["o_proj"]), (d.h, ["gate_proj", "up_proj"]),
+                               (d.i, ["down_proj"])], adapted, a, adapter_b, autocast, bits)
+    lora = N * r * (a if autocast else adapter_b) * len(adapted)
+    return norms + attn + mlp + inputs + lora
+
+
+def _gpt2_layer(d: _Dims, B: int, T: int, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
+                bits: int, padded: bool) -> int:
+    N = B * T
+    ln_b = 4 if autocast else a  # LayerNorm runs in fp32 under autocast
+    norms = 2 * (N * d.h * ln_b + 2 * 4 * N)  # input, mean, rstd
+    attn = 3 * N * d.h * a + N * d.h * a + 4 * B * d.heads * T  # c_attn output (q, k, v views), SDPA out + lse
+    if d.attn_dropout > 0:
+        attn += B * d.heads * T * T * (a + 1)
+    drop = 2 * N * d.h * (a + 1) if d.resid_dropout > 0 else 0  # two residual dropouts: output + bool mask
+    gelu = 4 if d.activation == "gelu_new" else 1  # python tanh-GELU keeps 4 tensors of N*i, torch's GELU 1
+    mlp = gelu * N * d.i * a
+    inputs = _inputs_bytes(N, [(d.h, ["c_attn"]), (d.h, ["c_proj"]), (d.h, ["c_fc"]), (d.i, ["mlp.c_proj"])],
+                           adapted, a, adapter_b, autocast, bits)
+    lora = N * r * (a if autocast else adapter_b) * len(adapted)
+    return norms + attn + drop + mlp + inputs + lora
+
+
+def _adapted_kinds(names: list[str], family: str) -> set[str]:
+    kinds = set()
+    for n in names:
+        leaf = n.rsplit(".", 1)[-1]
+        kinds.add("mlp.c_proj" if family == "gpt2" and leaf == "c_proj" and ".mlp." in f".{n}." else leaf)
+    return kinds
+
+
+def _step(d: _Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
+          bits: int, padded: bool, checkpointing: bool, chunked: bool, chunk_bytes: int, max_linear: int,
+          grads: int, states: int) -> tuple[int, int, str, dict]:
+    """(activation bytes, loss bytes, moment, details) at the predicted peak of one step."""
+    N = B * T
+    layer_fn = _gpt2_layer if d.family == "gpt2" else _llama_layer
+    per_layer = layer_fn(d, B, T, adapted, r, a, adapter_b, autocast, bits, padded)
+    layer_input = N * d.h * a
+    rope = 2 * N * d.head_dim * a if d.family == "llama" else 0
+    top = 4 * N * d.h + 4 * N + rope  # final norm keeps its fp32 input and 1/rms
+    # Working gradients of one layer (output, MLP): under autocast each adapted input's gradient also passes
+    # through the fp32 <-> 16-bit casts, which doubles the temporaries.
+    work = N * (d.i + d.h) * a * (2 if autocast else 1)
+    dequant = max_linear * a
+    if checkpointing:
+        # The recomputed layer's norm keeps the checkpointed input itself when it is already fp32.
+        recomputed = per_layer - (layer_input if a == 4 and d.family == "llama" else 0)
+        kept_at_loss = d.L * layer_input + top
+        kept_in_layer = d.L * layer_input + rope + recomputed + work + dequant
+    else:
+        kept_at_loss = d.L * per_layer + top
+        kept_in_layer = d.L * per_layer + rope + work + dequant
+    n_loss = B * max(T - 1, 1)
+    if chunked:
+        chunk_tokens = max(1, min(n_loss, chunk_bytes // (4 * d.vocab)))
+        loss = 2 * 4 * chunk_tokens * d.vocab
+    else:
+        loss = 3 * 4 * n_loss * d.vocab
+    at_loss, in_layer = kept_at_loss + loss, kept_in_layer
+    details = {"per_layer_activation_bytes": per_layer, "checkpointed_input_bytes": layer_input,
+               "working_grad_bytes": work, "dequantized_weight_bytes": dequant,
+               "peak_at_loss_bytes": at_loss, "peak_in_layer_bytes": in_layer}
+    if at_loss >= in_layer:
+        return kept_at_loss, loss, "loss", details
+    return in_layer, 0, "layer", details
+
+
+def plan(
+    model: Any,
+    *,
+    bits: int = 4,
+    rank: int = 16,
+    alpha: float | None = None,
+    target_modules: list[str] | tuple[str, ...] | None = None,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    grad_accum: int = 1,
+    optim: str = "paged_adamw_8bit",
+    gradient_checkpointing: bool = True,
+    gpu_memory: int | str | None = None,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: str = "bf16",
+    adapter_dtype: str = "fp32",
+    chunked_loss: bool = True,
+    loss_chunk_bytes: int = LOSS_CHUNK_BYTES,
+    device: str = "cuda",
+    padded: bool | None = None,
+    _search: bool = True,
+) -> MemoryPlan:
+    """Predict the memory of fine-tuning ``model`` with qolora, from its config alone.
+
+    Args:
+        model: a built-in name (``"llama-3-8b"``), a ``config.json`` path, a folder holding one, a hub id in
+            the HF cache, a transformers config, a config dict, or a :class:`qolora.synthetic.SyntheticCheckpoint`.
+        bits, rank, alpha, target_modules, quant_type, blocksize, double_quant, adapter_dtype: as in
+            :func:`qolora.prepare` (``target_modules=None``: every linear layer but the head).
+        seq_len, batch_size: tokens per example and examples per micro-batch.
+        grad_accum: micro-batches per step (does not change the peak: one micro-batch lives at a time).
+        optim: one of :data:`qolora.train.OPTIMIZERS`.
+        gradient_checkpointing: recompute each layer in the backward pass.
+        gpu_memory: bytes or a size (``"24GiB"``): then ``fits``, the longest ``seq_len``, the largest
+            ``batch_size`` and suggestions are filled in.
+        compute_dtype: dtype of the unquantized weights and of activations. 16-bit means qolora's GPU
+            setting (16-bit base, 16-bit autocast, adapters in ``adapter_dtype``); ``"fp32"`` the CPU one
+            (no autocast).
+        chunked_loss: assume the loop's chunked loss (at most ``loss_chunk_bytes`` of fp32 logits per chunk).
+        device: ``"cuda"`` adds the CUDA context and allocator margin; ``"cpu"`` does not (used to validate
+            the formulas against exact CPU allocation counts). bitsandbytes keeps the same tensors on both.
+        padded: whether batches carry a padding mask (then SDPA materialises repeated K/V heads);
+            None = ``batch_size > 1``.
+
+    Returns:
+        A :class:`MemoryPlan`.
+
+    Raises:
+        ConfigError: bad options or a config that cannot be built (all problems at once for options).
+    """
+    from .prepare import linear_layers, select_targets  # noqa: PLC0415
+    from .train import OPTIMIZERS  # noqa: PLC0415
+
+    problems = AdapterConfig(bits=bits, rank=rank, alpha=alpha, quant_type=quant_type, blocksize=blocksize,
+                             double_quant=double_quant, adapter_dtype=adapter_dtype, dtype=compute_dtype,
+                             target_modules=tuple(target_modules) if target_modules is not None else None,
+                             device="cpu").problems()
+    if optim not in OPTIMIZERS:
+        problems.append(f"optim={optim!r} is not supported; allowed: {list(OPTIMIZERS)}")
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{name}={value!r} must be an integer >= 1")
+    if device not in ("cuda", "cpu"):
+        problems.append(f"device={device!r} is not supported; allowed: 'cuda', 'cpu'")
+    if problems:
+        raise ConfigError(problems)
+    gpu = parse_size(gpu_memory) if gpu_memory is not None else None
+
+    hf_config = load_hf_config(model)
+    cdtype, adtype = DTYPES[compute_dtype.lower()], DTYPES[adapter_dtype.lower()]
+    a, adapter_b = _DTYPE_BYTES[cdtype], _DTYPE_BYTES[adtype]
+    autocast = a < 4
+    skeleton = meta_skeleton(hf_config, cdtype)
+    linears = linear_layers(skeleton)
+    targets = select_targets(linears, tuple(target_modules) if target_modules is not None else None)
+    smallest = min((min(_linear_shape(linears[n])) for n in targets), default=0)
+    if rank > smallest:
+        raise ConfigError(f"rank={rank} is larger than the smallest targeted layer allows (<= {smallest})")
+
+    quantized = other = 0
+    linear_weights = set()
+    for name, mod in linears.items():
+        out_f, in_f = _linear_shape(mod)
+        quantized += _quantized_bytes(out_f, in_f, bits, blocksize, double_quant, a)
+        linear_weights.add(id(mod.weight))
+    for _, p in skeleton.named_parameters():  # tied parameters once
+        if id(p) not in linear_weights:
+            other += p.numel() * a
+    for _, b in skeleton.named_buffers():
+        other += b.numel() * b.element_size()
+    numels = []
+    for n in targets:
+        out_f, in_f = _linear_shape(linears[n])
+        numels += [rank * in_f, out_f * rank]
+    trainable = sum(numels)
+    adapters = trainable * adapter_b
+    states = _optimizer_bytes(optim, numels, adapter_b)
+    max_linear = max((math.prod(_linear_shape(m)) for m in linears.values()), default=0)
+    d = _dims(hf_config)
+    adapted = _adapted_kinds(targets, d.family)
+
+    def step(T: int, B: int):
+        return _step(d, B, T, adapted=adapted, r=rank, a=a, adapter_b=adapter_b, autocast=autocast, bits=bits,
+                     padded=(B > 1) if padded is None else padded, checkpointing=gradient_checkpointing,
+                     chunked=chunked_loss, chunk_bytes=loss_chunk_bytes, max_linear=max_linear,
+                     grads=adapters, states=states)
+
+    def overhead(rest: int) -> tuple[int, int]:
+        if device != "cuda":
+            return 0, 0
+        return CUDA_CONTEXT_BYTES, max(MARGIN_MIN_BYTES, int(MARGIN_FRACTION * rest))
+
+    def total_for(T: int, B: int) -> int:
+        act, loss, _, _ = step(T, B)
+        rest = quantized + other + 2 * adapters + states + act + loss
+        ctx, margin = overhead(rest)
+        return rest + ctx + margin
+
+    act, loss, moment, details = step(seq_len, batch_size)
+    ctx, margin = overhead(quantized + other + 2 * adapters + states + act + loss)
+    settings = {"bits": bits, "rank": rank, "alpha": float(rank if alpha is None else alpha),
+                "target_modules": list(target_modules) if target_modules is not None else None,
+                "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum, "optim": optim,
+                "gradient_checkpointing": gradient_checkpointing, "quant_type": quant_type, "blocksize": blocksize,
+                "double_quant": double_quant, "compute_dtype": compute_dtype, "adapter_dtype": adapter_dtype,
+                "chunked_loss": chunked_loss, "loss_chunk_bytes": loss_chunk_bytes, "device": device,
+                "padded": (batch_size > 1) if padded is None else padded}
+    name = model if isinstance(model, (str, os.PathLike)) else getattr(hf_config, "_name_or_path", "") or d.family
+    result = MemoryPlan(
+        model=str(name), model_type=hf_config.model_type, num_layers=d.L, settings=settings,
+        quantized_weights_bytes=quantized, other_weights_bytes=other, adapter_bytes=adapters,
+        adapter_grad_bytes=adapters, optimizer_bytes=states, activation_bytes=act, loss_bytes=loss,
+        peak_moment=moment, cuda_context_bytes=ctx, margin_bytes=margin, n_adapted_layers=len(targets),
+        trainable_params=trainable, details=details, gpu_memory=gpu,
+    )
+    if gpu is not None and _search:
+        limit = int(getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", 0)
+                    or 131072)
+        result.max_seq_len = _largest(lambda T: total_for(T, batch_size) <= gpu, limit)
+        result.max_batch_size = _largest(lambda B: total_for(seq_len, B) <= gpu, 4096)
+        if not result.fits:
+            result.suggestions = _suggest(model, result, dict(
+                bits=bits, rank=rank, alpha=alpha, target_modules=target_modules, seq_len=seq_len,
+                batch_size=batch_size, grad_accum=grad_accum, optim=optim, gradient_checkpointing=gradient_checkpointing,
+                gpu_memory=gpu, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                compute_dtype=compute_dtype, adapter_dtype=adapter_dtype, chunked_loss=chunked_loss,
+                loss_chunk_bytes=loss_chunk_bytes, device=device, padded=padded), hf_config)
+    return result
+
+
+def _largest(ok, limit: int) -> int:
+    """The largest x in [1, limit] with ok(x) (ok is monotone), 0 if none."""
+    if not ok(1):
+        return 0
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _suggest(model, current: MemoryPlan, options: dict, hf_config) -> list[dict]:
+    changes = []
+    if options["bits"] != 4:
+        changes.append(("bits=4", {"bits": 4}))
+    if not options["gradient_checkpointing"]:
+        changes.append(("gradient checkpointing on", {"gradient_checkpointing": True}))
+    if options["optim"] not in ("paged_adamw_8bit", "adamw_8bit"):
+        changes.append(("optim=paged_adamw_8bit", {"optim": "paged_adamw_8bit"}))
+    if not options["chunked_loss"]:
+        changes.append(("chunked loss", {"chunked_loss": True}))
+    if options["batch_size"] > 1 and current.max_batch_size:
+        b = current.max_batch_size
+        changes.append((f"batch_size={b}, grad_accum={math.ceil(options['batch_size'] * options['grad_accum'] / b)} "
+                        "(same effective batch)",
+                        {"batch_size": b, "grad_accum": math.ceil(options["batch_size"] * options["grad_accum"] / b)}))
+    if current.max_seq_len and current.max_seq_len < options["seq_len"]:
+        changes.append((f"seq_len={current.max_seq_len}", {"seq_len": current.max_seq_len}))
+    combined = {k: v for _, c in changes if "seq_len" not in c and "batch_size" not in c for k, v in c.items()}
+    if len(combined) > 1:
+        changes.append((" + ".join(f"{k}={v}" for k, v in combined.items()), combined))
+    out = [{"change": f"a GPU with at least {_gib(current.gpu_bytes)} GiB (or rank/targets/seq_len lower)",
+            "options": {"gpu_memory": current.gpu_bytes}, "total_bytes": current.total_bytes, "fits": True}] \
+        if not changes else []
+    for text, change in changes:
+        p = plan(hf_config, **{**options, **change}, _search=False)
+        out.append({"change": text, "options": change, "total_bytes": p.total_bytes, "fits": bool(p.fits)})
+    return out
+
+
+# --------------------------------------------------------------------------------------- CLI
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``qolora plan`` on an argparse subparsers object; choices come from the library's constants."""
+    from .train import OPTIMIZERS  # noqa: PLC0415
+
+    bits_choices = [4, 8, 16]
+    assert not AdapterConfig(bits=bits_choices[0]).problems()  # the same set AdapterConfig accepts
+    p = subparsers.add_parser(
+        "plan", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="predict the GPU memory of fine-tuning a model, from its config.json alone",
+        description="Does it fit, and with what? Reads only MODEL's config.json (a file, a folder, a cached hub id or "
+                    f"a built-in name: {', '.join(builtin_configs())}) and predicts the peak memory of training.",
+    )
+    p.add_argument("model", help="config.json file, folder holding one, hub id, or built-in name")
+    p.add_argument("--bits", type=int, default=4, choices=[b for b in bits_choices if not AdapterConfig(bits=b).problems()])
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=None, help="adapter alpha (default: rank)")
+    p.add_argument("--target-modules", default=None, type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                   help="comma-separated layer names (default: every linear layer but the head)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--optim", default=OPTIMIZERS[0], choices=list(OPTIMIZERS))
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="assume the chunked loss (no full fp32 logits)")
+    p.add_argument("--gpu-memory", default=None, help="GPU memory to fit, e.g. 24GiB, 24GB, 80G")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    """Run ``qolora plan`` from parsed arguments; prints the table (or JSON); exit code 0, or 1 when it does not fit."""
+    result = plan(args.model, bits=args.bits, rank=args.rank, alpha=args.alpha, target_modules=args.target_modules,
+                  seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, optim=args.optim,
+                  gradient_checkpointing=args.gradient_checkpointing, chunked_loss=args.chunked_loss,
+                  gpu_memory=args.gpu_memory)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
+    return 0 if result.fits in (None, True) else 1

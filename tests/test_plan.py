@@ -1,0 +1,180 @@
+"""``qolora.plan`` against really prepared models, and ``qolora.synthetic``.
+
+Weights, adapters and optimizer states must match exactly (counted storages of a prepared model and of
+a real optimizer after a step); the predicted peak of one training step (activations, loss, adapter
+gradients, optimizer states) must be within 10% of the peak measured by an exact allocation tracker
+(:mod:`memtrack`) over two real steps of the training loop's own loss on the CPU, fp32 and bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import types
+
+import pytest
+import torch
+
+import qolora
+from qolora import ConfigError
+from qolora.cli import main
+from qolora.layer import adapter_parameters
+from qolora.plan import load_hf_config, parse_size, plan
+from qolora.synthetic import SyntheticCheckpoint
+from qolora.train import _Run, make_optimizer
+from memtrack import MemTracker, storage_bytes
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _model_bytes(model) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        qs = getattr(w, "quant_state", None)
+        if qs is not None:
+            tensors += [qs.absmax, qs.code, getattr(qs, "offset", None)]
+            if qs.state2 is not None:
+                tensors += [qs.state2.absmax, qs.state2.code]
+        if w is not None and getattr(w, "SCB", None) is not None:
+            tensors += [w.SCB]
+    return storage_bytes(tensors)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weights_and_adapters_are_exact(tiny_llama_dir, bits):
+    model = qolora.prepare(tiny_llama_dir, bits=bits, rank=4, progress=False)
+    p = plan(tiny_llama_dir, bits=bits, rank=4, compute_dtype="fp32", device="cpu")
+    measured = _model_bytes(model)
+    assert p.weights_bytes + p.adapter_bytes == pytest.approx(measured, rel=0.01)
+    assert p.adapter_bytes == storage_bytes([t for _, t in adapter_parameters(model)])
+    assert p.trainable_params == sum(t.numel() for _, t in adapter_parameters(model))
+
+
+@pytest.mark.parametrize("optim", ["adamw_8bit", "paged_adamw_32bit", "adamw"])
+def test_optimizer_states_are_exact(tmp_path, optim):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    model = qolora.prepare(tmp_path, bits=4, rank=8, progress=False)  # both fp32 (<4096) and 8-bit states
+    params = [p for _, p in adapter_parameters(model)]
+    opt = make_optimizer(optim, params, 1e-3, 0.0)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    assert plan(tmp_path, bits=4, rank=8, optim=optim, compute_dtype="fp32", device="cpu").optimizer_bytes \
+        == storage_bytes(states)
+
+
+def _configs():
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    small = dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=1024)
+    return {
+        "llama": LlamaConfig(**small),
+        "qwen2": Qwen2Config(**{**small, "tie_word_embeddings": True}),
+        "mistral": MistralConfig(**{**small, "sliding_window": None}),
+        "gpt2": GPT2Config(vocab_size=1024, n_embd=256, n_layer=2, n_head=4, n_positions=1024, attn_pdrop=0.0,
+                           resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0),
+    }
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
+def test_predicted_step_peak_within_10_percent(tmp_path, arch, bf16, checkpointing):
+    from transformers import AutoModelForCausalLM
+
+    cfg = _configs()[arch]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    model = qolora.prepare(tmp_path, bits=4, rank=8, gradient_checkpointing=checkpointing, progress=False,
+                           **({"dtype": "bf16"} if bf16 else {}))
+    model.train()
+    params = [p for _, p in adapter_parameters(model)]
+    opt = make_optimizer("adamw_8bit", params, 1e-4, 0.0)
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
+    run = types.SimpleNamespace(model=model, autocast=autocast)  # the training loop's own loss
+    ids = torch.randint(0, cfg.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def step():
+        (_Run._loss_sum(run, batch) / ids.numel()).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with MemTracker() as tracker:
+        step()
+        step()  # the second step holds the optimizer states: the steady state the plan predicts
+    predicted = plan(cfg, bits=4, rank=8, seq_len=256, optim="adamw_8bit", gradient_checkpointing=checkpointing,
+                     compute_dtype="bf16" if bf16 else "fp32", chunked_loss=False, device="cpu", padded=False)
+    assert predicted.step_bytes == pytest.approx(tracker.peak, rel=0.10), (predicted.details, tracker.peak)
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("24GB") == 24 * 10**9
+    assert parse_size("80G") == 80 * 2**30
+    assert parse_size(1234) == 1234
+    with pytest.raises(ConfigError):
+        parse_size("lots")
+
+
+def test_full_size_llama_plans_are_sane():
+    p8 = plan("llama-3-8b", gpu_memory="24GiB")
+    assert p8.trainable_params == 41_943_040  # r=16 on all 7 projections x 32 layers
+    assert 5 * 2**30 < p8.weights_bytes < 6 * 2**30 and p8.fits
+    p70 = plan("llama-3-70b", gpu_memory="24GiB")
+    assert not p70.fits and p70.suggestions
+    assert plan("llama-3-70b", gpu_memory="48GiB").fits
+    assert p70.max_seq_len == 0
+
+
+def test_bad_configs(tmp_path):
+    with pytest.raises(ConfigError, match="config.json"):
+        plan(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    with pytest.raises(ConfigError, match="no-such-model"):
+        load_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {"AutoConfig": "x.Y"}}))
+    with pytest.raises(ConfigError, match="remote code"):
+        load_hf_config(tmp_path)
+
+
+def test_cli(capsys):
+    assert main(["plan", "llama-3-8b", "--gpu-memory", "24GiB"]) == 0
+    assert "total (predicted peak)" in capsys.readouterr().out
+    assert main(["plan", "llama-3-70b", "--gpu-memory", "24GiB", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["fits"] is False
+    with pytest.raises(SystemExit):  # choices come from qolora.train.OPTIMIZERS
+        main(["plan", "llama-3-8b", "--optim", "sgd"])
+
+
+def test_synthetic_checkpoint_roundtrip(tmp_path):
+    synth = SyntheticCheckpoint("llama-3-8b", num_layers=1, dtype=torch.bfloat16)
+    keys = [k for k, _, _ in synth.tensors]
+    assert keys[0] == "model.embed_tokens.weight" and "lm_head.weight" in keys and len(keys) == 12
+    one = synth.tensor("model.layers.0.mlp.down_proj.weight")
+    again = dict(synth.iter_tensors())["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(one, again) and one.shape == (4096, 14336)
+
+
+def test_synthetic_write_loads(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    synth = SyntheticCheckpoint(cfg, seed=3, dtype=torch.float32)
+    out = synth.write(tmp_path / "ckpt", max_shard_size="300KB")
+    assert (out / "model.safetensors.index.json").is_file() and not list(tmp_path.glob(".ckpt.tmp-*"))
+    ref = AutoModelForCausalLM.from_pretrained(out)
+    for key, t in synth.iter_tensors():
+        assert torch.equal(ref.state_dict()[key], t), key
+    model = qolora.prepare(out, bits=4, rank=4, progress=False)
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 512)
