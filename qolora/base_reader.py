@@ -45,6 +45,9 @@ __all__ = [
     "LinearWeight",
     "OtherTensor",
     "checkpoint_key_map",
+    "hf_config_from_dict",
+    "load_hf_config",
+    "meta_skeleton",
     "layer_shape",
     "linear_layers",
     "resolve_model_dir",
@@ -90,33 +93,67 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
         ) from exc
 
 
-def load_hf_config(model_dir: Path):
-    """``config.json`` as a transformers config, never running code from the folder.
+def hf_config_from_dict(raw: Mapping, source: str):
+    """A transformers config from the contents of a ``config.json``, never running code from a folder.
+
+    A known ``model_type`` gets transformers' built-in classes even when the folder also offers its
+    own code (``auto_map``, ignored); an unknown one is refused.
 
     Raises:
-        ConfigError: unreadable JSON, an unknown ``model_type``, or a model that needs the folder's
-            own Python code (``auto_map``): qolora never runs it.
+        ConfigError: an unknown ``model_type`` (naming ``source``), or one only the folder's code knows.
     """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    path = model_dir / "config.json"
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        custom = (" and asks for remote code from the model folder (auto_map); qolora never runs code from a model "
+                  "folder") if raw.get("auto_map") else ""
+        raise ConfigError(f"{source}: model_type {model_type!r} is not an architecture this transformers knows{custom}. "
+                          "Use a checkpoint of a built-in transformers architecture (llama, mistral, qwen2, gpt2, ...)")
+    if raw.get("auto_map"):
+        logger.info("%s: using transformers' built-in %s classes; the folder's own code (auto_map) is ignored",
+                    source, model_type)
+    options = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "transformers_version")}
+    try:
+        return AutoConfig.for_model(model_type, **options)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{source} cannot be read as a {model_type} config: {type(exc).__name__}: {exc}") from exc
+
+
+def load_hf_config(config_json: Path):
+    """The transformers config in a ``config.json`` file (:func:`hf_config_from_dict`).
+
+    Raises:
+        ConfigError: a missing or unreadable file, not a JSON object, or a refused ``model_type``.
+    """
+    path = Path(config_json)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path} is not a readable JSON config ({type(exc).__name__}: {exc})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a JSON object, not {type(raw).__name__}")
-    model_type = raw.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        custom = " and asks for the folder's own Python code (auto_map); qolora never runs code from a model folder" \
-            if raw.get("auto_map") else ""
-        raise ConfigError(f"{path}: model_type {model_type!r} is not an architecture this transformers knows{custom}. "
-                          "Use a checkpoint of a built-in transformers architecture (llama, mistral, qwen2, gpt2, ...)")
+    return hf_config_from_dict(raw, str(path))
+
+
+def meta_skeleton(hf_config, dtype: torch.dtype | None = None) -> nn.Module:
+    """The causal LM of ``hf_config`` on the ``meta`` device: names and shapes, no memory, no weight.
+
+    Buffers (e.g. rotary frequencies, computed at construction) stay real, on the CPU.
+
+    Raises:
+        ConfigError: the architecture has no causal-LM class in transformers.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     try:
-        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
-    except (ValueError, OSError, TypeError, KeyError) as exc:
-        raise ConfigError(f"{path} cannot be read as a {model_type} config: {type(exc).__name__}: {exc}") from exc
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=False,
+                                                    **({"dtype": dtype} if dtype is not None else {}))
+    except ValueError as exc:
+        raise ConfigError(f"model_type {hf_config.model_type!r} has no causal-LM class in transformers: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- model structure
@@ -232,7 +269,7 @@ class BaseCheckpoint:
                 index, missing shards, or shards outside the folder.
         """
         model_dir = resolve_model_dir(model)
-        hf_config = load_hf_config(model_dir)
+        hf_config = load_hf_config(model_dir / "config.json")
         stored_kind = None
         stored = getattr(hf_config, "quantization_config", None)
         if stored is not None:
@@ -247,16 +284,8 @@ class BaseCheckpoint:
         return cls(model_dir, hf_config, stored_kind, _weight_files(model_dir))
 
     def skeleton(self, dtype: torch.dtype | None = None) -> nn.Module:
-        """The model on the ``meta`` device (structure only: no memory, no weight read).
-
-        Buffers (e.g. rotary frequencies, computed at construction) stay real, on the CPU.
-        """
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM
-
-        with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(self.hf_config, trust_remote_code=False,
-                                                    **({"dtype": dtype} if dtype is not None else {}))
+        """The model on the ``meta`` device (:func:`meta_skeleton`)."""
+        return meta_skeleton(self.hf_config, dtype)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor, Path]]:
         """``(key, tensor, file)`` one at a time, lazily (safetensors are memory-mapped)."""

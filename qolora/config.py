@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -199,25 +200,24 @@ class AdapterConfig:
         return self
 
 
-def parse_size(value: int | str, what: str = "max_shard_size") -> int:
-    """Bytes from an int or a string like ``"2GB"``, ``"500MB"``, ``"1.5GiB"`` (GB = 10^9, GiB = 2^30).
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | str, what: str = "size") -> int:
+    """Bytes from an int or a string: ``"2GB"`` (decimal), ``"1.5GiB"`` (binary), ``"80G"`` (binary, as
+    nvidia-smi shows), ``"500MB"``, ``"64"``.
 
     Raises:
-        ConfigError: not a positive size.
+        ConfigError: not a positive size (naming ``what``).
     """
-    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     size = -1
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
-    elif isinstance(value, str):
-        text = value.strip().upper().replace(" ", "")
-        number = text.rstrip("KMGTIB")
-        try:
-            size = int(float(number) * units[text[len(number):] or "B"])
-        except (ValueError, KeyError, OverflowError):
-            size = -1
+    elif isinstance(value, str) and (m := _SIZE.match(value)) and (m.group(2) or not m.group(3)):
+        unit, binary, b = m.group(2).lower(), bool(m.group(3)), bool(m.group(4))
+        base = 1000 if (b and not binary) else 1024  # "GB" decimal; "GiB" and a bare "G" binary
+        size = int(float(m.group(1)) * base ** (" kmgt".index(unit) if unit else 0))
     if size <= 0:
         raise ConfigError(f"{what}={value!r} is not a size; use a positive number of bytes or a string like "
-                          "'2GB', '500MB', '1GiB'")
+                          "'2GB', '500MB', '24GiB'")
     return size

@@ -167,7 +167,7 @@ def merge(
     out_dtype = parse_dtype(dtype, "dtype")
     if into not in INTO:
         raise ConfigError(f"into={into!r} is not supported; allowed: {list(INTO)}")
-    max_bytes = parse_size(max_shard_size)
+    max_bytes = parse_size(max_shard_size, "max_shard_size")
     out = check_out_dir(out_dir, overwrite)
     saved = read_adapter(adapter_dir)
     config = resolve_device_config(saved, device)

@@ -44,12 +44,14 @@ gradient also passes through the fp32 <-> 16-bit casts), the rotary tables, the 
 weight (the largest, in the compute dtype: bitsandbytes dequantizes a whole weight per matmul when
 training).
 
-The loss: the current loop computes full logits and ``cross_entropy`` in fp32: at the start of the
+The loss: the plain loss computes full logits and ``cross_entropy`` in fp32: at the start of the
 backward pass the log-softmax output, the gradient from NLL and the log-softmax gradient coexist,
-``3*4*N*V`` bytes. With ``chunked_loss`` (the loop being restructured) at most ``chunk_tokens`` rows of
-fp32 logits and their gradient exist at a time: ``2*4*chunk_tokens*V`` with ``chunk_tokens`` =
-``loss_chunk_bytes / (4*V)`` (256 MiB by default), prompt-masked tokens skipped. This branch is an
-assumption about code not yet written and is not validated.
+``3*4*N*V`` bytes. The loop's loss (:func:`qolora.loss.causal_lm_loss_sum`, ``chunked_loss=True``)
+holds one chunk of fp32 logits at a time, turned into its gradient in place in the backward pass,
+plus the same chunk in the matmul dtype under 16-bit autocast and one fp32 logsumexp per token:
+``(4 + a16)*chunk_tokens*V + 4*N`` with ``chunk_tokens = loss_chunk_bytes / (4*V)``
+(:data:`qolora.loss.DEFAULT_CHUNK_BYTES`); prompt-masked tokens never reach the head. Validated
+with the rest of the step in ``tests/test_plan.py``.
 
 The peak of one step is the larger of two moments: the start of the backward pass (all kept
 activations + the loss) and the backward pass of the most loaded layer (kept activations, the
@@ -68,7 +70,6 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -76,9 +77,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .config import DTYPES, AdapterConfig, ConfigError
+from .base_reader import hf_config_from_dict, layer_shape, linear_layers, meta_skeleton, select_targets
+from .base_reader import load_hf_config as read_config_file
+from .config import DTYPES, AdapterConfig, ConfigError, parse_size
+from .loss import DEFAULT_CHUNK_BYTES
 
-__all__ = ["MemoryPlan", "plan", "parse_size", "load_hf_config", "builtin_configs", "add_parser", "run"]
+__all__ = ["MemoryPlan", "plan", "load_hf_config", "builtin_configs", "add_parser", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,31 +94,10 @@ MARGIN_FRACTION = 0.05
 MARGIN_MIN_BYTES = 256 * MiB
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps fp32 optimizer states below this many elements
 BNB_OPTIM_BLOCK = 256
-LOSS_CHUNK_BYTES = 256 * MiB
+LOSS_CHUNK_BYTES = DEFAULT_CHUNK_BYTES  # the loop's loss (qolora.loss)
 _DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 _LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2", "phi3", "olmo", "olmo2",
                "granite", "smollm3", "cohere", "starcoder2", "stablelm", "internlm2")
-
-
-# ------------------------------------------------------------------------------------- sizes
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int | float) -> int:
-    """Bytes from ``"24GiB"`` (binary), ``"24GB"`` (decimal), ``"80G"`` (binary, as nvidia-smi shows), or a number.
-
-    Raises:
-        ConfigError: not a size.
-    """
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return int(text)
-    m = _SIZE.match(str(text))
-    if not m or (not m.group(2) and m.group(3)):
-        raise ConfigError(f"size {text!r} is not understood; use e.g. '24GiB', '24GB', '80G' or a number of bytes")
-    number, unit, binary, b = float(m.group(1)), m.group(2).lower(), bool(m.group(3)), bool(m.group(4))
-    power = " kmgt".index(unit) if unit else 0
-    base = 1000 if (b and not binary) else 1024  # "GB" decimal; "GiB" and bare "G" binary
-    return int(number * base**power)
 
 
 def _gib(n: int | float) -> str:
@@ -127,23 +110,6 @@ def builtin_configs() -> dict[str, Path]:
     return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.json"))}
 
 
-def _config_from_dict(d: Mapping, source: str):
-    from transformers import AutoConfig  # noqa: PLC0415
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: PLC0415
-
-    d = dict(d)
-    if d.get("auto_map"):
-        raise ConfigError(f"{source} needs remote code (auto_map {sorted(d['auto_map'])}); qolora plan builds only "
-                          "architectures built into transformers (trust_remote_code=False)")
-    model_type = d.pop("model_type", None)
-    if model_type not in CONFIG_MAPPING:
-        examples = ", ".join(sorted(set(_LLAMA_LIKE) & set(CONFIG_MAPPING))[:8])
-        raise ConfigError(f"{source}: model_type {model_type!r} is not a transformers architecture; allowed: one of "
-                          f"the {len(CONFIG_MAPPING)} built-in model types (e.g. {examples}, gpt2)")
-    d.pop("transformers_version", None)
-    return AutoConfig.for_model(model_type, **d)
-
-
 def load_hf_config(model: Any):
     """The transformers config of ``model``: a config object, a dict, a built-in name, a ``.json`` file, a
     folder holding ``config.json``, a hub id in the local cache (or reachable), or an object with ``hf_config()``.
@@ -151,7 +117,7 @@ def load_hf_config(model: Any):
     Raises:
         ConfigError: no config.json, not JSON, an unknown model_type, or remote code required.
     """
-    from transformers import PretrainedConfig  # noqa: PLC0415
+    from transformers import PretrainedConfig
 
     if hasattr(model, "hf_config") and callable(model.hf_config):
         return model.hf_config()
@@ -160,7 +126,7 @@ def load_hf_config(model: Any):
             raise ConfigError(f"config of {type(model).__name__} needs remote code (auto_map); not supported")
         return model
     if isinstance(model, Mapping):
-        return _config_from_dict(model, "config dict")
+        return hf_config_from_dict(model, "config dict")
     text = os.fspath(model)
     builtin = builtin_configs()
     path = Path(text).expanduser()
@@ -175,36 +141,24 @@ def load_hf_config(model: Any):
             raise ConfigError(f"model {text!r} is neither a config.json file, a folder holding one, a hub id "
                               f"'org/name', nor a built-in name ({', '.join(builtin)})")
         try:
-            from huggingface_hub import hf_hub_download  # noqa: PLC0415
+            from huggingface_hub import hf_hub_download
 
             path = Path(hf_hub_download(text, "config.json"))
         except Exception as exc:  # offline / not found / gated
             raise ConfigError(f"config.json of hub model {text!r} is not in the local cache and could not be "
                               f"fetched: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path} is not a readable JSON config: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} does not hold a JSON object")
-    return _config_from_dict(data, str(path))
+    return read_config_file(path)
 
 
-def meta_skeleton(hf_config, dtype: torch.dtype) -> nn.Module:
-    """The causal LM of ``hf_config`` on the ``meta`` device (buffers stay real, as in :func:`qolora.prepare`)."""
-    from accelerate import init_empty_weights  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
-
+def skeleton_for_plan(hf_config, dtype: torch.dtype) -> nn.Module:
+    """:func:`qolora.base_reader.meta_skeleton` without any stored quantization, weights tied (a tied
+    head is one parameter, counted once, as after loading)."""
     cfg = hf_config
     if getattr(cfg, "quantization_config", None) is not None:
-        cfg = dataclasses.replace(cfg) if dataclasses.is_dataclass(cfg) else cfg.__class__.from_dict(cfg.to_dict())
+        cfg = cfg.__class__.from_dict(cfg.to_dict())
         del cfg.quantization_config
-    try:
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
-    except ValueError as exc:
-        raise ConfigError(f"model_type {cfg.model_type!r} has no causal-LM class in transformers: {exc}") from exc
-    model.tie_weights()  # a tied head is one parameter (counted once), as after loading
+    model = meta_skeleton(cfg, dtype)
+    model.tie_weights()
     return model
 
 
@@ -356,12 +310,6 @@ def _dims(hf_config) -> _Dims:
                  float(getattr(text, "attention_dropout", 0.0) or 0.0), 0.0, getattr(text, "hidden_act", "silu"))
 
 
-def _linear_shape(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    return module.nf, module.nx  # Conv1D
-
-
 def _quantized_bytes(out_f: int, in_f: int, bits: int, blocksize: int, double_quant: bool, dtype_bytes: int) -> int:
     n = out_f * in_f
     if bits == 16:
@@ -472,8 +420,10 @@ def _step(d: _Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, adapte
         kept_in_layer = d.L * per_layer + rope + work + dequant
     n_loss = B * max(T - 1, 1)
     if chunked:
+        # One chunk's fp32 logits at a time (turned into their gradient in place in the backward), plus
+        # the chunk in the matmul dtype under 16-bit autocast, plus one fp32 logsumexp per token.
         chunk_tokens = max(1, min(n_loss, chunk_bytes // (4 * d.vocab)))
-        loss = 2 * 4 * chunk_tokens * d.vocab
+        loss = (4 + (a if a != 4 else 0)) * chunk_tokens * d.vocab + 4 * n_loss
     else:
         loss = 3 * 4 * n_loss * d.vocab
     at_loss, in_layer = kept_at_loss + loss, kept_in_layer
@@ -537,8 +487,7 @@ def plan(
     Raises:
         ConfigError: bad options or a config that cannot be built (all problems at once for options).
     """
-    from .prepare import linear_layers, select_targets  # noqa: PLC0415
-    from .train import OPTIMIZERS  # noqa: PLC0415
+    from .train_config import OPTIMIZERS
 
     problems = AdapterConfig(bits=bits, rank=rank, alpha=alpha, quant_type=quant_type, blocksize=blocksize,
                              double_quant=double_quant, adapter_dtype=adapter_dtype, dtype=compute_dtype,
@@ -553,23 +502,23 @@ def plan(
         problems.append(f"device={device!r} is not supported; allowed: 'cuda', 'cpu'")
     if problems:
         raise ConfigError(problems)
-    gpu = parse_size(gpu_memory) if gpu_memory is not None else None
+    gpu = parse_size(gpu_memory, "gpu_memory") if gpu_memory is not None else None
 
     hf_config = load_hf_config(model)
     cdtype, adtype = DTYPES[compute_dtype.lower()], DTYPES[adapter_dtype.lower()]
     a, adapter_b = _DTYPE_BYTES[cdtype], _DTYPE_BYTES[adtype]
     autocast = a < 4
-    skeleton = meta_skeleton(hf_config, cdtype)
+    skeleton = skeleton_for_plan(hf_config, cdtype)
     linears = linear_layers(skeleton)
     targets = select_targets(linears, tuple(target_modules) if target_modules is not None else None)
-    smallest = min((min(_linear_shape(linears[n])) for n in targets), default=0)
+    smallest = min((min(layer_shape(linears[n])) for n in targets), default=0)
     if rank > smallest:
         raise ConfigError(f"rank={rank} is larger than the smallest targeted layer allows (<= {smallest})")
 
     quantized = other = 0
     linear_weights = set()
     for name, mod in linears.items():
-        out_f, in_f = _linear_shape(mod)
+        out_f, in_f = layer_shape(mod)
         quantized += _quantized_bytes(out_f, in_f, bits, blocksize, double_quant, a)
         linear_weights.add(id(mod.weight))
     for _, p in skeleton.named_parameters():  # tied parameters once
@@ -579,12 +528,12 @@ def plan(
         other += b.numel() * b.element_size()
     numels = []
     for n in targets:
-        out_f, in_f = _linear_shape(linears[n])
+        out_f, in_f = layer_shape(linears[n])
         numels += [rank * in_f, out_f * rank]
     trainable = sum(numels)
     adapters = trainable * adapter_b
     states = _optimizer_bytes(optim, numels, adapter_b)
-    max_linear = max((math.prod(_linear_shape(m)) for m in linears.values()), default=0)
+    max_linear = max((math.prod(layer_shape(m)) for m in linears.values()), default=0)
     d = _dims(hf_config)
     adapted = _adapted_kinds(targets, d.family)
 
@@ -683,7 +632,7 @@ def _suggest(model, current: MemoryPlan, options: dict, hf_config) -> list[dict]
 # --------------------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``qolora plan`` on an argparse subparsers object; choices come from the library's constants."""
-    from .train import OPTIMIZERS  # noqa: PLC0415
+    from .train import OPTIMIZERS
 
     bits_choices = [4, 8, 16]
     assert not AdapterConfig(bits=bits_choices[0]).problems()  # the same set AdapterConfig accepts

@@ -32,7 +32,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .plan import load_hf_config, meta_skeleton, parse_size
+from .config import parse_size
+from .plan import load_hf_config, skeleton_for_plan
 
 __all__ = ["SyntheticCheckpoint"]
 
@@ -65,7 +66,7 @@ class SyntheticCheckpoint:
         config.dtype = dtype
         self.name = str(name_or_config) if isinstance(name_or_config, (str, os.PathLike)) else config.model_type
         self.seed, self.dtype, self._config = seed, dtype, config
-        skeleton = meta_skeleton(config, dtype)
+        skeleton = skeleton_for_plan(config, dtype)
         params = {id(p): n for n, p in skeleton.named_parameters()}  # tied parameters once, first name
         state = skeleton.state_dict()
         specs = []
@@ -127,12 +128,12 @@ class SyntheticCheckpoint:
         ``model.safetensors.index.json``. Everything goes to a temporary folder next to ``folder`` that is
         renamed at the end; at most one shard is in memory.
         """
-        from safetensors.torch import save_file  # noqa: PLC0415
+        from safetensors.torch import save_file
 
         folder = Path(folder).expanduser()
         if folder.exists() and not overwrite:
             raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
-        limit = parse_size(max_shard_size)
+        limit = parse_size(max_shard_size, "max_shard_size")
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
         for spec in self._specs:

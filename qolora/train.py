@@ -44,7 +44,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from . import reporting
 from . import run_checkpoints as ckpt
@@ -53,6 +52,7 @@ from .data import IGNORE_INDEX, DataError, PaddingCollator, model_inputs
 from .data_order import DataOrder, scan_dataset
 from .files import folder_lock
 from .layer import adapter_parameters, adapter_state_dict
+from .loss import causal_lm_loss_sum
 from .model_record import record_of
 from .optim import lr_factor, make_optimizer, resolve_precision
 from .run_folder import METRICS_FILE, check_output_dir, clear_run, refuse_resume, resume_problems, trajectory
@@ -69,12 +69,12 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's label tokens, fp32 (training and eval).
 
     The forward inputs come from :func:`qolora.data.model_inputs`, which enforces the packing rule
-    (packed blocks run without an attention mask, so attention stays inside each example).
+    (packed blocks run without an attention mask, so attention stays inside each example); the loss
+    is :func:`qolora.loss.causal_lm_loss_sum`, which never holds the full fp32 logits.
     """
-    logits = model(**model_inputs(batch), use_cache=False).logits  # (B, T, V)
-    labels = batch["labels"][:, 1:]  # (B, T-1): token t predicts t+1
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    inputs = model_inputs(batch)
+    return causal_lm_loss_sum(model, inputs["input_ids"], batch["labels"], attention_mask=inputs.get("attention_mask"),
+                              position_ids=inputs.get("position_ids"), ignore_index=IGNORE_INDEX)
 
 
 def _seed_everything(seed: int) -> None:

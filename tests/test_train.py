@@ -285,10 +285,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, chat_model_dir,
         if module.training:
             calls["n"] += 1
             if calls["n"] >= 5:  # step 5 (one forward per step)
-                output.logits = output.logits * float("nan")
+                output.last_hidden_state = output.last_hidden_state * float("nan")
         return output
 
-    model.register_forward_hook(poison)
+    model.base_model.register_forward_hook(poison)  # the decoder: the loss reads its hidden states
     out = tmp_path / "nan"
     with pytest.raises(TrainingError, match=r"loss is nan at step 5.*step-000004"):
         train(model, tok, train_ds, eval_ds, quick(out, max_steps=10, save_every=2))
