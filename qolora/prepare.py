@@ -36,7 +36,7 @@ from .config import AdapterConfig, ConfigError
 from .inits import INITS, residual_
 from .layer import AdapterLinear, mark_only_adapters_trainable
 from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
-from .quant import dequantize_weight, make_base_layer
+from .quant import dequantize_weight, make_base_layer, quantization_kind
 
 __all__ = ["prepare", "build_model", "enable_gradient_checkpointing"]
 
@@ -144,7 +144,12 @@ def _adapted_layer(name, weight, factors_for, config, needs_residual, compare_pl
         residual_(weight, a, b, config.scale)  # weight := W - s*B@A, in place
     base = make_base_layer(weight, None, config, weight.device)
     # W - (deq(q(W_res)) + s*B@A) == W_res - deq(q(W_res)); for LoRA (no residual) W - deq(q(W)).
-    error = float(torch.linalg.norm(weight - dequantize_weight(base)))
+    restored = dequantize_weight(base)
+    if quantization_kind(base.weight) is not None:  # a fresh tensor: subtract in place, no temporary
+        error = float(torch.linalg.norm(restored.sub_(weight)))
+    else:  # a 16-bit base may share its storage with ``weight``
+        error = float(torch.linalg.norm(weight - restored))
+    del restored
     layer = AdapterLinear(
         base, a, b, config.scale, dropout=config.dropout, adapter_dtype=config.torch_adapter_dtype,
         fan_in_fan_out=not is_linear, init_factors=(a, b) if needs_residual else None, base_fingerprint=fingerprint,
@@ -187,7 +192,7 @@ def _option_config(bits: int, rank: int, options: dict) -> AdapterConfig:
 
 # ---------------------------------------------------------------------------------------- public
 def prepare(
-    model: str | Path,
+    model: str | Path | BaseCheckpoint,
     bits: int = 4,
     rank: int = 16,
     *,
@@ -201,7 +206,8 @@ def prepare(
 
     Args:
         model: a local checkpoint folder or a hub id (resolved through the local cache when
-            ``HF_HUB_OFFLINE=1``).
+            ``HF_HUB_OFFLINE=1``), or a generated checkpoint such as
+            :class:`qolora.synthetic.SyntheticCheckpoint` (:meth:`BaseCheckpoint.of`).
         bits: 4 (NF4 by default), 8 or 16 (unquantized).
         rank: adapter rank.
         config: a full :class:`AdapterConfig` instead of ``bits``/``rank``/``options``.
@@ -224,14 +230,15 @@ def prepare(
             weight is read.
     """
     cfg = (config or _option_config(bits, rank, options)).validate()
-    base = BaseCheckpoint.open(model)
+    base = BaseCheckpoint.of(model)
     init = INITS[cfg.init]
 
     def factors_for(name: str, weight: torch.Tensor):
         return init.factors(weight, cfg.rank, cfg.scale, _layer_generator(cfg.seed, name))
 
     net, report = build_model(base, cfg, factors_for, compare_plain=compare_plain, progress=progress)
-    attach_record(net, ModelRecord(config=cfg, base=str(model), base_dir=base.dir, report=report))
+    attach_record(net, ModelRecord(config=cfg, base=str(model) if base.source is None else repr(model),
+                                   base_dir=base.dir, report=report))
     if gradient_checkpointing:
         enable_gradient_checkpointing(net)
     net.eval()
