@@ -40,6 +40,7 @@ from .inits import INITS
 from .layer import AdapterLinear, adapter_layers
 from .model_record import record_of
 from .quant import quant_settings, quantization_kind
+from .version import __version__
 
 __all__ = [
     "AdapterError",
@@ -150,8 +151,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _qolora_version() -> str:
-    from . import __version__  # at call time: the package is fully imported by then
-
     return __version__
 
 
