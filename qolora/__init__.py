@@ -20,7 +20,7 @@ from .prepare import enable_gradient_checkpointing, prepare
 from .run_checkpoints import CheckpointError
 from .train import train
 from .train_config import TrainConfig, TrainingError, TrainResult
-from .version import __version__
+from .version import __version__ as __version__
 
 
 __all__ = [
