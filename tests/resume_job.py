@@ -55,6 +55,16 @@ def job(model_dir: str, data: str, out: str, resume: bool = False, kill_at: int 
     train(model, tok, train_ds, eval_ds, cfg, resume=resume)
 
 
+def _warm_imports() -> None:
+    """Import (only import) what :func:`job` imports lazily: bitsandbytes and the Llama model code."""
+    import bitsandbytes  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import qolora.data  # noqa: F401
+    import qolora.train  # noqa: F401
+    import tiny_tokenizer  # noqa: F401
+
+
 def _forked_child(args: list) -> None:
     """Run the job in this forked child with its output in the log; never returns."""
     code = 1
@@ -80,7 +90,8 @@ def start(model_dir, data, out, resume: bool = False, kill_at: int = 0) -> Calla
     import torch
 
     args = [str(model_dir), str(data), str(out), resume, kill_at]
-    if hasattr(os, "fork") and not torch.cuda.is_initialized():
+    if hasattr(os, "fork") and not torch.cuda.is_available():
+        _warm_imports()  # once here, not in every fork
         pid = os.fork()
         if pid == 0:
             _forked_child(args)
