@@ -258,6 +258,23 @@ class BaseCheckpoint:
 
     def __init__(self, model_dir: Path, hf_config, stored_kind: str | None, files: list[Path]):
         self.dir, self.hf_config, self.stored_kind, self.files = model_dir, hf_config, stored_kind, files
+        self._source = None
+        self._source_device = "cpu"
+
+    @classmethod
+    def from_source(cls, source, *, device: str | torch.device = "cpu", name: str | None = None) -> "BaseCheckpoint":
+        """A checkpoint read from an object instead of a folder: anything with ``hf_config()`` and
+        ``iter_tensors(device)`` yielding ``(key, tensor)`` (e.g. :class:`qolora.synthetic.SyntheticCheckpoint`).
+
+        Tensors are produced on ``device`` and go through the same checks as a folder's. ``dir`` is a
+        descriptive ``<name>`` path that exists nowhere (merge and load need a real folder).
+        """
+        hf_config = source.hf_config()
+        if getattr(hf_config, "quantization_config", None) is not None:
+            raise ConfigError(f"{name or type(source).__name__}: a source stored quantized is not supported")
+        checkpoint = cls(Path(f"<{name or getattr(source, 'name', type(source).__name__)}>"), hf_config, None, [])
+        checkpoint._source, checkpoint._source_device = source, device
+        return checkpoint
 
     @classmethod
     def open(cls, model: str | os.PathLike) -> "BaseCheckpoint":
@@ -289,12 +306,18 @@ class BaseCheckpoint:
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor, Path]]:
         """``(key, tensor, file)`` one at a time, lazily (safetensors are memory-mapped)."""
+        if self._source is not None:
+            for key, tensor in self._source.iter_tensors(self._source_device):
+                yield key, tensor, self.dir
+            return
         for file in self.files:
             with _naming_damage(file):
                 yield from _read_file(file)
 
     def tensor_count(self) -> int | None:
-        """How many tensors the checkpoint holds, from the safetensors headers (None for ``.bin``)."""
+        """How many tensors the checkpoint holds, from the safetensors headers (None for ``.bin`` or a source)."""
+        if self._source is not None:
+            return None
         if any(f.suffix != ".safetensors" for f in self.files):
             return None
         from safetensors import safe_open
