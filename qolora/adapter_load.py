@@ -23,6 +23,7 @@ from .base_reader import BaseCheckpoint, layer_shape, linear_layers, select_targ
 from .config import AdapterConfig
 from .layer import adapter_layers
 from .model_record import ModelRecord, attach_record
+from .offload import offload_layers_for
 from .prepare import build_model
 from .quant import quant_settings
 
@@ -111,6 +112,9 @@ def load(
     device: str | None = None,
     allow_base_mismatch: bool = False,
     progress: bool = True,
+    offload: str | None = None,
+    gpu_memory: int | str | None = None,
+    offload_plan: dict | None = None,
 ):
     """Rebuild a trained model from its full-precision base and a folder written by :func:`save_adapter`.
 
@@ -126,6 +130,8 @@ def load(
         allow_base_mismatch: apply the adapter even if base weights differ from the training base
             (a warning instead of :class:`BaseMismatchError`).
         progress: show a progress bar.
+        offload, gpu_memory, offload_plan: stream decoder layers' frozen base from host memory, as in
+            :func:`qolora.prepare` (the loaded weights and logits are the same either way).
 
     Returns:
         The model (as :func:`qolora.prepare` returns it, in eval mode, adapters trainable); its
@@ -141,6 +147,8 @@ def load(
     config = resolve_device_config(saved, device)
     checkpoint = BaseCheckpoint.open(base)
     check_base_structure(checkpoint.skeleton(), saved, str(base))
+    placement = offload_layers_for(checkpoint.hf_config, config, offload, gpu_memory=gpu_memory,
+                                   plan_options=offload_plan)
     check = FingerprintCheck(saved, str(base), allow_base_mismatch)
     seen: set[str] = set()
 
@@ -152,7 +160,7 @@ def load(
         factors = saved.init[name] if saved.needs_residual else saved.weights[name]
         return tuple(t.clone() for t in factors)  # build_model may keep (and so train) what it gets
 
-    model, report = build_model(checkpoint, config, factors_for, progress=progress)
+    model, report = build_model(checkpoint, config, factors_for, progress=progress, placement=placement)
     check.warn()
     unseen = [n for n in saved.layers if n not in seen]
     if unseen:  # pragma: no cover - check_base_structure rules this out
@@ -168,7 +176,8 @@ def load(
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
     attach_record(model, ModelRecord(config=config, base=str(base), base_dir=checkpoint.dir, report=report,
-                                     adapter_dir=Path(adapter_dir)))
+                                     adapter_dir=Path(adapter_dir),
+                                     offload=placement.streamer if placement is not None else None))
     model.eval()
     logger.info("loaded adapter %s (%s, rank %d, %d-bit) onto %s", adapter_dir, config.init, config.rank, config.bits, base)
     return model

@@ -271,14 +271,18 @@ class BaseCheckpoint:
         return cls.open(model)
 
     @classmethod
-    def from_source(cls, source) -> "BaseCheckpoint":
+    def from_source(cls, source, *, name: str | None = None) -> "BaseCheckpoint":
         """A checkpoint generated rather than read: any object with ``hf_config()`` and
         ``iter_tensors(device)`` yielding ``(key, tensor)`` in checkpoint naming, such as
         :class:`qolora.synthetic.SyntheticCheckpoint` (a 70B model streamed into ``prepare`` with no
-        disk). The tensors are generated on the compute device and checked like a file's."""
+        disk). The tensors are generated on the compute device and checked like a file's. ``dir`` is a
+        descriptive ``<name>`` path that exists nowhere (merge and load need a real folder)."""
+        name = name or repr(source)
         hf_config = source.hf_config()
-        hf_config_from_dict({"model_type": hf_config.model_type}, repr(source))  # a known architecture
-        return cls(Path(f"<{source!r}>"), hf_config, None, [], source=source)
+        if getattr(hf_config, "quantization_config", None) is not None:
+            raise ConfigError(f"{name}: a source stored quantized is not supported")
+        hf_config_from_dict({"model_type": hf_config.model_type}, name)  # a known architecture
+        return cls(Path(f"<{name}>"), hf_config, None, [], source=source)
 
     @classmethod
     def open(cls, model: str | os.PathLike) -> "BaseCheckpoint":
