@@ -21,6 +21,7 @@ from torch import nn
 from .adapter_io import AdapterError, BaseMismatchError, SavedAdapter, read_adapter
 from .base_reader import BaseCheckpoint, layer_shape, linear_layers, select_targets, weight_fingerprint
 from .config import AdapterConfig
+from .forward_wrap import apply_autocast
 from .layer import adapter_layers
 from .model_record import ModelRecord, attach_record
 from .prepare import build_model
@@ -111,6 +112,7 @@ def load(
     device: str | None = None,
     allow_base_mismatch: bool = False,
     progress: bool = True,
+    autocast: bool = True,
 ):
     """Rebuild a trained model from its full-precision base and a folder written by :func:`save_adapter`.
 
@@ -126,6 +128,10 @@ def load(
         allow_base_mismatch: apply the adapter even if base weights differ from the training base
             (a warning instead of :class:`BaseMismatchError`).
         progress: show a progress bar.
+        autocast: when the adapter was saved from a model that a trainer left under a mixed-precision
+            wrapper (``forward_autocast`` in ``qolora_config.json``, e.g. TRL's default ``bf16=True``),
+            wrap ``forward`` the same way, so the logits equal the trained object's; False computes in
+            the configured dtypes instead.
 
     Returns:
         The model (as :func:`qolora.prepare` returns it, in eval mode, adapters trainable); its
@@ -169,6 +175,8 @@ def load(
             layer.lora_B.weight.copy_(b)
     attach_record(model, ModelRecord(config=config, base=str(base), base_dir=checkpoint.dir, report=report,
                                      adapter_dir=Path(adapter_dir)))
+    if autocast and saved.forward_autocast is not None:
+        apply_autocast(model, {**saved.forward_autocast, "device_type": config.torch_device.type})
     model.eval()
     logger.info("loaded adapter %s (%s, rank %d, %d-bit) onto %s", adapter_dir, config.init, config.rank, config.bits, base)
     return model
