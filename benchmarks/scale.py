@@ -12,7 +12,11 @@ Per shape, in a fresh process:
 * **prepare**: wall and CPU time; peak memory (CUDA ``max_memory_allocated``; on the CPU the resident
   high-water mark above the start, :class:`benchmarks.common.MemoryProbe`).
 * **step**: two optimizer steps (the second holds the optimizer states: the steady state the plan
-  predicts), the second timed: tokens/s, and its peak above the post-prepare memory.
+  predicts), the second timed: tokens/s, and its peak above the post-prepare memory. On CUDA that is
+  ``max_memory_allocated``; on the CPU a third step runs under :class:`benchmarks.memtrack.MemTracker`
+  (every torch storage counted exactly, as CUDA's allocator counts them), and the resident-set peak
+  of the timed step is reported beside it (it also holds what is not a torch tensor: the allocator's
+  fragmentation and bitsandbytes' CPU temporaries).
 * **plan**: ``qolora.plan`` for the same truncated config, sequence and device; the measured step peak
   over the plan's ``step_bytes`` (the plan's target: within 10%), and on CUDA the measured absolute
   peak over the plan's allocated total (weights + adapters + step; the CUDA context and allocator
@@ -96,6 +100,13 @@ def _worker(payload: dict, probe: MemoryProbe) -> dict:
     with Timer(device) as timed:
         second = step()
     probe.stop("step")
+    tracked = None
+    if not device.startswith("cuda"):  # exact tensor accounting, as CUDA's allocator counts (a third step)
+        from benchmarks.memtrack import MemTracker
+
+        with MemTracker() as tracker:
+            step()
+        tracked = tracker.peak
     predicted = plan(config, bits=4, rank=16, seq_len=seq, batch_size=batch, optim="paged_adamw_8bit",
                      gradient_checkpointing=True, compute_dtype="bf16" if device.startswith("cuda") else "fp32",
                      device="cuda" if device.startswith("cuda") else "cpu")
@@ -104,7 +115,7 @@ def _worker(payload: dict, probe: MemoryProbe) -> dict:
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "prepare_s": prep.seconds, "prepare_cpu_s": prep.cpu_seconds,
         "step_s": timed.seconds, "step_cpu_s": timed.cpu_seconds, "tokens_per_s": ids.numel() / timed.seconds,
-        "losses": [first, second],
+        "losses": [first, second], "tracked_step_peak_bytes": tracked,
         "plan": predicted.to_dict(),
     }
 
@@ -120,12 +131,13 @@ def _measured(result: dict) -> dict:
         prepare_peak = prep["cuda_peak_alloc_mb"] * 2**20
         absolute = step["cuda_peak_alloc_mb"] * 2**20
         allocated_plan = p["total_bytes"] - p["cuda_context_bytes"] - p["margin_bytes"]
-    else:
-        step_peak = step["peak_rss_delta_mb"] * 2**20
+    else:  # the torch tensors' exact peak (what the plan models); the RSS peak beside it
+        step_peak = result["tracked_step_peak_bytes"]
         prepare_peak = prep["peak_rss_delta_mb"] * 2**20
         absolute, allocated_plan = None, None
     return {
         "prepare_peak_bytes": prepare_peak, "step_peak_bytes": step_peak, "plan_step_bytes": p["step_bytes"],
+        "step_peak_rss_bytes": None if cuda else step["peak_rss_delta_mb"] * 2**20,
         "step_peak_over_plan": step_peak / p["step_bytes"],
         "peak_bytes": absolute, "plan_allocated_bytes": allocated_plan,
         "peak_over_plan": None if absolute is None else absolute / allocated_plan,

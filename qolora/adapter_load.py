@@ -21,6 +21,7 @@ from torch import nn
 from .adapter_io import AdapterError, BaseMismatchError, SavedAdapter, read_adapter
 from .base_reader import BaseCheckpoint, layer_shape, linear_layers, select_targets, weight_fingerprint
 from .config import AdapterConfig
+from .forward_wrap import apply_autocast
 from .layer import adapter_layers
 from .model_record import ModelRecord, attach_record
 from .offload import offload_layers_for
@@ -115,6 +116,7 @@ def load(
     offload: str | None = None,
     gpu_memory: int | str | None = None,
     offload_plan: dict | None = None,
+    autocast: bool = True,
 ):
     """Rebuild a trained model from its full-precision base and a folder written by :func:`save_adapter`.
 
@@ -132,6 +134,10 @@ def load(
         progress: show a progress bar.
         offload, gpu_memory, offload_plan: stream decoder layers' frozen base from host memory, as in
             :func:`qolora.prepare` (the loaded weights and logits are the same either way).
+        autocast: when the adapter was saved from a model that a trainer left under a mixed-precision
+            wrapper (``forward_autocast`` in ``qolora_config.json``, e.g. TRL's default ``bf16=True``),
+            wrap ``forward`` the same way, so the logits equal the trained object's; False computes in
+            the configured dtypes instead.
 
     Returns:
         The model (as :func:`qolora.prepare` returns it, in eval mode, adapters trainable); its
@@ -178,6 +184,8 @@ def load(
     attach_record(model, ModelRecord(config=config, base=str(base), base_dir=checkpoint.dir, report=report,
                                      adapter_dir=Path(adapter_dir),
                                      offload=placement.streamer if placement is not None else None))
+    if autocast and saved.forward_autocast is not None:
+        apply_autocast(model, {**saved.forward_autocast, "device_type": config.torch_device.type})
     model.eval()
     logger.info("loaded adapter %s (%s, rank %d, %d-bit) onto %s", adapter_dir, config.init, config.rank, config.bits, base)
     return model

@@ -102,7 +102,7 @@ def test_save_load_reproduces_trained_logits_exactly(tiny_llama_dir, tmp_path, b
     layer = next(l for _, l in adapter_layers(model))
     assert not torch.equal(layer.lora_B.weight, layer.init_factors[1])  # really trained
     out = save_adapter(model, tmp_path / "adapter")
-    assert sorted(os.listdir(out)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_WEIGHTS, QOLORA_CONFIG])
+    assert sorted(os.listdir(out)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_WEIGHTS, QOLORA_CONFIG, "config.json"])
     assert not [p for p in tmp_path.iterdir() if p.name != "adapter"]  # no temp folder left
     reloaded = load(tiny_llama_dir, out, progress=False)
     assert torch.equal(logits(reloaded), logits(model))

@@ -23,7 +23,7 @@ from qolora.config import parse_size
 from qolora.plan import load_hf_config, plan
 from qolora.synthetic import SyntheticCheckpoint
 from qolora.train import loss_sum, make_optimizer
-from memtrack import MemTracker, storage_bytes
+from benchmarks.memtrack import MemTracker, storage_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
