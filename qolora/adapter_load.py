@@ -23,9 +23,9 @@ from .base_reader import BaseCheckpoint, layer_shape, linear_layers, select_targ
 from .config import AdapterConfig
 from .forward_wrap import apply_autocast
 from .layer import adapter_layers
-from .model_record import ModelRecord, attach_record
+from .model_record import ModelRecord
 from .offload import offload_layers_for
-from .prepare import build_model
+from .prepare import adopt, build_model
 from .quant import quant_settings
 
 __all__ = ["FingerprintCheck", "check_base_structure", "load", "resolve_device_config"]
@@ -181,9 +181,8 @@ def load(
             a, b = saved.weights[name]
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
-    attach_record(model, ModelRecord(config=config, base=str(base), base_dir=checkpoint.dir, report=report,
-                                     adapter_dir=Path(adapter_dir),
-                                     offload=placement.streamer if placement is not None else None))
+    adopt(model, ModelRecord(config=config, base=str(base), base_dir=checkpoint.dir, report=report,
+                             adapter_dir=Path(adapter_dir), offload=placement.streamer if placement is not None else None))
     if autocast and saved.forward_autocast is not None:
         apply_autocast(model, {**saved.forward_autocast, "device_type": config.torch_device.type})
     model.eval()

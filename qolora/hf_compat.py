@@ -1,7 +1,7 @@
 """qolora models inside transformers' Trainer, TRL, lm-evaluation-harness and PEFT.
 
 A prepared (or loaded) model is an ordinary ``transformers.PreTrainedModel``; :func:`attach`
-(called by :func:`qolora.model_record.attach_record`, so on every qolora model) adds exactly two
+(called by :func:`qolora.prepare.adopt`, so on every model qolora builds) adds exactly two
 things to the *instance*:
 
 ``save_pretrained`` -> :func:`save_pretrained`

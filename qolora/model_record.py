@@ -99,19 +99,13 @@ def attach_record(model: nn.Module, record: ModelRecord) -> None:
     """Keep ``record`` on ``model`` as ``model.qolora``.
 
     ``model.qolora_config`` and ``model.qolora_report`` name the same objects, for code written
-    against qolora 0.1 (read them, never assign them: qolora reads ``model.qolora``).
-
-    Also gives the model what transformers' Trainer, TRL and lm-eval need to treat it as what it
-    is (:func:`qolora.hf_compat.attach`): ``save_pretrained`` writes the adapter folder, and a 4/8-bit
-    model declares ``quantization_method``.
+    against qolora 0.1 (read them, never assign them: qolora reads ``model.qolora``). The builders
+    (:func:`qolora.prepare.adopt`) also attach what Trainer and TRL need (:mod:`qolora.hf_compat`).
     """
-    from .hf_compat import attach  # at call time: hf_compat sits above this module (it saves and loads adapters)
-
     model.qolora = record
     model.qolora_config = record.config
     model.qolora_report = record.report
     model.name_or_path = record.base
-    attach(model, record.config.bits)
 
 
 def record_of(model: nn.Module) -> ModelRecord | None:

@@ -36,16 +36,26 @@ from .base_reader import BaseCheckpoint, LinearWeight, layer_shape, linear_layer
 from .config import AdapterConfig, ConfigError
 from .inits import INITS, residual_
 from .layer import AdapterLinear, mark_only_adapters_trainable
+from .hf_compat import attach as attach_hf_compat
 from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
 from .offload import LayerOffload, check_offload, offload_layers_for
 from .quant import dequantize_weight, make_base_layer, quantization_kind
 
-__all__ = ["prepare", "build_model", "enable_gradient_checkpointing"]
+__all__ = ["adopt", "build_model", "enable_gradient_checkpointing", "prepare"]
 
 logger = logging.getLogger(__name__)
 
 # (layer name, fp32 weight (out, in) on the compute device) -> initial (A, B)
 FactorProvider = Callable[[str, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def adopt(model: nn.Module, record: ModelRecord) -> None:
+    """Make a freshly built model a qolora model: its record (:func:`qolora.model_record.attach_record`)
+    and what transformers' Trainer, TRL and lm-eval need to treat it as what it is
+    (:func:`qolora.hf_compat.attach`: ``save_pretrained`` writes the adapter folder, a 4/8-bit model
+    declares ``quantization_method``). :func:`prepare` and :func:`qolora.adapter_load.load` both end here."""
+    attach_record(model, record)
+    attach_hf_compat(model, record.config.bits)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -279,7 +289,7 @@ def prepare(
     net, report = build_model(base, cfg, factors_for, compare_plain=compare_plain, progress=progress,
                               placement=placement)
     name = str(model) if isinstance(model, (str, os.PathLike)) else str(base.dir)
-    attach_record(net, ModelRecord(config=cfg, base=name, base_dir=base.dir, report=report,
+    adopt(net, ModelRecord(config=cfg, base=name, base_dir=base.dir, report=report,
                                    offload=placement.streamer if placement is not None else None))
     if gradient_checkpointing:
         enable_gradient_checkpointing(net)
