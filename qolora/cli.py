@@ -195,8 +195,13 @@ def _finetune(args) -> int:
     )
     print()
     print(f"done: {result.summary()}")
+    injected = next((s["system_from_template"] for s in result.samples if s.get("system_from_template")), None)
+    if injected:
+        print(f"note: the sample prompts begin with the system prompt {injected!r}: the model's chat template adds "
+              "it to every conversation that has none (your data does not contain it)")
     for i, s in enumerate(result.samples, 1):
-        print(f"\nsample {i}: {prompt_preview(s['prompt'], 120)}")
+        shown = s["prompt"].replace(s["system_from_template"], "") if s.get("system_from_template") else s["prompt"]
+        print(f"\nsample {i}: {prompt_preview(shown, 120)}")
         if s.get("reference"):
             print(f"  reference:       {s['reference']}")
         print(f"  before training: {s['before']}")
@@ -212,21 +217,13 @@ def _finetune(args) -> int:
 
 
 def _set_threads(requested: int | None) -> None:
-    """``--threads``, or one thread when the CPU is already busy: OpenMP threads that spin while waiting
-    for each other on cores that other processes hold make each step many times slower."""
-    import torch
+    """``--threads``, or the library's busy-CPU policy (:mod:`qolora.threads`)."""
+    from .threads import cpu_thread_policy, set_threads
 
     if requested is not None:
-        if requested < 1:
-            raise ValueError(f"--threads={requested} must be >= 1")
-        torch.set_num_threads(requested)
-        return
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    cores = os.cpu_count() or 1
-    if torch.get_num_threads() > 1 and load >= cores and not torch.cuda.is_available():
-        torch.set_num_threads(1)
-        logging.getLogger("qolora").info("the CPU is busy (load %.1f on %d cores): using 1 thread (set --threads to "
-                                         "choose)", load, cores)
+        set_threads(requested)
+    else:
+        cpu_thread_policy()
 
 
 def _merge(args) -> int:

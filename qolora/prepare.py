@@ -37,6 +37,7 @@ from .inits import INITS, residual_
 from .layer import AdapterLinear, mark_only_adapters_trainable
 from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
 from .quant import dequantize_weight, make_base_layer
+from .threads import cpu_thread_policy
 
 __all__ = ["prepare", "build_model", "enable_gradient_checkpointing"]
 
@@ -77,6 +78,8 @@ def build_model(
 
     start = time.perf_counter()
     device, dtype = config.torch_device, config.torch_dtype
+    if device.type == "cpu":
+        cpu_thread_policy()
     model = base.skeleton(dtype)
     linears = linear_layers(model)
     targets = set(select_targets(linears, config.target_modules))
