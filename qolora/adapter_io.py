@@ -332,6 +332,17 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: boo
     return out
 
 
+def foreign_entries(folder: Path) -> list[str]:
+    """Names in ``folder`` that qolora's adapter format does not write (all of them without its record)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = sorted(p.name for p in folder.iterdir())
+    if not (folder / QOLORA_CONFIG).is_file():
+        return names
+    return [n for n in names if n not in (QOLORA_CONFIG, ADAPTER_WEIGHTS, ADAPTER_CONFIG, INIT_WEIGHTS)]
+
+
 def remove_adapter_folder(folder: Path) -> bool:
     """Delete an adapter folder qolora wrote (its record and files), and nothing else.
 
