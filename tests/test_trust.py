@@ -743,13 +743,14 @@ def test_cli_chat_errors_are_one_line(args, message, capsys):
 def _adversarial():
     spec = importlib.util.spec_from_file_location("qolora_adversarial", REPO / "scripts" / "adversarial.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
 def test_adversarial_subset():
     adversarial = _adversarial()
-    summary = adversarial.run(limit_per_group=2, verbose=False)
+    summary = adversarial.run(limit_per_group=3, verbose=False)
     assert summary["tried"] >= 20
     assert summary["passed"] == summary["tried"], summary["failures"]
     assert summary["nothing_lost"]
