@@ -149,6 +149,8 @@ def _add_merge(sub) -> None:
     p.add_argument("--max-shard-size", default=m["max_shard_size"], help="largest shard")
     p.add_argument("--device", default=None, help="where layers are merged (default: as in training)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="merge even if BASE's weights differ from the base the adapter was trained on")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_merge)
 
@@ -255,7 +257,7 @@ def _merge(args) -> int:
 
     result = merge(args.base, args.adapter, args.out, dtype=args.dtype, into=args.into,
                    max_shard_size=args.max_shard_size, overwrite=args.overwrite, device=args.device,
-                   progress=args.progress)
+                   allow_base_mismatch=args.allow_base_mismatch, progress=args.progress)
     print(f"merged {result['merged_layers']} adapted layers ({result['into']}, {result['dtype']}) into "
           f"{result['out_dir']}: {result['shards']} shard(s), {result['total_bytes'] / 1e6:.1f} MB in "
           f"{result['seconds']:.1f} s")

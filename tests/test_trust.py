@@ -674,6 +674,17 @@ def test_info_understands_a_merged_folder(tiny, finished_run, tmp_path, capsys):
     assert "merged checkpoint" in capsys.readouterr().out
 
 
+def test_base_mismatch_names_the_merge_flag(finished_run, tmp_path, capsys):
+    from tiny_models import make_tiny_llama
+
+    other = make_tiny_llama(tmp_path / "other", seed=7)  # the same shapes, other weights
+    adapter = str(finished_run[0] / "adapter")
+    assert main(["merge", str(other), adapter, str(tmp_path / "m"), "--no-progress"]) == 2
+    assert "--allow-base-mismatch" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "m").exists()
+    assert main(["merge", str(other), adapter, str(tmp_path / "m"), "--no-progress", "--allow-base-mismatch"]) == 0
+
+
 def test_gitignore_lists_the_default_output_folder():
     assert "qolora-output/" in (REPO / ".gitignore").read_text().split()
 
