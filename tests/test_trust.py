@@ -577,8 +577,9 @@ def test_a_10mb_record_is_cut_before_tokenizing(tmp_path):
     assert time.perf_counter() - start < 5
     assert stats.n_truncated == 1 and len(out[0]["input_ids"]) == 128
     # exactly what tokenizing the whole text and then truncating gives (checked on a 200 kB record)
-    small = __import__("datasets").Dataset.from_list([{"messages": [records[0]["messages"][0],
-                                                                    {"role": "assistant", "content": answer[:200_000]}]}])
+    question = records[0]["messages"][0]
+    small = __import__("datasets").Dataset.from_list(
+        [{"messages": [question, {"role": "assistant", "content": answer[:200_000]}]}])
     cut, _ = tokenize_dataset(small, tok, max_length=128)
     data_module = importlib.import_module("qolora.data")
     saved = data_module._CHARS_PER_TOKEN
