@@ -7,8 +7,9 @@ An adapter is loaded exactly as trained (:func:`qolora.load`: the recorded base 
 fingerprints checked), then, when memory allows, turned into a plain model: every adapted layer
 becomes an ``nn.Linear`` holding its effective weight ``deq(W_res) + s * B @ A`` and every other
 quantized layer its dequantized weight (the same math as ``qolora.merge``, in memory). A CPU runs such
-a model several times faster than bitsandbytes' 4-bit kernels, and it computes the trained function
-(up to float rounding of the order of the adapter's). ``dequantize=False`` keeps the 4-bit model.
+a model faster than bitsandbytes' 4-bit kernels plus the adapter (SmolLM2-135M on a busy 2-core CPU, one
+thread: 10.7 tokens/s against 7.4), and it computes the trained function (up to float rounding of the
+order of the adapter's). ``dequantize=False`` keeps the 4-bit model.
 
 A merged folder (``qolora merge``) is an ordinary checkpoint, loaded with ``trust_remote_code=False``
 and its ``config.json`` checked like every base (:func:`qolora.base_reader.load_hf_config`).
