@@ -385,6 +385,20 @@ def is_guard_config(path: Path) -> bool:
         return False
 
 
+def foreign_entries(folder: Path) -> list[str]:
+    """Names in ``folder`` that qolora's adapter format does not write (all of them without its record)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = sorted(p.name for p in folder.iterdir())
+    if not (folder / QOLORA_CONFIG).is_file():
+        return names
+    ours = {QOLORA_CONFIG, ADAPTER_WEIGHTS, ADAPTER_CONFIG, INIT_WEIGHTS}
+    if is_guard_config(folder / GUARD_CONFIG):
+        ours.add(GUARD_CONFIG)
+    return [n for n in names if n not in ours]
+
+
 def remove_adapter_folder(folder: Path) -> bool:
     """Delete an adapter folder qolora wrote (its record and files), and nothing else.
 

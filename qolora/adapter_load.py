@@ -79,7 +79,7 @@ class FingerprintCheck:
             raise BaseMismatchError(
                 f"base {self.base} is not the model this adapter was trained on: layer {name}'s weight has "
                 f"fingerprint {found}, the adapter recorded {recorded}. Use the original base, or pass "
-                "allow_base_mismatch=True to apply it anyway"
+                "allow_base_mismatch=True (qolora merge --allow-base-mismatch) to apply it anyway"
             )
         self.mismatched.append(name)
 

@@ -148,10 +148,21 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import time
+
     folder, name = str(gguf_path.parent), gguf_path.name
-    logger.info("Converting %s into a transformers folder (one time, ~30 s)", gguf_path)
+    started = time.perf_counter()
+
+    def step(i: int, what: str) -> None:  # progress: the conversion takes 30-90 s and shows no bar of its own
+        logger.info("Converting the default model, one time [%d/4, %.0f s]: %s", i, time.perf_counter() - started,
+                    what)
+
+    logger.info("Converting %s into a transformers folder (one time, 30-90 s, ~1.5 GB RAM)", gguf_path)
+    step(1, "reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    step(2, "dequantizing the Q4_1 GGUF weights (the longest part)")
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    step(3, "building a bf16 copy and checking it")
 
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -178,8 +189,10 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     fresh = fresh.to(torch.bfloat16)
     del loaded
 
+    step(4, f"writing {out_dir}")
     fresh.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
+    logger.info("Converted the default model in %.0f s", time.perf_counter() - started)
     if not getattr(tokenizer, "chat_template", None):
         logger.warning("The converted tokenizer has no chat template")
 
@@ -191,7 +204,7 @@ def default_model_dir() -> Path:
     ``model.safetensors`` (bf16), the tokenizer files, the chat template and
     ``generation_config.json``; load it with ``AutoModelForCausalLM.from_pretrained(path)``.
 
-    The conversion runs once (~30 s, ~1.5 GB RAM) into a temporary sibling folder which is then
+    The conversion runs once (30-90 s, ~1.5 GB RAM) into a temporary sibling folder which is then
     renamed to the final name. If another process finished first, its result is kept and this
     one's discarded.
 

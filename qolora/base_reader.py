@@ -117,8 +117,9 @@ def hf_config_from_dict(raw: Mapping, source: str):
     options = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "transformers_version")}
     try:
         return AutoConfig.for_model(model_type, **options)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"{source} cannot be read as a {model_type} config: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # transformers' config validation raises ValueError, TypeError, its own types...
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"{source} cannot be read as a {model_type} config: {type(exc).__name__}: {detail}") from exc
 
 
 def load_hf_config(config_json: Path):
@@ -154,6 +155,9 @@ def meta_skeleton(hf_config, dtype: torch.dtype | None = None) -> nn.Module:
                                                     **({"dtype": dtype} if dtype is not None else {}))
     except ValueError as exc:
         raise ConfigError(f"model_type {hf_config.model_type!r} has no causal-LM class in transformers: {exc}") from exc
+    except Exception as exc:  # a config whose numbers do not make a model (shapes that do not divide, ...)
+        raise ConfigError(f"the {hf_config.model_type} config does not describe a buildable model: "
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
 
 
 # ----------------------------------------------------------------------------- model structure

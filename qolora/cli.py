@@ -1,10 +1,11 @@
-"""The ``qolora`` command: ``finetune``, ``merge`` and ``info``.
+"""The ``qolora`` command: ``finetune``, ``merge``, ``info``, ``chat`` and ``plan``.
 
 ``qolora finetune`` with no arguments runs the built-in job (SmolLM2-135M-Instruct, 4-bit base,
 OLoRA rank 16, chatterbot English conversations) sized to finish in about ten minutes on a 2-core
 CPU; every option maps to :func:`qolora.finetune.finetune`. ``qolora merge`` writes a merged
 full-precision checkpoint (:func:`qolora.merge.merge`), ``qolora info`` describes an adapter folder,
-a merged checkpoint, a run folder or a checkpoint. Option choices and defaults come from the library
+a merged checkpoint, a run folder or a checkpoint, ``qolora chat`` talks to the result
+(:mod:`qolora.chat`). Option choices and defaults come from the library
 (its constants and signatures), never repeated here.
 
 An error prints one line on stderr and exits with code 2 (``--debug`` shows the traceback).
@@ -153,6 +154,8 @@ def _add_merge(sub) -> None:
     p.add_argument("--max-shard-size", default=m["max_shard_size"], help="largest shard")
     p.add_argument("--device", default=None, help="where layers are merged (default: as in training)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="merge even if BASE's weights differ from the base the adapter was trained on")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_merge)
 
@@ -165,6 +168,28 @@ def _add_info(sub) -> None:
     p.set_defaults(func=_info)
 
 
+def _add_chat(sub) -> None:
+    p = sub.add_parser(
+        "chat", formatter_class=_Help,
+        help="talk to a fine-tuned model (an adapter on its base, or a merged folder)",
+        description="Answer --prompt, or chat interactively (one message per line; an empty line or EOF ends), "
+                    "with an adapter on its base (dequantized in memory for speed when it fits) or a merged "
+                    "checkpoint. Answers are greedy and streamed token by token.",
+    )
+    p.add_argument("--adapter", default=None, help="adapter folder (e.g. qolora-output/adapter)")
+    p.add_argument("--base", default=None, help="the adapter's base (default: the base recorded in the adapter)")
+    p.add_argument("--merged", default=None, help="a merged checkpoint folder (qolora merge) instead of --adapter")
+    p.add_argument("--prompt", default=None, help="answer this one prompt and exit (default: interactive)")
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (deterministic); > 0: sampling")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--no-dequantize", dest="dequantize", action="store_false", default=None,
+                   help="keep the 4-bit model (less memory, slower on the CPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: as qolora finetune)")
+    p.set_defaults(func=_chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``qolora`` argument parser."""
     parser = argparse.ArgumentParser(prog="qolora", description="Quantized fine-tuning of causal LMs with OLoRA adapters.")
@@ -174,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_merge(sub)
     _add_info(sub)
+    _add_chat(sub)
     from .plan import add_parser as _add_plan  # noqa: PLC0415
 
     _add_plan(sub)
@@ -200,8 +226,13 @@ def _finetune(args) -> int:
     )
     print()
     print(f"done: {result.summary()}")
+    injected = next((s["system_from_template"] for s in result.samples if s.get("system_from_template")), None)
+    if injected:
+        print(f"note: the sample prompts begin with the system prompt {injected!r}: the model's chat template adds "
+              "it to every conversation that has none (your data does not contain it)")
     for i, s in enumerate(result.samples, 1):
-        print(f"\nsample {i}: {prompt_preview(s['prompt'], 120)}")
+        shown = s["prompt"].replace(s["system_from_template"], "") if s.get("system_from_template") else s["prompt"]
+        print(f"\nsample {i}: {prompt_preview(shown, 120)}")
         if s.get("reference"):
             print(f"  reference:       {s['reference']}")
         print(f"  before training: {s['before']}")
@@ -217,21 +248,13 @@ def _finetune(args) -> int:
 
 
 def _set_threads(requested: int | None) -> None:
-    """``--threads``, or one thread when the CPU is already busy: OpenMP threads that spin while waiting
-    for each other on cores that other processes hold make each step many times slower."""
-    import torch
+    """``--threads``, or the library's busy-CPU policy (:mod:`qolora.threads`)."""
+    from .threads import cpu_thread_policy, set_threads
 
     if requested is not None:
-        if requested < 1:
-            raise ValueError(f"--threads={requested} must be >= 1")
-        torch.set_num_threads(requested)
-        return
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    cores = os.cpu_count() or 1
-    if torch.get_num_threads() > 1 and load >= cores and not torch.cuda.is_available():
-        torch.set_num_threads(1)
-        logging.getLogger("qolora").info("the CPU is busy (load %.1f on %d cores): using 1 thread (set --threads to "
-                                         "choose)", load, cores)
+        set_threads(requested)
+    else:
+        cpu_thread_policy()
 
 
 def _merge(args) -> int:
@@ -239,11 +262,48 @@ def _merge(args) -> int:
 
     result = merge(args.base, args.adapter, args.out, dtype=args.dtype, into=args.into,
                    max_shard_size=args.max_shard_size, overwrite=args.overwrite, device=args.device,
-                   progress=args.progress)
+                   allow_base_mismatch=args.allow_base_mismatch, progress=args.progress)
     print(f"merged {result['merged_layers']} adapted layers ({result['into']}, {result['dtype']}) into "
           f"{result['out_dir']}: {result['shards']} shard(s), {result['total_bytes'] / 1e6:.1f} MB in "
           f"{result['seconds']:.1f} s")
     return 0
+
+
+def _chat(args) -> int:
+    from .chat import load_chat_model, reply
+    from .config import ConfigError
+
+    problems = []
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    if not args.temperature >= 0:
+        problems.append(f"--temperature={args.temperature} must be >= 0")
+    if args.prompt is not None and not args.prompt.strip():
+        problems.append("--prompt is empty")
+    if (args.adapter is None) == (args.merged is None):
+        problems.append("give exactly one of --adapter DIR and --merged DIR")
+    if problems:
+        raise ConfigError(problems)
+    _set_threads(args.threads)
+    model, tokenizer = load_chat_model(adapter=args.adapter, base=args.base, merged=args.merged, device=args.device,
+                                       dequantize=args.dequantize, progress=sys.stderr.isatty())
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "stream": True}
+    if args.prompt is not None:
+        reply(model, tokenizer, [*history, {"role": "user", "content": args.prompt}], **options)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: type a message and press Enter; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        answer = reply(model, tokenizer, history, **options)
+        history.append({"role": "assistant", "content": answer})
 
 
 def _info(args) -> int:

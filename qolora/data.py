@@ -21,7 +21,9 @@ Records are loaded and rendered by :mod:`qolora.records` (re-exported here: ``lo
      the tokens inference will see) and a token is labelled when its character offset starts
      inside an assistant span; tokenizers without offset mappings (slow ones) tokenize each
      segment separately and concatenate.
-   * Truncation keeps the first ``max_length`` tokens. An example with no labelled token left
+   * Truncation keeps the first ``max_length`` tokens; a text far longer than that is cut at a
+     generous character bound before tokenizing (:func:`_tokenize_prefix`), so a 10 MB record costs
+     no more than a short one. An example with no labelled token left
      is dropped. Counts come back as :class:`DataStats`.
    * Packing (``packing=True``) concatenates whole examples greedily, in order, into blocks of
      at most ``max_length`` tokens: an example that does not fit in the current block starts a
@@ -136,6 +138,35 @@ def _tokenize_with_spans(
     return ids, inside
 
 
+#: Characters per token assumed when cutting a long text before tokenizing it (generous: English BPE
+#: averages ~4; a cut that turns out too short is retried with twice as many, then the whole text).
+_CHARS_PER_TOKEN = 16
+#: Tokens beyond ``max_length`` that must come out of a cut text, so the kept ones lie well before the cut.
+_CUT_MARGIN = 16
+
+
+def _tokenize_prefix(
+    tokenizer: Any, text: str, spans: list[tuple[int, int]], add_special_tokens: bool, max_length: int
+) -> tuple[list[int], list[bool]]:
+    """:func:`_tokenize_with_spans` of ``text``, tokenizing only the start of a text much longer than
+    ``max_length`` tokens (a 10 MB record costs what ``max_length`` tokens cost, not minutes).
+
+    The text is cut at a generous character bound; the cut is accepted only when it still yields
+    ``max_length + _CUT_MARGIN`` tokens, so the first ``max_length`` tokens (and their labels, from
+    character offsets) are those of the whole text. Returns more than ``max_length`` tokens exactly
+    when the whole text is longer, so truncation is still counted.
+    """
+    bound = _CHARS_PER_TOKEN * (max_length + _CUT_MARGIN) + 256
+    for _ in range(2):  # the cut, then one four times longer, then the whole text
+        if bound >= len(text):
+            break
+        ids, inside = _tokenize_with_spans(tokenizer, text[:bound], spans, add_special_tokens)
+        if len(ids) >= max_length + _CUT_MARGIN:
+            return ids[: max_length + 1], inside[: max_length + 1]
+        bound *= 4
+    return _tokenize_with_spans(tokenizer, text, spans, add_special_tokens)
+
+
 def _validate_tokenize_args(tokenizer: Any, max_length: Any, format: str | None) -> None:
     """Check arguments before touching the data."""
     if tokenizer is None or not callable(tokenizer):
@@ -194,19 +225,23 @@ def tokenize_dataset(
         if fmt == "text":
             text = text_field(record["text"], "text", index) + (renderer.eos or "")
             spans = [(0, len(text))]
-            ids, inside = _tokenize_with_spans(tokenizer, text, spans, add_special_tokens=True)
+            ids, inside = _tokenize_prefix(tokenizer, text, spans, True, max_length)
             inside = [True] * len(ids)
         else:
             messages = record_to_messages(record, fmt, index)
-            if mask_prompt:
-                text, spans = renderer.render_with_spans(messages, index)
-            else:
-                text = renderer.render(messages, add_generation_prompt=False)
-                spans = [(0, len(text))]
+            try:
+                if mask_prompt:
+                    text, spans = renderer.render_with_spans(messages, index)
+                else:
+                    text = renderer.render(messages, add_generation_prompt=False)
+                    spans = [(0, len(text))]
+            except DataError:
+                raise
+            except Exception as exc:  # the chat template's own errors (jinja, transformers ValueError)
+                raise DataError(f"record {index}: the chat template cannot render it: {type(exc).__name__}: "
+                                f"{exc}") from exc
             add_special = not renderer.use_chat_template  # a chat template carries its own
-            ids, inside = _tokenize_with_spans(
-                tokenizer, text, spans, add_special_tokens=add_special
-            )
+            ids, inside = _tokenize_prefix(tokenizer, text, spans, add_special, max_length)
             if not mask_prompt:
                 inside = [True] * len(ids)
         labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, inside, strict=True)]

@@ -19,7 +19,7 @@ from . import assets
 from .adapter_io import save_adapter
 from .base_reader import BaseCheckpoint
 from .config import AdapterConfig, ConfigError
-from .data import detect_format, load_records, split_train_eval, tokenize_dataset
+from .data import DataError, detect_format, load_records, split_train_eval, tokenize_dataset
 from .files import folder_lock
 from .offload import check_offload
 from .optim import resolve_precision
@@ -144,10 +144,16 @@ def _checked_configs(config, output_dir, train_options, bits, rank, init, alpha,
 
 def _tokenized_split(data, tokenizer, *, format, max_length, packing, mask_prompt, eval_fraction, seed):
     """Load, check and tokenize the data, then split it into train and eval examples."""
-    records = load_records(assets.default_dataset_path() if data is None else data)
+    source = assets.default_dataset_path() if data is None else data
+    records = load_records(source)
     detect_format(records.column_names, format)
-    tokenized, stats = tokenize_dataset(records, tokenizer, format=format, max_length=max_length,
-                                        mask_prompt=mask_prompt, packing=packing)
+    try:
+        tokenized, stats = tokenize_dataset(records, tokenizer, format=format, max_length=max_length,
+                                            mask_prompt=mask_prompt, packing=packing)
+    except DataError as exc:  # "record N: ..." -> which file too
+        if str(exc).startswith("record "):
+            raise DataError(f"{source}: {exc} (records count from 0, in file order)") from exc
+        raise
     if stats.n_truncated > 0.05 * stats.n_examples:
         logger.warning("%d of %d examples are longer than max_length=%d and were cut; raise max_length to keep them",
                        stats.n_truncated, stats.n_examples, max_length)

@@ -34,12 +34,13 @@ from torch import nn
 
 from .base_reader import BaseCheckpoint, LinearWeight, layer_shape, linear_layers, select_targets, weight_fingerprint
 from .config import AdapterConfig, ConfigError
+from .hf_compat import attach as attach_hf_compat
 from .inits import INITS, residual_
 from .layer import AdapterLinear, mark_only_adapters_trainable
-from .hf_compat import attach as attach_hf_compat
 from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
 from .offload import LayerOffload, check_offload, offload_layers_for
 from .quant import dequantize_weight, make_base_layer, quantization_kind
+from .threads import cpu_thread_policy
 
 __all__ = ["adopt", "build_model", "enable_gradient_checkpointing", "prepare"]
 
@@ -91,6 +92,8 @@ def build_model(
 
     start = time.perf_counter()
     device, dtype = config.torch_device, config.torch_dtype
+    if device.type == "cpu":
+        cpu_thread_policy()
     model = base.skeleton(dtype)
     linears = linear_layers(model)
     targets = set(select_targets(linears, config.target_modules))

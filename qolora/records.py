@@ -104,6 +104,47 @@ def _is_blank(path: Path, chunk_size: int = 1 << 20) -> bool:
     return True
 
 
+def _check_utf8(path: Path, chunk_size: int = 1 << 20) -> None:
+    """Refuse a text file that is not UTF-8, naming the line and byte offset of the first bad byte."""
+    line, offset, carry = 1, 0, b""  # carry: an incomplete character cut by the chunk boundary
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(chunk_size)
+            data = carry + chunk
+            try:
+                data.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as exc:
+                if chunk and exc.reason == "unexpected end of data" and len(data) - exc.start < 4:
+                    carry = data[exc.start:]  # completed by the next chunk
+                    data = data[:exc.start]
+                else:
+                    line += data[:exc.start].count(b"\n")
+                    raise DataError(
+                        f"data file {path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at byte offset "
+                        f"{offset + exc.start}, line {line}; save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                    ) from None
+            if not chunk:
+                return
+            line += data.count(b"\n")
+            offset += len(data)
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """Where a JSON-lines file first fails to parse: ``"line N: reason"`` (None when every line parses)."""
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                return f"line {number} is not valid JSON ({exc}): {line.strip()[:80]!r}"
+            if not isinstance(value, dict):
+                return f"line {number} is a JSON {type(value).__name__}, not an object: {line.strip()[:80]!r}"
+    return None
+
+
 def _read_paragraphs(path: Path) -> list[str]:
     """Split a text file into paragraphs (blocks separated by blank lines), stripped."""
     text = path.read_text(encoding="utf-8")
@@ -196,6 +237,8 @@ def _load_file(path: Path) -> datasets.Dataset:
         )
     if path.stat().st_size == 0 or (suffix != ".parquet" and _is_blank(path)):
         raise DataError(f"data file {path} is empty")
+    if suffix != ".parquet":
+        _check_utf8(path)
     if suffix == ".txt":
         return datasets.Dataset.from_dict({"text": _read_paragraphs(path)})
     try:
@@ -203,7 +246,12 @@ def _load_file(path: Path) -> datasets.Dataset:
             _BUILDER_FOR_SUFFIX[suffix], data_files=str(path), split="train"
         )
     except Exception as exc:  # the builders raise many types; report them uniformly
-        raise DataError(f"could not read {path} as {suffix[1:]}: {exc}") from exc
+        where = _first_bad_json_line(path) if suffix == ".jsonl" else None
+        cause = exc
+        while cause.__cause__ is not None or cause.__context__ is not None:  # datasets wraps the real error
+            cause = cause.__cause__ or cause.__context__
+        detail = where or (f"{exc}" + (f" ({type(cause).__name__}: {cause})" if cause is not exc else ""))
+        raise DataError(f"could not read {path} as {suffix[1:]}: {detail}") from exc
 
 
 def _load_hub(name: str, split: str | None) -> datasets.Dataset:
@@ -327,7 +375,11 @@ def _normalize_messages(raw: Any, index: int) -> list[dict[str, str]]:
 def record_to_messages(record: Mapping[str, Any], fmt: str, index: int) -> list[dict[str, str]]:
     """Turn one record of a chat-like format into a list of messages."""
     if fmt == "messages":
-        return _normalize_messages(record[_messages_column(record.keys())], index)
+        messages = _normalize_messages(record[_messages_column(record.keys())], index)
+        if not messages:
+            raise DataError(f"record {index}: the conversation is empty (messages: []); each record needs at least "
+                            "a user and an assistant message")
+        return messages
     if fmt == "instruction":
         user = text_field(record["instruction"], "instruction", index)
         extra = text_field(record.get("input"), "input", index)

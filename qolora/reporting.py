@@ -41,6 +41,7 @@ __all__ = [
     "prompt_preview",
     "read_samples",
     "sample_prompts",
+    "template_system_prompt",
     "write_samples",
 ]
 
@@ -166,8 +167,10 @@ def sample_prompts(dataset, tokenizer, n: int, texts: Sequence[str] | None = Non
     Returns:
         ``[{"prompt": text shown, "prompt_ids": [...], "reference": text or None}]``.
     """
+    injected = template_system_prompt(tokenizer)
     if texts:
-        return [{"prompt": t, "prompt_ids": prompt_ids(tokenizer, t), "reference": None} for t in texts[:n]]
+        return [{"prompt": t, "prompt_ids": prompt_ids(tokenizer, t), "reference": None,
+                 "system_from_template": injected} for t in texts[:n]]
     out: list[dict] = []
     if dataset is None:
         return out
@@ -185,7 +188,28 @@ def sample_prompts(dataset, tokenizer, n: int, texts: Sequence[str] | None = Non
             "prompt_ids": ids[:first],
             "reference": tokenizer.decode(answer, skip_special_tokens=True).strip(),
         })
+        text = out[-1]["prompt"]
+        # the template's default, unless the record itself carried a system message (then the default is absent)
+        out[-1]["system_from_template"] = injected if injected and injected in text else None
     return out
+
+
+def template_system_prompt(tokenizer) -> str | None:
+    """The system prompt a chat template adds to a conversation that has none (e.g. SmolLM2's "You are a
+    helpful AI assistant named SmolLM, ..."), or None: the text the template renders before a lone user
+    message, without its markup and role names."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    mark = "qolora-user-message-4d1c"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                             add_generation_prompt=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this has no default to report
+        return None
+    before = text.split(mark, 1)[0]
+    lines = [ln.strip() for ln in _MARKUP.sub("\n", before).splitlines()]
+    injected = "\n".join(ln for ln in lines if ln and not _ROLE_LINE.match(ln))
+    return injected or None
 
 
 _MARKUP = re.compile(r"<\|[^|>]*\|>|</?s>")
@@ -201,11 +225,13 @@ def prompt_preview(prompt: str, width: int = 100) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int,
-             autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> list[str]:
+             autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+             on_answer: Callable[[int, str], None] | None = None) -> list[str]:
     """Greedy answers (special tokens removed) to ``prompts`` from :func:`sample_prompts`.
 
     One prompt at a time (no padding), with the KV cache on, in eval mode; the model's mode is
     restored afterwards. Greedy decoding draws no random numbers, so training is unaffected.
+    ``on_answer(i, answer)`` is called as each answer is ready (progress).
     """
     if not prompts:
         return []
@@ -223,6 +249,8 @@ def generate(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int,
                                      max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
                                      use_cache=True, temperature=None, top_p=None, top_k=None)
             answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            if on_answer is not None:
+                on_answer(len(answers) - 1, answers[-1])
     finally:
         model.train(was_training)
     return answers
@@ -238,12 +266,16 @@ def write_samples(output_dir: Path, samples: Sequence[Mapping], *, steps: int | 
         steps: the step the ``after`` answers were generated at, for the heading.
     """
     output_dir = Path(output_dir)
-    clean = [{k: s.get(k) for k in ("prompt", "reference", "before", "after", "prompt_ids")} for s in samples]
+    clean = [{k: s.get(k) for k in ("prompt", "reference", "before", "after", "prompt_ids", "system_from_template")}
+             for s in samples]
     json_path, md_path = output_dir / "samples.json", output_dir / "samples.md"
     atomic_write_text(json_path, json.dumps({"after_step": steps, "samples": clean}, indent=2, ensure_ascii=False) + "\n")
     lines = ["# Sample generations (greedy)", ""]
     for i, s in enumerate(clean, 1):
         lines += [f"## Sample {i}", "", "**Prompt**", "", "```", (s["prompt"] or "").rstrip(), "```", ""]
+        if s.get("system_from_template"):
+            lines += [f"(The system prompt {s['system_from_template']!r} is the chat template's default: the "
+                      "tokenizer adds it to every conversation without one; it is not in the data.)", ""]
         if s["reference"]:
             lines += [f"**Reference:** {s['reference']}", ""]
         lines += [f"**Before training:** {s['before'] if s['before'] is not None else '(not generated)'}", ""]

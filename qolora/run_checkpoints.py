@@ -276,7 +276,31 @@ def load_checkpoint(path: Path) -> Checkpoint:
             f"checkpoint {path} has format {state.get('format')!r} version {state.get('format_version')!r}; "
             f"this qolora reads {FORMAT!r} version {FORMAT_VERSION}"
         )
+    problems = _state_problems(state)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is unusable: its {STATE_FILE} " + "; ".join(problems)
+                              + " (edited by hand?)")
     return Checkpoint(path=path, step=int(state["step"]), adapter=adapter, trainer=trainer, state=state)
+
+
+def _state_problems(state: Any) -> list[str]:
+    """What a run state lacks for a resume (the fields the loop reads), as readable problems."""
+    if not isinstance(state, dict):
+        return [f"is a JSON {type(state).__name__}, not an object"]
+    problems = []
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        problems.append(f"has step={step!r}, not an integer >= 0")
+    position = state.get("data_position")
+    if not isinstance(position, dict) or not all(isinstance(position.get(k), int) for k in ("epoch", "index")):
+        problems.append(f"has data_position={position!r}, not {{'epoch': int, 'index': int}}")
+    for key in ("history", "evals"):
+        if not isinstance(state.get(key), list):
+            problems.append(f"lacks the list {key!r}")
+    for key in ("trajectory", "train_config"):
+        if not isinstance(state.get(key), dict):
+            problems.append(f"lacks the object {key!r}")
+    return problems
 
 
 def find_resumable(root: Path) -> Checkpoint | None:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from . import run_checkpoints as ckpt
-from .adapter_io import remove_adapter_folder
+from .adapter_io import foreign_entries, remove_adapter_folder
 from .config import ConfigError
 from .data_order import scan_dataset
 from .optim import resolve_precision
@@ -56,6 +56,12 @@ def check_output_dir(config: TrainConfig, resume: bool) -> Path:
                           f"{exc.strerror or exc})") from exc
     if existing != out:
         return out
+    foreign = foreign_entries(out / "adapter")
+    if foreign or (out / "adapter").exists() and not (out / "adapter").is_dir():
+        raise ConfigError(
+            f"{str(out / 'adapter')!r} holds what qolora did not write ({', '.join(foreign[:5]) or 'a file'}); the "
+            "run saves its adapter there at the end, so nothing was started. Move it away or choose another output_dir"
+        )
     checkpoints = ckpt.list_checkpoints(out / "checkpoints")
     earlier = [n for n in (*RUN_FILES, "adapter") if (out / n).exists()] + (["checkpoints"] if checkpoints else [])
     if earlier and not resume and not config.overwrite:

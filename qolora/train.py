@@ -228,12 +228,21 @@ class _Run:
             return None
         was_training = self.model.training
         self.model.eval()
+        from tqdm.auto import tqdm
+
         total, count = 0.0, 0
+        n_examples = sum(len(b) for b in self.eval_batches)
+        if not self.config.progress:  # the bar says it otherwise
+            logger.info("step %d: eval on %d examples (%d batches)...", self.step, n_examples, len(self.eval_batches))
+        bar = tqdm(total=n_examples, desc=f"eval (step {self.step})", unit="example", leave=False,
+                   disable=not self.config.progress, dynamic_ncols=True)
         try:
-            for indices in self.eval_batches:
-                batch = self._batch(self.eval_dataset, indices)
-                total += float(self._loss_sum(batch))
-                count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            with bar:
+                for indices in self.eval_batches:
+                    batch = self._batch(self.eval_dataset, indices)
+                    total += float(self._loss_sum(batch))
+                    count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                    bar.update(len(indices))
         finally:
             self.model.train(was_training)
         loss = total / max(1, count)
@@ -307,8 +316,10 @@ class _Run:
                            tokens=sum(h["tokens"] for h in window), tokens_per_s=tokens_per_s, memory_bytes=memory,
                            epoch=round(self.order.epoch + self.order.index / self.order.n, 4))
         self._window = {"tokens": 0, "seconds": 0.0}
-        logger.info("step %d/%d: loss %.4f, lr %.3g, %s tok/s, %s", self.step, self.config.max_steps, loss,
-                    window[-1]["lr"], f"{tokens_per_s:.0f}" if tokens_per_s else "?", reporting.format_bytes(memory))
+        steps = f"step {window[0]['step']}" if len(window) == 1 else f"steps {window[0]['step']}-{self.step}"
+        logger.info("step %d/%d: train loss %.4f (mean of %s), lr %.3g, %s tok/s, %s", self.step,
+                    self.config.max_steps, loss, steps, window[-1]["lr"],
+                    f"{tokens_per_s:.0f}" if tokens_per_s else "?", reporting.format_bytes(memory))
 
     def plot(self) -> Path | None:
         return reporting.plot_losses(self.history, self.evals, self.out / "loss.png")
@@ -318,13 +329,24 @@ class _Run:
         if not self.samples:
             prompts = reporting.sample_prompts(self.eval_dataset, self.tokenizer, cfg.n_samples, cfg.sample_prompts)
             self.samples = [{"prompt": p["prompt"], "prompt_ids": p["prompt_ids"], "reference": p["reference"],
-                             "before": None, "after": None} for p in prompts]
+                             "system_from_template": p.get("system_from_template"), "before": None, "after": None}
+                            for p in prompts]
         if not self.samples:
             return
-        answers = reporting.generate(self.model, self.tokenizer, self.samples, cfg.max_new_tokens, self.autocast)
+        n = len(self.samples)
+        logger.info("answering %d sample prompt(s) %s training (greedy, up to %d new tokens each)...", n, stage,
+                    cfg.max_new_tokens)
+
+        def answered(i: int, answer: str) -> None:  # progress: one log line per answer as it comes
+            prompt, injected = self.samples[i]["prompt"], self.samples[i].get("system_from_template")
+            shown = prompt.replace(injected, "") if injected else prompt  # the template's, not the data's
+            logger.info("sample %d/%d (%s training) %r -> %r", i + 1, n, stage, reporting.prompt_preview(shown, 60),
+                        answer)
+
+        answers = reporting.generate(self.model, self.tokenizer, self.samples, cfg.max_new_tokens, self.autocast,
+                                     on_answer=answered)
         for s, a in zip(self.samples, answers):
             s[stage] = a
-            logger.info("sample (%s training) %r -> %r", stage, reporting.prompt_preview(s["prompt"], 60), a)
         self.metrics.write("samples", step=self.step, stage=stage,
                            answers=[{"prompt": s["prompt"], stage: s[stage]} for s in self.samples])
         reporting.write_samples(self.out, self.samples, steps=self.step if stage == "after" else None)
@@ -406,10 +428,11 @@ def train(
         plot_path = run.plot()
         result = TrainResult(
             output_dir=out, history=run.history, evals=run.evals, lr=run.lr, metrics_path=run.metrics.path,
-            plot_path=plot_path, samples=[{k: s.get(k) for k in ("prompt", "reference", "before", "after")}
+            plot_path=plot_path, samples=[{k: s.get(k) for k in ("prompt", "reference", "before", "after",
+                                                                 "system_from_template")}
                                           for s in run.samples],
             samples_path=out / "samples.md" if run.samples else None, last_checkpoint=run.last_checkpoint,
-            resumed_from=run.resumed_from, seconds=time.perf_counter() - started,
+            resumed_from=run.resumed_from, seconds=time.perf_counter() - started, log_every=config.log_every,
         )
         run.metrics.write("end", step=run.step, final_eval_loss=result.final_eval_loss,
                           initial_eval_loss=result.initial_eval_loss, seconds=result.seconds)
@@ -448,7 +471,7 @@ def _loop(run: _Run) -> None:
         while run.step < config.max_steps:
             entry, seconds = run.timed_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}",
+            bar.set_postfix(step_loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}",
                             tok_s=f"{entry['tokens'] / max(1e-9, seconds):.0f}",
                             mem=reporting.format_bytes(reporting.memory_in_use(run.device)), refresh=False)
             if run.is_log_step(run.step):
