@@ -193,6 +193,10 @@ def _finetune(args) -> int:
         packing=args.packing, mask_prompt=args.mask_prompt, eval_fraction=args.eval_fraction, resume=args.resume,
         adapter_options=adapter_options, **train_options,
     )
+    from .distributed import world
+
+    if not world().is_main:  # under torchrun: rank 0 reports
+        return 0
     print()
     print(f"done: {result.summary()}")
     for i, s in enumerate(result.samples, 1):
