@@ -70,6 +70,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -244,7 +245,9 @@ class MemoryPlan:
         rows = [
             ("quantized linear weights", self.quantized_weights_bytes,
              f"{s['bits']}-bit" + (f" {s['quant_type']}, blocksize {s['blocksize']}" + (", double quant" if s["double_quant"] else "")
-                                   if s["bits"] == 4 else "")),
+                                   if s["bits"] == 4 else "")
+             + (f"; FSDP: 1/{s['num_gpus']} of the layers + 2 gathered" if s.get("fsdp") and s.get("num_gpus", 1) > 1
+                else "")),
             ("other weights", self.other_weights_bytes, f"embeddings, norms, head in {s['compute_dtype']}"),
             ("adapters", self.adapter_bytes, f"r={s['rank']} on {self.n_adapted_layers} layers, "
                                              f"{self.trainable_params:,} params, {s['adapter_dtype']}"),
@@ -258,7 +261,10 @@ class MemoryPlan:
             ("allocator margin", self.margin_bytes, f"max(256 MiB, {MARGIN_FRACTION:.0%})" if self.margin_bytes else ""),
         ]
         width = max(len(r[0]) for r in rows)
-        lines = [f"{self.model} ({self.model_type}, {self.num_layers} layers) on {s['device']}",
+        gpus = s.get("num_gpus", 1)
+        per_gpu = (f", per GPU of {gpus} ({'FSDP' if s.get('fsdp') else 'data parallel'}, batch per GPU)"
+                   if gpus > 1 else "")
+        lines = [f"{self.model} ({self.model_type}, {self.num_layers} layers) on {s['device']}{per_gpu}",
                  f"{'component':<{width}}  {'GiB':>8}  note", "-" * (width + 40)]
         lines += [f"{name:<{width}}  {_gib(b):>8}  {note}".rstrip() for name, b, note in rows]
         lines.append("-" * (width + 40))
@@ -457,6 +463,8 @@ def plan(
     loss_chunk_bytes: int = LOSS_CHUNK_BYTES,
     device: str = "cuda",
     padded: bool | None = None,
+    num_gpus: int = 1,
+    fsdp: bool = False,
     _search: bool = True,
 ) -> MemoryPlan:
     """Predict the memory of fine-tuning ``model`` with qolora, from its config alone.
@@ -480,6 +488,11 @@ def plan(
             the formulas against exact CPU allocation counts). bitsandbytes keeps the same tensors on both.
         padded: whether batches carry a padding mask (then SDPA materialises repeated K/V heads);
             None = ``batch_size > 1``.
+        num_gpus: data-parallel processes (one per GPU; ``batch_size`` is per GPU). Without ``fsdp``
+            each GPU holds the whole quantized base and the plan is that of one GPU at ``batch_size``.
+        fsdp: shard the quantized decoder-layer weights over the ``num_gpus`` GPUs (FSDP-QLoRA): each
+            GPU keeps ``1/num_gpus`` of them plus two whole layers (the one computing and the one
+            being gathered ahead of it); embeddings, head, norms and adapters stay whole (conservative).
 
     Returns:
         A :class:`MemoryPlan`.
@@ -500,6 +513,8 @@ def plan(
             problems.append(f"{name}={value!r} must be an integer >= 1")
     if device not in ("cuda", "cpu"):
         problems.append(f"device={device!r} is not supported; allowed: 'cuda', 'cpu'")
+    if not isinstance(num_gpus, int) or isinstance(num_gpus, bool) or num_gpus < 1:
+        problems.append(f"num_gpus={num_gpus!r} must be an integer >= 1")
     if problems:
         raise ConfigError(problems)
     gpu = parse_size(gpu_memory, "gpu_memory") if gpu_memory is not None else None
@@ -517,10 +532,18 @@ def plan(
 
     quantized = other = 0
     linear_weights = set()
+    per_block: dict[str, int] = {}  # quantized bytes of each decoder layer ("model.layers.7")
     for name, mod in linears.items():
         out_f, in_f = layer_shape(mod)
-        quantized += _quantized_bytes(out_f, in_f, bits, blocksize, double_quant, a)
+        nbytes = _quantized_bytes(out_f, in_f, bits, blocksize, double_quant, a)
+        quantized += nbytes
+        block = re.match(r"^(.*?\.\d+)\.", name)
+        if block:
+            per_block[block.group(1)] = per_block.get(block.group(1), 0) + nbytes
         linear_weights.add(id(mod.weight))
+    if fsdp and num_gpus > 1 and per_block:
+        in_blocks = sum(per_block.values())
+        quantized = quantized - in_blocks + math.ceil(in_blocks / num_gpus) + 2 * max(per_block.values())
     for _, p in skeleton.named_parameters():  # tied parameters once
         if id(p) not in linear_weights:
             other += p.numel() * a
@@ -562,7 +585,7 @@ def plan(
                 "gradient_checkpointing": gradient_checkpointing, "quant_type": quant_type, "blocksize": blocksize,
                 "double_quant": double_quant, "compute_dtype": compute_dtype, "adapter_dtype": adapter_dtype,
                 "chunked_loss": chunked_loss, "loss_chunk_bytes": loss_chunk_bytes, "device": device,
-                "padded": (batch_size > 1) if padded is None else padded}
+                "padded": (batch_size > 1) if padded is None else padded, "num_gpus": num_gpus, "fsdp": fsdp}
     name = model if isinstance(model, (str, os.PathLike)) else getattr(hf_config, "_name_or_path", "") or d.family
     result = MemoryPlan(
         model=str(name), model_type=hf_config.model_type, num_layers=d.L, settings=settings,
@@ -582,7 +605,8 @@ def plan(
                 batch_size=batch_size, grad_accum=grad_accum, optim=optim, gradient_checkpointing=gradient_checkpointing,
                 gpu_memory=gpu, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                 compute_dtype=compute_dtype, adapter_dtype=adapter_dtype, chunked_loss=chunked_loss,
-                loss_chunk_bytes=loss_chunk_bytes, device=device, padded=padded), hf_config)
+                loss_chunk_bytes=loss_chunk_bytes, device=device, padded=padded, num_gpus=num_gpus, fsdp=fsdp),
+                hf_config)
     return result
 
 
@@ -656,6 +680,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="assume the chunked loss (no full fp32 logits)")
     p.add_argument("--gpu-memory", default=None, help="GPU memory to fit, e.g. 24GiB, 24GB, 80G")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="data-parallel GPUs (torchrun); --batch-size is per GPU; the plan is per GPU")
+    p.add_argument("--fsdp", action="store_true", help="shard the quantized base over the GPUs (FSDP-QLoRA)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
     return p
@@ -666,6 +693,6 @@ def run(args) -> int:
     result = plan(args.model, bits=args.bits, rank=args.rank, alpha=args.alpha, target_modules=args.target_modules,
                   seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, optim=args.optim,
                   gradient_checkpointing=args.gradient_checkpointing, chunked_loss=args.chunked_loss,
-                  gpu_memory=args.gpu_memory)
+                  gpu_memory=args.gpu_memory, num_gpus=args.num_gpus, fsdp=args.fsdp)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
     return 0 if result.fits in (None, True) else 1
