@@ -46,12 +46,13 @@ def _cli_args(model_dir: Path, data: Path, out: Path, batch_size: int, **extra) 
     return args
 
 
-def _torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
+def _torchrun(args: list[str], nproc: int = 2, script: Path | None = None) -> subprocess.Popen:
+    """``torchrun --nproc_per_node NPROC`` of ``qolora.cli ARGS`` (or of ``script ARGS``), own process group."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "qolora.cli", *args]
+           *(["-m", "qolora.cli"] if script is None else [str(script)]), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own process group: killed as a whole
 
