@@ -25,6 +25,13 @@ in :mod:`qolora.data_order`, precision / optimizer / schedule in :mod:`qolora.op
 :func:`loss_sum` (one place: training and eval), checkpoints in :mod:`qolora.run_checkpoints`,
 metrics and samples in :mod:`qolora.reporting`. :func:`qolora.finetune.finetune` is the whole job.
 
+Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) the same call trains data parallel
+(:mod:`qolora.distributed`): every rank draws the same global order, takes its ``batch_size`` slice of
+each global micro-batch of ``N * batch_size``, normalises by the label tokens of the whole global
+batch and sums the adapter gradients over the ranks before clipping, so the run computes the update
+of one process with ``batch_size = N * batch_size``. Rank 0 alone writes metrics, plot, samples and
+checkpoints; a checkpoint records the world size and every rank's RNG states.
+
 The output folder is qolora's while a run holds its lock (:func:`qolora.files.folder_lock`): a
 second run on the same folder is refused. Starting over (``overwrite``) deletes only what qolora
 can prove it wrote: its run files, checkpoints that carry its manifest, an adapter folder that
