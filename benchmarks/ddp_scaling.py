@@ -60,7 +60,8 @@ def _run(nproc: int, batch: int, out: Path, args, threads: int | None = None) ->
     train = [e for e in events if e["event"] == "train" and e["step"] > args.warmup]
     tokens = sum(e["tokens"] for e in train)
     seconds = sum(e["tokens"] / e["tokens_per_s"] for e in train if e["tokens_per_s"])
-    return {"nproc": nproc, "threads_per_process": threads, "batch_per_process": batch, "global_batch": nproc * batch, "steps": args.steps,
+    return {"nproc": nproc, "threads_per_process": threads, "batch_per_process": batch, "global_batch": nproc * batch,
+            "steps": args.steps,
             "timed_steps": len(train), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "losses": [e["loss"] for e in events if e["event"] == "train"], "wall_s": wall,
             "load_avg_before": load_before, "load_avg_after": os.getloadavg()}

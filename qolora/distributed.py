@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-__all__ = ["NullMetrics", "World", "all_reduce_grads", "all_reduce_sum", "barrier", "broadcast", "gather", "local_device",
-           "main_context", "on_main", "session", "world"]
+__all__ = ["NullMetrics", "RankZeroError", "World", "all_reduce_grads", "all_reduce_sum", "barrier", "broadcast",
+           "gather", "local_device", "main_context", "on_main", "session", "world"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,7 +105,8 @@ def session(device: torch.device | str = "cpu") -> Iterator[World]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend, **({"device_id": device} if device.type == "cuda" else {}))
+        extra = {"device_id": device} if device.type == "cuda" else {}
+        torch.distributed.init_process_group(backend=backend, **extra)
         started = True
         w = world()
         if not w.is_main:

@@ -473,7 +473,8 @@ def _start_or_resume(run: _Run, resume: bool) -> bool:
     run.metrics.reset()
     run.metrics.write(
         "start", step=0, lr=run.lr, lr_reason=run.lr_reason, mixed_precision=run.precision,
-        device=str(run.device), world_size=run.world.size, n_train=len(run.train_dataset), n_eval=len(run.eval_dataset or ()),
+        device=str(run.device), world_size=run.world.size, n_train=len(run.train_dataset),
+        n_eval=len(run.eval_dataset or ()),
         trainable_params=sum(p.numel() for p in run.params), train_config=run.config.to_dict(),
         adapter_config=run.record.config.to_dict() if run.record is not None else {},
     )

@@ -50,7 +50,8 @@ with dist.session("cpu") as world:
     full_q = ref.model.layers[0].self_attn.q_proj.base_layer.weight
     report = {"packed_local": q.to_local().numel(), "packed_full": full_q.numel(),
               "grad_norm": sum(float(v.norm()) for v in g_ref.values()),
-              "moved": max(float((w_ref[k] - w0[k]).abs().max()) for k in w0),"loss_ref": dist.all_reduce_sum([loss_ref])[0], "loss_fsdp": dist.all_reduce_sum([loss_fsdp])[0],
+              "moved": max(float((w_ref[k] - w0[k]).abs().max()) for k in w0),
+              "loss_ref": dist.all_reduce_sum([loss_ref])[0], "loss_fsdp": dist.all_reduce_sum([loss_fsdp])[0],
               "grad_rel": rel(g_fsdp, g_ref), "weight_rel": rel(w_fsdp, w_ref), "n_sharded": len(sharded),
               "n_params": sum(1 for _ in net.parameters()), "uint8_problems": fsdp_problems(uint8)}
     reports = dist.gather(report)

@@ -134,7 +134,8 @@ def test_resume_with_another_world_size_is_refused(two_process_run, chat_model_d
     _, two, _, _ = two_process_run
     out = tmp_path / "copy"
     shutil.copytree(two, out)
-    with pytest.raises(CheckpointError, match=r"saved by a run of 2 process\(es\) and this run has 1.*--nproc_per_node 2"):
+    with pytest.raises(CheckpointError,
+                       match=r"saved by a run of 2 process\(es\) and this run has 1.*--nproc_per_node 2"):
         finetune(chat_model_dir, chat_jsonl, output_dir=out, resume=True, batch_size=2, progress=False,
                  adapter_options={"device": "cpu", "dropout": 0.0}, **OPTIONS)
 

@@ -191,7 +191,8 @@ def test_num_gpus_data_parallel_and_fsdp():
     fsdp = plan("llama-3-70b", gpu_memory="24GiB", num_gpus=4, fsdp=True)
     layer = _quantized_layer_bytes("llama-3-70b")
     in_layers = layer * 80
-    assert fsdp.quantized_weights_bytes == one.quantized_weights_bytes - in_layers + math.ceil(in_layers / 4) + 2 * layer
+    expected = one.quantized_weights_bytes - in_layers + math.ceil(in_layers / 4) + 2 * layer
+    assert fsdp.quantized_weights_bytes == expected
     assert fsdp.other_weights_bytes == one.other_weights_bytes and fsdp.step_bytes == one.step_bytes
     assert fsdp.fits and "FSDP: 1/4 of the layers" in fsdp.format_table()
     assert plan("llama-3-70b", num_gpus=1, fsdp=True).gpu_bytes == plan("llama-3-70b").gpu_bytes
