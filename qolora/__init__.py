@@ -20,8 +20,8 @@ from .prepare import enable_gradient_checkpointing, prepare
 from .run_checkpoints import CheckpointError
 from .train import train
 from .train_config import TrainConfig, TrainingError, TrainResult
+from .version import __version__ as __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",

@@ -9,7 +9,12 @@ initial factors. So a saved adapter folder holds, next to the PEFT-compatible fi
     qolora_init.safetensors     the initial factors (A0, B0), same key names   [olora / pissa only]
     qolora_config.json          format version, the AdapterConfig, the dtypes it resolved to, per-layer
                                 quantization settings, base-weight fingerprints (+ a combined one),
-                                per-layer residual quantization error, sha256 of the weight files
+                                per-layer residual quantization error, sha256 of the weight files, the
+                                trainer's autocast wrapper if the model had one (:mod:`qolora.forward_wrap`)
+    config.json                 ``model_type: qolora_adapter``: not a model. transformers'
+                                ``from_pretrained`` on the folder fails with "model type
+                                `qolora_adapter`" instead of rebuilding the wrong model from
+                                ``adapter_config.json`` (the unquantized base plus the LoRA, silently)
 
 :func:`qolora.adapter_load.load` rebuilds the model from the base and this folder, exactly (no QR or
 SVD is run). :func:`read_adapter` finds every problem with the folder (missing or corrupted file, a
@@ -36,10 +41,12 @@ from torch import nn
 from .base_reader import linear_layers
 from .config import AdapterConfig, ConfigError
 from .files import atomic_dir, check_out_dir, sha256_file, write_json
+from .forward_wrap import trainer_autocast
 from .inits import INITS
 from .layer import AdapterLinear, adapter_layers
 from .model_record import record_of
 from .quant import quant_settings, quantization_kind
+from .version import __version__
 
 __all__ = [
     "AdapterError",
@@ -52,6 +59,7 @@ __all__ = [
     "remove_adapter_folder",
     "adapter_from_model",
     "peft_adapter_config",
+    "write_adapter_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +70,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 QOLORA_CONFIG = "qolora_config.json"
 INIT_WEIGHTS = "qolora_init.safetensors"
+GUARD_CONFIG = "config.json"  # model_type qolora_adapter: transformers' from_pretrained refuses the folder
+GUARD_MODEL_TYPE = "qolora_adapter"
 PEFT_PREFIX = "base_model.model."
 
 
@@ -114,6 +124,8 @@ class SavedAdapter:
         device_type: ``"cpu"`` / ``"cuda"``: where the base was quantized during training.
         path: the folder it was read from, if any.
         peft_target_modules: the ``target_modules`` written to ``adapter_config.json``.
+        forward_autocast: ``{"device_type", "dtype"}`` of the mixed-precision wrapper a trainer left
+            on ``model.forward`` (:func:`qolora.forward_wrap.trainer_autocast`), or None.
     """
 
     config: AdapterConfig
@@ -125,6 +137,7 @@ class SavedAdapter:
     device_type: str = "cpu"
     path: Path | None = None
     peft_target_modules: list[str] | None = None
+    forward_autocast: dict | None = None
 
     @property
     def scale(self) -> float:
@@ -150,8 +163,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _qolora_version() -> str:
-    from . import __version__  # at call time: the package is fully imported by then
-
     return __version__
 
 
@@ -208,6 +219,7 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
         config=pinned, layers=records, weights=weights, init=init, frozen_quantized=frozen,
         base_name_or_path=record.base,
         device_type=layers[0][1].base_layer.weight.device.type,
+        forward_autocast=trainer_autocast(model),
     )
     saved.peft_target_modules = _peft_target_modules(saved, model)
     return saved
@@ -283,6 +295,10 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: boo
     twice. To leave qolora, use :func:`qolora.export.export_lora` (exact on the full-precision base,
     nothing recomputed) or :func:`qolora.export.merge`.
 
+    A mixed-precision wrapper that a trainer left on ``model.forward`` (accelerate's autocast, e.g.
+    after ``SFTTrainer`` with ``bf16=True``) is recorded, and :func:`load` puts it back, so the
+    reloaded model computes the same logits as ``model`` (see :mod:`qolora.forward_wrap`).
+
     Args:
         model: a model returned by :func:`qolora.prepare` or :func:`load` (trained or not).
         out_dir: the adapter folder to write (see the module docstring for its files).
@@ -297,39 +313,76 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: boo
     """
     out = check_out_dir(out_dir, overwrite, "adapter folder")
     saved = adapter_from_model(model)
+    if saved.forward_autocast is not None:
+        logger.info("model.forward carries a trainer's mixed-precision wrapper (autocast %s on %s): recorded, "
+                    "qolora.load puts it back", saved.forward_autocast["dtype"], saved.forward_autocast["device_type"])
+    with atomic_dir(out, overwrite) as tmp:
+        write_adapter_files(saved, tmp)
+    logger.info("saved %d adapter layers (%s, rank %d) to %s", len(saved.layers), saved.config.init, saved.config.rank, out)
+    return out
+
+
+def write_adapter_files(saved: SavedAdapter, folder: Path) -> list[str]:
+    """Write the files of an adapter folder (see the module docstring) into ``folder``, record last.
+
+    ``folder`` is a fresh temporary folder: :func:`save_adapter` renames it into place, and
+    :func:`qolora.hf_compat.save_pretrained` moves the files into a trainer's checkpoint folder.
+    Returns the file names, in the order they should be published (``qolora_config.json`` last).
+    """
     from safetensors.torch import save_file
 
+    folder = Path(folder)
     weights = {}
     for name, (a, b) in saved.weights.items():
         weights[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
         weights[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
-    peft_config = peft_adapter_config(saved)
-    with atomic_dir(out, overwrite) as tmp:
-        save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        files = {ADAPTER_WEIGHTS: sha256_file(tmp / ADAPTER_WEIGHTS)}
-        if saved.init is not None:
-            init = {}
-            for name, (a0, b0) in saved.init.items():
-                init[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a0
-                init[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b0
-            save_file(init, str(tmp / INIT_WEIGHTS), metadata={"format": "pt"})
-            files[INIT_WEIGHTS] = sha256_file(tmp / INIT_WEIGHTS)
-        write_json(tmp / ADAPTER_CONFIG, peft_config)
-        write_json(tmp / QOLORA_CONFIG, {  # written last: its presence marks a complete folder
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "qolora_version": _qolora_version(),
-            "adapter_config": saved.config.to_dict(),
-            "scale": saved.scale,
-            "device_type": saved.device_type,
-            "base": {"name_or_path": None if saved.base_name_or_path is None else str(saved.base_name_or_path),
-                     "fingerprint": saved.fingerprint},
-            "layers": {n: r.to_dict() for n, r in saved.layers.items()},
-            "frozen_quantized_layers": saved.frozen_quantized,
-            "files": files,
-        })
-    logger.info("saved %d adapter layers (%s, rank %d) to %s", len(saved.layers), saved.config.init, saved.config.rank, out)
-    return out
+    save_file(weights, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    files = {ADAPTER_WEIGHTS: sha256_file(folder / ADAPTER_WEIGHTS)}
+    if saved.init is not None:
+        init = {}
+        for name, (a0, b0) in saved.init.items():
+            init[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a0
+            init[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b0
+        save_file(init, str(folder / INIT_WEIGHTS), metadata={"format": "pt"})
+        files[INIT_WEIGHTS] = sha256_file(folder / INIT_WEIGHTS)
+    write_json(folder / ADAPTER_CONFIG, peft_adapter_config(saved))
+    write_json(folder / GUARD_CONFIG, guard_config(saved))
+    write_json(folder / QOLORA_CONFIG, {  # written last: its presence marks a complete folder
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "qolora_version": _qolora_version(),
+        "adapter_config": saved.config.to_dict(),
+        "scale": saved.scale,
+        "device_type": saved.device_type,
+        "base": {"name_or_path": None if saved.base_name_or_path is None else str(saved.base_name_or_path),
+                 "fingerprint": saved.fingerprint},
+        "layers": {n: r.to_dict() for n, r in saved.layers.items()},
+        "frozen_quantized_layers": saved.frozen_quantized,
+        "forward_autocast": saved.forward_autocast,
+        "files": files,
+    })
+    return [*files, ADAPTER_CONFIG, GUARD_CONFIG, QOLORA_CONFIG]
+
+
+def guard_config(saved: SavedAdapter) -> dict:
+    """The ``config.json`` of an adapter folder: a model type transformers does not know, and why."""
+    return {
+        "model_type": GUARD_MODEL_TYPE,
+        "qolora_adapter": {
+            "note": "a qolora adapter folder, not a model: its base layers are the quantized OLoRA/PiSSA residual, "
+                    "which from_pretrained cannot rebuild. Load it with qolora.load(base, this_folder); for PEFT / "
+                    "vLLM use qolora.export_lora or qolora.merge.",
+            "base_model_name_or_path": None if saved.base_name_or_path is None else str(saved.base_name_or_path),
+        },
+    }
+
+
+def is_guard_config(path: Path) -> bool:
+    """Whether ``path`` is the ``config.json`` qolora writes into an adapter folder (not a model's)."""
+    try:
+        return json.loads(Path(path).read_text()).get("model_type") == GUARD_MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def remove_adapter_folder(folder: Path) -> bool:
@@ -346,6 +399,8 @@ def remove_adapter_folder(folder: Path) -> bool:
         return False
     for name in (QOLORA_CONFIG, ADAPTER_WEIGHTS, ADAPTER_CONFIG, INIT_WEIGHTS):
         (folder / name).unlink(missing_ok=True)
+    if is_guard_config(folder / GUARD_CONFIG):
+        (folder / GUARD_CONFIG).unlink()
     try:
         folder.rmdir()
     except OSError:
@@ -426,8 +481,15 @@ def read_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
         raise AdapterError(f"adapter folder {str(folder)!r} does not exist" if not folder.exists()
                            else f"adapter path {str(folder)!r} is a file; expected a folder written by qolora.save_adapter")
     if not (folder / QOLORA_CONFIG).is_file():
-        hint = (f"it looks like a plain PEFT adapter ({ADAPTER_CONFIG} without {QOLORA_CONFIG}); load that with "
-                "peft.PeftModel.from_pretrained" if (folder / ADAPTER_CONFIG).is_file() else "it is not an adapter folder")
+        if (folder / ADAPTER_CONFIG).is_file():
+            hint = (f"it looks like a plain PEFT adapter ({ADAPTER_CONFIG} without {QOLORA_CONFIG}); load that with "
+                    "peft.PeftModel.from_pretrained")
+        elif (folder / "model.safetensors").is_file() and (folder / "trainer_state.json").is_file():
+            hint = ("it is a transformers Trainer checkpoint holding a full model.safetensors dump, written before "
+                    "qolora models saved their adapter through save_pretrained (qolora 0.1); retrain, or rebuild the "
+                    "model with qolora.prepare and copy the lora_A/lora_B tensors of that file into it")
+        else:
+            hint = "it is not an adapter folder"
         raise AdapterError(f"adapter folder {str(folder)!r} has no {QOLORA_CONFIG}: {hint}; qolora.load needs a folder "
                            "written by qolora.save_adapter")
     meta = _read_json(folder, QOLORA_CONFIG)
@@ -481,8 +543,13 @@ def read_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
         init = _factor_pairs(_read_tensors(folder, INIT_WEIGHTS, files.get(INIT_WEIGHTS)), layers, config.rank,
                              folder / INIT_WEIGHTS)
         init = {n: (a.float(), b.float()) for n, (a, b) in init.items()}
+    autocast = meta.get("forward_autocast")
+    if autocast is not None and not (isinstance(autocast, dict) and isinstance(autocast.get("device_type"), str)
+                                     and autocast.get("dtype") in ("bfloat16", "float16")):
+        raise AdapterError(f"{folder / QOLORA_CONFIG} is corrupted: forward_autocast={autocast!r}; expected null or "
+                           "{'device_type': 'cpu'|'cuda'|..., 'dtype': 'bfloat16'|'float16'}")
     return SavedAdapter(
-        config=config, layers=layers, weights=weights, init=init,
+        config=config, layers=layers, weights=weights, init=init, forward_autocast=autocast,
         frozen_quantized=dict(meta.get("frozen_quantized_layers") or {}),
         base_name_or_path=meta["base"].get("name_or_path"), device_type=str(meta.get("device_type", "cpu")), path=folder,
         peft_target_modules=peft["target_modules"] if isinstance(peft.get("target_modules"), list) else None,

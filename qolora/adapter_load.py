@@ -21,9 +21,11 @@ from torch import nn
 from .adapter_io import AdapterError, BaseMismatchError, SavedAdapter, read_adapter
 from .base_reader import BaseCheckpoint, layer_shape, linear_layers, select_targets, weight_fingerprint
 from .config import AdapterConfig
+from .forward_wrap import apply_autocast
 from .layer import adapter_layers
-from .model_record import ModelRecord, attach_record
-from .prepare import build_model
+from .model_record import ModelRecord
+from .offload import offload_layers_for
+from .prepare import adopt, build_model
 from .quant import quant_settings
 
 __all__ = ["FingerprintCheck", "check_base_structure", "load", "resolve_device_config"]
@@ -111,6 +113,10 @@ def load(
     device: str | None = None,
     allow_base_mismatch: bool = False,
     progress: bool = True,
+    offload: str | None = None,
+    gpu_memory: int | str | None = None,
+    offload_plan: dict | None = None,
+    autocast: bool = True,
 ):
     """Rebuild a trained model from its full-precision base and a folder written by :func:`save_adapter`.
 
@@ -126,6 +132,12 @@ def load(
         allow_base_mismatch: apply the adapter even if base weights differ from the training base
             (a warning instead of :class:`BaseMismatchError`).
         progress: show a progress bar.
+        offload, gpu_memory, offload_plan: stream decoder layers' frozen base from host memory, as in
+            :func:`qolora.prepare` (the loaded weights and logits are the same either way).
+        autocast: when the adapter was saved from a model that a trainer left under a mixed-precision
+            wrapper (``forward_autocast`` in ``qolora_config.json``, e.g. TRL's default ``bf16=True``),
+            wrap ``forward`` the same way, so the logits equal the trained object's; False computes in
+            the configured dtypes instead.
 
     Returns:
         The model (as :func:`qolora.prepare` returns it, in eval mode, adapters trainable); its
@@ -141,6 +153,8 @@ def load(
     config = resolve_device_config(saved, device)
     checkpoint = BaseCheckpoint.open(base)
     check_base_structure(checkpoint.skeleton(), saved, str(base))
+    placement = offload_layers_for(checkpoint.hf_config, config, offload, gpu_memory=gpu_memory,
+                                   plan_options=offload_plan)
     check = FingerprintCheck(saved, str(base), allow_base_mismatch)
     seen: set[str] = set()
 
@@ -152,7 +166,7 @@ def load(
         factors = saved.init[name] if saved.needs_residual else saved.weights[name]
         return tuple(t.clone() for t in factors)  # build_model may keep (and so train) what it gets
 
-    model, report = build_model(checkpoint, config, factors_for, progress=progress)
+    model, report = build_model(checkpoint, config, factors_for, progress=progress, placement=placement)
     check.warn()
     unseen = [n for n in saved.layers if n not in seen]
     if unseen:  # pragma: no cover - check_base_structure rules this out
@@ -167,8 +181,10 @@ def load(
             a, b = saved.weights[name]
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
-    attach_record(model, ModelRecord(config=config, base=str(base), base_dir=checkpoint.dir, report=report,
-                                     adapter_dir=Path(adapter_dir)))
+    adopt(model, ModelRecord(config=config, base=str(base), base_dir=checkpoint.dir, report=report,
+                             adapter_dir=Path(adapter_dir), offload=placement.streamer if placement is not None else None))
+    if autocast and saved.forward_autocast is not None:
+        apply_autocast(model, {**saved.forward_autocast, "device_type": config.torch_device.type})
     model.eval()
     logger.info("loaded adapter %s (%s, rank %d, %d-bit) onto %s", adapter_dir, config.init, config.rank, config.bits, base)
     return model

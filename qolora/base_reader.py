@@ -256,8 +256,33 @@ class BaseCheckpoint:
         files: the weight files, in shard order.
     """
 
-    def __init__(self, model_dir: Path, hf_config, stored_kind: str | None, files: list[Path]):
+    def __init__(self, model_dir: Path, hf_config, stored_kind: str | None, files: list[Path], source=None):
         self.dir, self.hf_config, self.stored_kind, self.files = model_dir, hf_config, stored_kind, files
+        self.source = source  # a generator of tensors instead of files (from_source)
+
+    @classmethod
+    def of(cls, model) -> "BaseCheckpoint":
+        """``model`` as a checkpoint: a BaseCheckpoint itself, a tensor source (:meth:`from_source`), or a
+        folder / hub id (:meth:`open`)."""
+        if isinstance(model, BaseCheckpoint):
+            return model
+        if hasattr(model, "iter_tensors") and hasattr(model, "hf_config"):
+            return cls.from_source(model)
+        return cls.open(model)
+
+    @classmethod
+    def from_source(cls, source, *, name: str | None = None) -> "BaseCheckpoint":
+        """A checkpoint generated rather than read: any object with ``hf_config()`` and
+        ``iter_tensors(device)`` yielding ``(key, tensor)`` in checkpoint naming, such as
+        :class:`qolora.synthetic.SyntheticCheckpoint` (a 70B model streamed into ``prepare`` with no
+        disk). The tensors are generated on the compute device and checked like a file's. ``dir`` is a
+        descriptive ``<name>`` path that exists nowhere (merge and load need a real folder)."""
+        name = name or repr(source)
+        hf_config = source.hf_config()
+        if getattr(hf_config, "quantization_config", None) is not None:
+            raise ConfigError(f"{name}: a source stored quantized is not supported")
+        hf_config_from_dict({"model_type": hf_config.model_type}, name)  # a known architecture
+        return cls(Path(f"<{name}>"), hf_config, None, [], source=source)
 
     @classmethod
     def open(cls, model: str | os.PathLike) -> "BaseCheckpoint":
@@ -287,14 +312,21 @@ class BaseCheckpoint:
         """The model on the ``meta`` device (:func:`meta_skeleton`)."""
         return meta_skeleton(self.hf_config, dtype)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor, Path]]:
-        """``(key, tensor, file)`` one at a time, lazily (safetensors are memory-mapped)."""
+    def tensors(self, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor, Path]]:
+        """``(key, tensor, file)`` one at a time, lazily (safetensors are memory-mapped on the CPU; a
+        generated checkpoint makes its tensors on ``device``)."""
+        if self.source is not None:
+            for key, tensor in self.source.iter_tensors(device):
+                yield key, tensor, self.dir
+            return
         for file in self.files:
             with _naming_damage(file):
                 yield from _read_file(file)
 
     def tensor_count(self) -> int | None:
         """How many tensors the checkpoint holds, from the safetensors headers (None for ``.bin``)."""
+        if self.source is not None:
+            return len(self.source.tensors)
         if any(f.suffix != ".safetensors" for f in self.files):
             return None
         from safetensors import safe_open
@@ -325,7 +357,7 @@ class BaseCheckpoint:
         pending: dict[str, dict[str, torch.Tensor]] = {}  # parts of layers stored quantized
         keys: dict[str, str] = {}
         where: dict[str, Path] = {}
-        for key, tensor, file in self.tensors():
+        for key, tensor, file in self.tensors(device):
             name = to_model(key)
             part = stored_part(name or key, linears) if self.stored_kind else None
             if part is not None:
@@ -426,9 +458,12 @@ def _check_shape(tensor: torch.Tensor, expected: tuple[int, ...], key: str, file
 
 
 def _check_finite(tensor: torch.Tensor, key: str, file: Path) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise ConfigError(f"tensor {key!r} in {file} holds {bad} NaN/inf value(s): the checkpoint is corrupted")
+    # One reduction, no temporary: a NaN or inf anywhere makes the sum non-finite. Only then (or if
+    # huge finite values overflowed the sum) is the exact elementwise check run.
+    if bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    raise ConfigError(f"tensor {key!r} in {file} holds {bad} NaN/inf value(s): the checkpoint is corrupted")
 
 
 def _checked(weight: torch.Tensor, shape: tuple[int, int], key: str, file: Path) -> torch.Tensor:

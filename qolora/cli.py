@@ -88,6 +88,11 @@ def _add_finetune(sub) -> None:
                    help="comma-separated layer names to adapt, e.g. q_proj,v_proj (default: every linear layer)")
     g.add_argument("--dropout", type=float, default=0.0, help="adapter dropout")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--offload", default="none", choices=["none", "auto", "cpu"],
+                   help="keep decoder layers' frozen 4-bit base in host memory and stream it in per layer: none, "
+                        "auto (only as many layers as needed to fit the GPU), cpu (all layers)")
+    g.add_argument("--gpu-memory", default=None, help="with --offload auto: GPU memory to fit, e.g. 24GiB "
+                                                      "(default: the free memory)")
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
@@ -191,7 +196,7 @@ def _finetune(args) -> int:
         args.model, args.data, output_dir=args.output_dir, bits=args.bits, rank=args.rank, init=args.init,
         alpha=args.alpha, target_modules=args.target_modules, format=args.format, max_length=args.max_length,
         packing=args.packing, mask_prompt=args.mask_prompt, eval_fraction=args.eval_fraction, resume=args.resume,
-        adapter_options=adapter_options, **train_options,
+        offload=args.offload, gpu_memory=args.gpu_memory, adapter_options=adapter_options, **train_options,
     )
     from .distributed import world
 

@@ -22,6 +22,7 @@ from .base_reader import BaseCheckpoint
 from .config import AdapterConfig, ConfigError
 from .data import detect_format, load_records, split_train_eval, tokenize_dataset
 from .files import folder_lock
+from .offload import check_offload
 from .optim import resolve_precision
 from .prepare import prepare
 from .run_folder import check_output_dir, check_resume
@@ -49,6 +50,8 @@ def finetune(
     mask_prompt: bool = True,
     eval_fraction: float = 0.05,
     resume: bool = False,
+    offload: str | None = None,
+    gpu_memory: int | str | None = None,
     adapter_options: dict | None = None,
     config: TrainConfig | None = None,
     **train_options,
@@ -72,6 +75,10 @@ def finetune(
         mask_prompt: train on the answers only.
         eval_fraction: share of the examples held out for eval loss and samples.
         resume: continue an interrupted run in ``output_dir``.
+        offload: ``"auto"``, ``"cpu"`` or None/``"none"``: stream decoder layers' frozen base from host
+            memory (:func:`qolora.prepare`); ``"auto"`` plans for this job's ``max_length``, batch size,
+            optimizer and checkpointing against ``gpu_memory`` (default: the free GPU memory).
+        gpu_memory: for ``offload="auto"``: the GPU memory to fit (bytes or ``"24GiB"``).
         adapter_options: further :class:`qolora.AdapterConfig` fields (``dropout``, ``quant_type``,
             ``device``, ...).
         config: a whole :class:`TrainConfig` instead of ``output_dir`` and ``**train_options``.
@@ -86,6 +93,7 @@ def finetune(
     """
     tcfg, acfg = _checked_configs(config, output_dir, train_options, bits, rank, init, alpha, target_modules,
                                   adapter_options, eval_fraction, max_length)
+    offload = check_offload(offload)
     # Under torchrun / accelerate launch every rank runs this; rank 0 alone checks, locks and writes the
     # output folder, and its errors stop every rank (qolora.distributed).
     with dist.session(acfg.torch_device) as world:
@@ -100,7 +108,8 @@ def finetune(
             if resume:
                 dist.on_main(lambda: check_resume(tcfg, train_ds, acfg, world_size=world.size))
             net = prepare(model_dir, config=acfg, gradient_checkpointing=tcfg.gradient_checkpointing,
-                          progress=tcfg.progress and world.is_main)
+                          progress=tcfg.progress and world.is_main, offload=offload, gpu_memory=gpu_memory,
+                          offload_plan={"seq_len": max_length, "batch_size": tcfg.batch_size, "optim": tcfg.optim})
             result = train(net, tokenizer, train_ds, eval_ds, tcfg, resume=resume)
             result.adapter_dir = dist.on_main(lambda: _save_final_adapter(net, out / "adapter"))
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -39,6 +40,7 @@ class QuantReport:
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
     requantized: str | None = None  # "4bit"/"8bit": the checkpoint was stored quantized (errors vs its weights)
+    peak_device_bytes: int | None = None  # peak CUDA memory allocated while building (None on the CPU)
 
     @property
     def total_error(self) -> float:
@@ -59,13 +61,15 @@ class QuantReport:
         text = f"{self.init} init, {self.bits}-bit base, {len(self.layers)} adapted layers: summed weight error {self.total_error:.4g}"
         if self.ratio_to_plain is not None:
             text += f" = {self.ratio_to_plain:.3f}x plain {self.bits}-bit quantization's {self.total_plain_error:.4g}"
-        return text + f" ({self.seconds:.1f} s)"
+        peak = "" if self.peak_device_bytes is None else f", peak {self.peak_device_bytes / 2**30:.2f} GiB on the device"
+        return text + f" ({self.seconds:.1f} s{peak})"
 
     def to_dict(self) -> dict:
         return {
             "init": self.init, "bits": self.bits, "seconds": self.seconds,
             "total_error": self.total_error, "total_plain_error": self.total_plain_error,
             "ratio_to_plain": self.ratio_to_plain, "requantized": self.requantized,
+            "peak_device_bytes": self.peak_device_bytes,
             "layers": [{f.name: getattr(r, f.name) for f in fields(r)} for r in self.layers],
         }
 
@@ -80,6 +84,7 @@ class ModelRecord:
         base_dir: the local folder it was read from.
         report: the weight-error report of the build.
         adapter_dir: the adapter folder it was loaded from (None for a fresh ``prepare``).
+        offload: the :class:`qolora.offload.OffloadedLayers` streaming its base from host memory, or None.
     """
 
     config: AdapterConfig
@@ -87,13 +92,15 @@ class ModelRecord:
     base_dir: Path
     report: QuantReport
     adapter_dir: Path | None = None
+    offload: Any = None
 
 
 def attach_record(model: nn.Module, record: ModelRecord) -> None:
     """Keep ``record`` on ``model`` as ``model.qolora``.
 
     ``model.qolora_config`` and ``model.qolora_report`` name the same objects, for code written
-    against qolora 0.1 (read them, never assign them: qolora reads ``model.qolora``).
+    against qolora 0.1 (read them, never assign them: qolora reads ``model.qolora``). The builders
+    (:func:`qolora.prepare.adopt`) also attach what Trainer and TRL need (:mod:`qolora.hf_compat`).
     """
     model.qolora = record
     model.qolora_config = record.config

@@ -70,7 +70,6 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -82,6 +81,7 @@ from .base_reader import hf_config_from_dict, layer_shape, linear_layers, meta_s
 from .base_reader import load_hf_config as read_config_file
 from .config import DTYPES, AdapterConfig, ConfigError, parse_size
 from .loss import DEFAULT_CHUNK_BYTES
+from .offload import check_offload, decoder_layers, spread
 
 __all__ = ["MemoryPlan", "plan", "load_hf_config", "builtin_configs", "add_parser", "run"]
 
@@ -180,10 +180,16 @@ class MemoryPlan:
         step_bytes: the peak of one training step above the prepared model (activations + loss + adapter
             gradients + optimizer states).
         cuda_context_bytes / margin_bytes: CUDA context and allocator margin (0 on the CPU).
-        total_bytes: predicted peak; gpu_bytes: its GPU part (all of it until offloading exists); host_bytes: 0.
-        fits: ``gpu_bytes <= gpu_memory`` when ``gpu_memory`` was given.
+        total_bytes: predicted peak of everything (GPU and host).
+        offload / offloaded_layers: the offload setting and the decoder layers whose frozen base lives in host memory.
+        offloaded_bytes: those layers' frozen bytes (quantized weights, statistics, norms, biases).
+        in_flight_bytes: the largest two offloaded layers: on the GPU at once (computing + prefetched).
+        gpu_bytes: ``total_bytes - offloaded_bytes + in_flight_bytes``; host_bytes: ``offloaded_bytes`` (pinned).
+        host_memory: host memory to check ``host_bytes`` against (None: not checked).
+        fits: ``gpu_bytes <= gpu_memory`` (and ``host_bytes <= host_memory`` when given) when ``gpu_memory`` was given.
         max_seq_len / max_batch_size: the longest sequence (at ``batch_size``) and the largest batch (at
-            ``seq_len``) that fit ``gpu_memory`` (None without it, 0 when nothing fits).
+            ``seq_len``) that fit ``gpu_memory`` (None without it, 0 when nothing fits); with ``offload="auto"``
+            as many layers offloaded as that takes.
         suggestions: changes that make it fit, each with its predicted total.
     """
 
@@ -208,6 +214,15 @@ class MemoryPlan:
     max_seq_len: int | None = None
     max_batch_size: int | None = None
     suggestions: list[dict] = field(default_factory=list)
+    offload: str | None = None
+    offloaded_layers: list[int] = field(default_factory=list)
+    offloaded_bytes: int = 0
+    in_flight_bytes: int = 0
+    host_memory: int | None = None
+
+    @property
+    def num_offloaded_layers(self) -> int:
+        return len(self.offloaded_layers)
 
     @property
     def weights_bytes(self) -> int:
@@ -223,19 +238,26 @@ class MemoryPlan:
 
     @property
     def gpu_bytes(self) -> int:
-        return self.total_bytes - self.host_bytes
+        return self.total_bytes - self.offloaded_bytes + self.in_flight_bytes
 
     @property
     def host_bytes(self) -> int:
-        return 0
+        return self.offloaded_bytes
+
+    @property
+    def host_fits(self) -> bool | None:
+        return None if self.host_memory is None else self.host_bytes <= self.host_memory
 
     @property
     def fits(self) -> bool | None:
-        return None if self.gpu_memory is None else self.gpu_bytes <= self.gpu_memory
+        if self.gpu_memory is None:
+            return None
+        return self.gpu_bytes <= self.gpu_memory and self.host_fits is not False
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("weights_bytes", "step_bytes", "total_bytes", "gpu_bytes", "host_bytes", "fits"):
+        for name in ("weights_bytes", "step_bytes", "total_bytes", "gpu_bytes", "host_bytes", "fits", "host_fits",
+                     "num_offloaded_layers"):
             d[name] = getattr(self, name)
         return d
 
@@ -270,6 +292,13 @@ class MemoryPlan:
         lines.append("-" * (width + 40))
         lines.append(f"{'total (predicted peak)':<{width}}  {_gib(self.total_bytes):>8}  "
                      f"weights {_gib(self.weights_bytes)}, peak at the {self.peak_moment}")
+        if self.offload is not None:
+            lines.append(f"{'offloaded to host':<{width}}  {_gib(self.host_bytes):>8}  {self.num_offloaded_layers} of "
+                         f"{self.num_layers} decoder layers in pinned host memory (offload={self.offload!r})"
+                         + ("" if self.host_memory is None else
+                            f"; host has {_gib(self.host_memory)} GiB" + ("" if self.host_fits else ": NOT enough")))
+            lines.append(f"{'GPU part':<{width}}  {_gib(self.gpu_bytes):>8}  total - offloaded + "
+                         f"{_gib(self.in_flight_bytes)} GiB in flight (2 layers)")
         if self.gpu_memory is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"{'GPU memory':<{width}}  {_gib(self.gpu_memory):>8}  {verdict} "
@@ -277,7 +306,7 @@ class MemoryPlan:
             lines.append(f"longest seq_len at batch {s['batch_size']}: {self.max_seq_len}; "
                          f"largest batch at seq_len {s['seq_len']}: {self.max_batch_size}")
             for sug in self.suggestions:
-                lines.append(f"  suggestion: {sug['change']}: {_gib(sug['total_bytes'])} GiB"
+                lines.append(f"  suggestion: {sug['change']}: {_gib(sug.get('gpu_bytes', sug['total_bytes']))} GiB"
                              + (" (fits)" if sug["fits"] else " (still too big)"))
         return "\n".join(lines)
 
@@ -463,6 +492,8 @@ def plan(
     loss_chunk_bytes: int = LOSS_CHUNK_BYTES,
     device: str = "cuda",
     padded: bool | None = None,
+    offload: str | None = None,
+    host_memory: int | str | None = None,
     num_gpus: int = 1,
     fsdp: bool = False,
     _search: bool = True,
@@ -488,6 +519,10 @@ def plan(
             the formulas against exact CPU allocation counts). bitsandbytes keeps the same tensors on both.
         padded: whether batches carry a padding mask (then SDPA materialises repeated K/V heads);
             None = ``batch_size > 1``.
+        offload: None/``"none"``, ``"cpu"`` (every decoder layer's frozen base in host memory, two layers
+            on the GPU at a time) or ``"auto"`` (the fewest offloaded layers that fit ``gpu_memory``, which
+            it needs), as :func:`qolora.prepare` does it.
+        host_memory: bytes or a size of host memory the offloaded part must fit in (None: not checked).
         num_gpus: data-parallel processes (one per GPU; ``batch_size`` is per GPU). Without ``fsdp``
             each GPU holds the whole quantized base and the plan is that of one GPU at ``batch_size``.
         fsdp: shard the quantized decoder-layer weights over the ``num_gpus`` GPUs (FSDP-QLoRA): each
@@ -513,11 +548,20 @@ def plan(
             problems.append(f"{name}={value!r} must be an integer >= 1")
     if device not in ("cuda", "cpu"):
         problems.append(f"device={device!r} is not supported; allowed: 'cuda', 'cpu'")
+    try:
+        offload = check_offload(offload)
+    except ConfigError as exc:
+        problems += exc.problems if hasattr(exc, "problems") else [str(exc)]
+    if offload == "auto" and gpu_memory is None:
+        problems.append("offload='auto' needs gpu_memory: the memory to fit by offloading decoder layers")
     if not isinstance(num_gpus, int) or isinstance(num_gpus, bool) or num_gpus < 1:
         problems.append(f"num_gpus={num_gpus!r} must be an integer >= 1")
+    if fsdp and offload is not None and num_gpus > 1:
+        problems.append("fsdp and offload are not planned together: choose one")
     if problems:
         raise ConfigError(problems)
     gpu = parse_size(gpu_memory, "gpu_memory") if gpu_memory is not None else None
+    host = parse_size(host_memory, "host_memory") if host_memory is not None else None
 
     hf_config = load_hf_config(model)
     cdtype, adtype = DTYPES[compute_dtype.lower()], DTYPES[adapter_dtype.lower()]
@@ -532,21 +576,30 @@ def plan(
 
     quantized = other = 0
     linear_weights = set()
-    per_block: dict[str, int] = {}  # quantized bytes of each decoder layer ("model.layers.7")
+    layers_name, layer_list = decoder_layers(skeleton)
+    per_layer_bytes = [0] * len(layer_list)  # frozen bytes of each decoder layer (what offloading moves)
+    per_layer_quantized = [0] * len(layer_list)  # its quantized linear bytes (what FSDP shards)
+
+    def layer_of(name: str) -> int | None:
+        head, sep, rest = name.partition(layers_name + ".")
+        return int(rest.split(".", 1)[0]) if sep and not head else None
+
     for name, mod in linears.items():
         out_f, in_f = layer_shape(mod)
         nbytes = _quantized_bytes(out_f, in_f, bits, blocksize, double_quant, a)
         quantized += nbytes
-        block = re.match(r"^(.*?\.\d+)\.", name)
-        if block:
-            per_block[block.group(1)] = per_block.get(block.group(1), 0) + nbytes
         linear_weights.add(id(mod.weight))
-    if fsdp and num_gpus > 1 and per_block:
-        in_blocks = sum(per_block.values())
-        quantized = quantized - in_blocks + math.ceil(in_blocks / num_gpus) + 2 * max(per_block.values())
-    for _, p in skeleton.named_parameters():  # tied parameters once
+        if (i := layer_of(name)) is not None:
+            per_layer_bytes[i] += nbytes
+            per_layer_quantized[i] += nbytes
+    if fsdp and num_gpus > 1 and per_layer_quantized:
+        in_layers = sum(per_layer_quantized)
+        quantized = quantized - in_layers + math.ceil(in_layers / num_gpus) + 2 * max(per_layer_quantized)
+    for pname, p in skeleton.named_parameters():  # tied parameters once
         if id(p) not in linear_weights:
             other += p.numel() * a
+            if (i := layer_of(pname)) is not None:
+                per_layer_bytes[i] += p.numel() * a
     for _, b in skeleton.named_buffers():
         other += b.numel() * b.element_size()
     numels = []
@@ -571,28 +624,49 @@ def plan(
             return 0, 0
         return CUDA_CONTEXT_BYTES, max(MARGIN_MIN_BYTES, int(MARGIN_FRACTION * rest))
 
-    def total_for(T: int, B: int) -> int:
+    def moved(n: int) -> tuple[list[int], int, int]:
+        """(offloaded layer indices, their bytes, bytes in flight) with ``n`` layers offloaded."""
+        chosen = spread(len(per_layer_bytes), n)
+        sizes = sorted((per_layer_bytes[i] for i in chosen), reverse=True)
+        return chosen, sum(sizes), sum(sizes[:2])
+
+    def gpu_for(T: int, B: int, n: int) -> int:
         act, loss, _, _ = step(T, B)
-        rest = quantized + other + 2 * adapters + states + act + loss
+        _, off, flight = moved(n)
+        rest = quantized + other + 2 * adapters + states + act + loss - off + flight
         ctx, margin = overhead(rest)
         return rest + ctx + margin
 
+    num_layers = len(per_layer_bytes)
+    most = num_layers if offload is not None else 0
+
+    def total_for(T: int, B: int) -> int:  # the GPU part, with as many layers offloaded as offload allows
+        return gpu_for(T, B, most)
+
+    if offload == "auto":
+        n_off = next((n for n in range(num_layers + 1) if gpu_for(seq_len, batch_size, n) <= gpu), num_layers)
+    else:
+        n_off = most
+    chosen, off_bytes, flight_bytes = moved(n_off)
     act, loss, moment, details = step(seq_len, batch_size)
-    ctx, margin = overhead(quantized + other + 2 * adapters + states + act + loss)
+    ctx, margin = overhead(quantized + other + 2 * adapters + states + act + loss - off_bytes + flight_bytes)
+    details["per_layer_frozen_bytes"] = per_layer_bytes[0] if per_layer_bytes else 0
     settings = {"bits": bits, "rank": rank, "alpha": float(rank if alpha is None else alpha),
                 "target_modules": list(target_modules) if target_modules is not None else None,
                 "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum, "optim": optim,
                 "gradient_checkpointing": gradient_checkpointing, "quant_type": quant_type, "blocksize": blocksize,
                 "double_quant": double_quant, "compute_dtype": compute_dtype, "adapter_dtype": adapter_dtype,
                 "chunked_loss": chunked_loss, "loss_chunk_bytes": loss_chunk_bytes, "device": device,
-                "padded": (batch_size > 1) if padded is None else padded, "num_gpus": num_gpus, "fsdp": fsdp}
+                "padded": (batch_size > 1) if padded is None else padded, "offload": offload, "num_gpus": num_gpus,
+                "fsdp": fsdp}
     name = model if isinstance(model, (str, os.PathLike)) else getattr(hf_config, "_name_or_path", "") or d.family
     result = MemoryPlan(
         model=str(name), model_type=hf_config.model_type, num_layers=d.L, settings=settings,
         quantized_weights_bytes=quantized, other_weights_bytes=other, adapter_bytes=adapters,
         adapter_grad_bytes=adapters, optimizer_bytes=states, activation_bytes=act, loss_bytes=loss,
         peak_moment=moment, cuda_context_bytes=ctx, margin_bytes=margin, n_adapted_layers=len(targets),
-        trainable_params=trainable, details=details, gpu_memory=gpu,
+        trainable_params=trainable, details=details, gpu_memory=gpu, offload=offload, offloaded_layers=chosen,
+        offloaded_bytes=off_bytes, in_flight_bytes=flight_bytes, host_memory=host,
     )
     if gpu is not None and _search:
         limit = int(getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", 0)
@@ -605,8 +679,8 @@ def plan(
                 batch_size=batch_size, grad_accum=grad_accum, optim=optim, gradient_checkpointing=gradient_checkpointing,
                 gpu_memory=gpu, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                 compute_dtype=compute_dtype, adapter_dtype=adapter_dtype, chunked_loss=chunked_loss,
-                loss_chunk_bytes=loss_chunk_bytes, device=device, padded=padded, num_gpus=num_gpus, fsdp=fsdp),
-                hf_config)
+                loss_chunk_bytes=loss_chunk_bytes, device=device, padded=padded, offload=offload,
+                host_memory=host, num_gpus=num_gpus, fsdp=fsdp), hf_config)
     return result
 
 
@@ -641,7 +715,11 @@ def _suggest(model, current: MemoryPlan, options: dict, hf_config) -> list[dict]
                         {"batch_size": b, "grad_accum": math.ceil(options["batch_size"] * options["grad_accum"] / b)}))
     if current.max_seq_len and current.max_seq_len < options["seq_len"]:
         changes.append((f"seq_len={current.max_seq_len}", {"seq_len": current.max_seq_len}))
-    combined = {k: v for _, c in changes if "seq_len" not in c and "batch_size" not in c for k, v in c.items()}
+    if options["offload"] is None and options["gpu_memory"] is not None:
+        changes.append(("offload='auto' (stream the frozen base of some decoder layers from host memory)",
+                        {"offload": "auto"}))
+    combined = {k: v for _, c in changes if "seq_len" not in c and "batch_size" not in c and "offload" not in c
+                for k, v in c.items()}
     if len(combined) > 1:
         changes.append((" + ".join(f"{k}={v}" for k, v in combined.items()), combined))
     out = [{"change": f"a GPU with at least {_gib(current.gpu_bytes)} GiB (or rank/targets/seq_len lower)",
@@ -649,7 +727,8 @@ def _suggest(model, current: MemoryPlan, options: dict, hf_config) -> list[dict]
         if not changes else []
     for text, change in changes:
         p = plan(hf_config, **{**options, **change}, _search=False)
-        out.append({"change": text, "options": change, "total_bytes": p.total_bytes, "fits": bool(p.fits)})
+        out.append({"change": text, "options": change, "total_bytes": p.total_bytes, "gpu_bytes": p.gpu_bytes,
+                    "fits": bool(p.fits)})
     return out
 
 
@@ -680,6 +759,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="assume the chunked loss (no full fp32 logits)")
     p.add_argument("--gpu-memory", default=None, help="GPU memory to fit, e.g. 24GiB, 24GB, 80G")
+    p.add_argument("--offload", default="none", choices=["none", "auto", "cpu"],
+                   help="keep decoder layers' frozen base in host memory: none, auto (as few layers as needed to fit "
+                        "--gpu-memory), cpu (all)")
+    p.add_argument("--host-memory", default=None,
+                   help="host memory the offloaded part must fit, e.g. 64GiB ('available': this machine's)")
     p.add_argument("--num-gpus", type=int, default=1,
                    help="data-parallel GPUs (torchrun); --batch-size is per GPU; the plan is per GPU")
     p.add_argument("--fsdp", action="store_true", help="shard the quantized base over the GPUs (FSDP-QLoRA)")
@@ -693,6 +777,15 @@ def run(args) -> int:
     result = plan(args.model, bits=args.bits, rank=args.rank, alpha=args.alpha, target_modules=args.target_modules,
                   seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, optim=args.optim,
                   gradient_checkpointing=args.gradient_checkpointing, chunked_loss=args.chunked_loss,
-                  gpu_memory=args.gpu_memory, num_gpus=args.num_gpus, fsdp=args.fsdp)
+                  gpu_memory=args.gpu_memory, offload=args.offload, host_memory=_host_memory(args.host_memory),
+                  num_gpus=args.num_gpus, fsdp=args.fsdp)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
     return 0 if result.fits in (None, True) else 1
+
+
+def _host_memory(value: str | None) -> int | str | None:
+    if value == "available":
+        from .offload import available_host_bytes
+
+        return available_host_bytes()
+    return value

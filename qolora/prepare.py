@@ -22,6 +22,7 @@ with far less host RAM than its fp16 size. A :class:`QuantReport` records, per a
 from __future__ import annotations
 
 import logging
+import os
 import time
 import zlib
 from dataclasses import fields
@@ -35,15 +36,26 @@ from .base_reader import BaseCheckpoint, LinearWeight, layer_shape, linear_layer
 from .config import AdapterConfig, ConfigError
 from .inits import INITS, residual_
 from .layer import AdapterLinear, mark_only_adapters_trainable
+from .hf_compat import attach as attach_hf_compat
 from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
-from .quant import dequantize_weight, make_base_layer
+from .offload import LayerOffload, check_offload, offload_layers_for
+from .quant import dequantize_weight, make_base_layer, quantization_kind
 
-__all__ = ["prepare", "build_model", "enable_gradient_checkpointing"]
+__all__ = ["adopt", "build_model", "enable_gradient_checkpointing", "prepare"]
 
 logger = logging.getLogger(__name__)
 
 # (layer name, fp32 weight (out, in) on the compute device) -> initial (A, B)
 FactorProvider = Callable[[str, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def adopt(model: nn.Module, record: ModelRecord) -> None:
+    """Make a freshly built model a qolora model: its record (:func:`qolora.model_record.attach_record`)
+    and what transformers' Trainer, TRL and lm-eval need to treat it as what it is
+    (:func:`qolora.hf_compat.attach`: ``save_pretrained`` writes the adapter folder, a 4/8-bit model
+    declares ``quantization_method``). :func:`prepare` and :func:`qolora.adapter_load.load` both end here."""
+    attach_record(model, record)
+    attach_hf_compat(model, record.config.bits)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -65,12 +77,14 @@ def build_model(
     *,
     compare_plain: bool = False,
     progress: bool = True,
+    placement: LayerOffload | None = None,
 ) -> tuple[nn.Module, QuantReport]:
     """Stream ``base`` into a quantized model with adapters (see the module docstring).
 
     ``factors_for(name, W)`` returns the initial ``(A, B)`` of a targeted layer (computed from ``W``,
     or known already, as when an adapter is reloaded); the base becomes ``W - s*B@A`` when the init
-    needs a residual.
+    needs a residual. ``placement`` (a :class:`qolora.offload.LayerOffload`) is told each module or
+    tensor put on the device and moves each finished decoder layer's frozen base to host memory.
     """
     from accelerate.utils import set_module_tensor_to_device
     from tqdm.auto import tqdm
@@ -84,6 +98,11 @@ def build_model(
     # only the adapted ones at 16 bits, and every one whose checkpoint is stored quantized.
     rebuilt = set(linears) if config.bits != 16 or base.stored_kind else set(targets)
     _check_rank(linears, targets, config.rank)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if placement is not None:
+        placement.begin(model, rebuilt)
+    loaded = placement.loaded if placement is not None else (lambda name: None)
 
     needs_residual = INITS[config.init].needs_residual
     report = QuantReport(init=config.init, bits=config.bits, requantized=base.stored_kind)
@@ -101,23 +120,32 @@ def build_model(
                 layer = make_base_layer(item.weight, None, config, device)
             _set_submodule(model, item.module, layer)
             done.add(item.module)
+            loaded(item.module)
+            if item.module in biases:  # its bias came first
+                _attach_bias(model, item.module, biases.pop(item.module), device, dtype)
+                loaded(f"{item.module}.bias")
             bar.update(1)
             del item
         elif item.name is None:
             unexpected.append(item.key)
         elif item.name.endswith(".bias") and item.name.rpartition(".")[0] in rebuilt:
-            biases[item.name.rpartition(".")[0]] = item.tensor
+            module_name = item.name.rpartition(".")[0]
+            if module_name in done:  # attach now, so the layer is complete as soon as it can be
+                _attach_bias(model, module_name, item.tensor, device, dtype)
+                loaded(item.name)
+            else:
+                biases[module_name] = item.tensor
         else:
             set_module_tensor_to_device(model, item.name, device, value=item.tensor, dtype=dtype)
+            loaded(item.name)
     bar.close()
-
-    for module_name, bias in biases.items():
-        module = model.get_submodule(module_name)
-        layer = module.base_layer if isinstance(module, AdapterLinear) else module
-        layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
 
     _finish(model, device, sorted(rebuilt - done), unexpected)
     mark_only_adapters_trainable(model)
+    if placement is not None:
+        placement.end(model)
+    if device.type == "cuda":
+        report.peak_device_bytes = torch.cuda.max_memory_allocated(device)
     report.seconds = time.perf_counter() - start
     if base.stored_kind:
         logger.warning(
@@ -127,6 +155,12 @@ def build_model(
             100 * report.total_error / max(sum(r.weight_norm for r in report.layers), 1e-12),
         )
     return model, report
+
+
+def _attach_bias(model: nn.Module, module_name: str, bias: torch.Tensor, device, dtype) -> None:
+    module = model.get_submodule(module_name)
+    layer = module.base_layer if isinstance(module, AdapterLinear) else module
+    layer.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
 
 
 def _adapted_layer(name, weight, factors_for, config, needs_residual, compare_plain, is_linear):
@@ -144,7 +178,12 @@ def _adapted_layer(name, weight, factors_for, config, needs_residual, compare_pl
         residual_(weight, a, b, config.scale)  # weight := W - s*B@A, in place
     base = make_base_layer(weight, None, config, weight.device)
     # W - (deq(q(W_res)) + s*B@A) == W_res - deq(q(W_res)); for LoRA (no residual) W - deq(q(W)).
-    error = float(torch.linalg.norm(weight - dequantize_weight(base)))
+    restored = dequantize_weight(base)
+    if quantization_kind(base.weight) is not None:  # a fresh tensor: subtract in place, no temporary
+        error = float(torch.linalg.norm(restored.sub_(weight)))
+    else:  # a 16-bit base may share its storage with ``weight``
+        error = float(torch.linalg.norm(weight - restored))
+    del restored
     layer = AdapterLinear(
         base, a, b, config.scale, dropout=config.dropout, adapter_dtype=config.torch_adapter_dtype,
         fan_in_fan_out=not is_linear, init_factors=(a, b) if needs_residual else None, base_fingerprint=fingerprint,
@@ -187,7 +226,7 @@ def _option_config(bits: int, rank: int, options: dict) -> AdapterConfig:
 
 # ---------------------------------------------------------------------------------------- public
 def prepare(
-    model: str | Path,
+    model: str | Path | BaseCheckpoint,
     bits: int = 4,
     rank: int = 16,
     *,
@@ -195,13 +234,17 @@ def prepare(
     gradient_checkpointing: bool = False,
     compare_plain: bool = False,
     progress: bool = True,
+    offload: str | None = None,
+    gpu_memory: int | str | None = None,
+    offload_plan: dict | None = None,
     **options,
 ):
     """Load a causal LM with a 4/8-bit (or 16-bit) base and OLoRA (or PiSSA / LoRA) adapters.
 
     Args:
         model: a local checkpoint folder or a hub id (resolved through the local cache when
-            ``HF_HUB_OFFLINE=1``).
+            ``HF_HUB_OFFLINE=1``), or a generated checkpoint such as
+            :class:`qolora.synthetic.SyntheticCheckpoint` (:meth:`BaseCheckpoint.of`).
         bits: 4 (NF4 by default), 8 or 16 (unquantized).
         rank: adapter rank.
         config: a full :class:`AdapterConfig` instead of ``bits``/``rank``/``options``.
@@ -209,6 +252,16 @@ def prepare(
         compare_plain: also quantize each targeted weight as plain QLoRA would and report that
             error (one extra quantization per layer: slower, for measurement).
         progress: show a progress bar over layers.
+        offload: keep decoder layers' frozen base in host memory and stream it in per layer
+            (:mod:`qolora.offload`): None / ``"none"``: all on the device; ``"cpu"``: every decoder
+            layer; ``"auto"``: as few layers as the memory planner says are needed to fit
+            ``gpu_memory`` (none on the CPU). The model is built so: each finished layer leaves the
+            device at once. Found on ``model.qolora.offload`` (an :class:`~qolora.offload.OffloadedLayers`).
+        gpu_memory: for ``offload="auto"``: bytes or a size (``"24GiB"``) to fit; default: the free
+            memory of the CUDA device.
+        offload_plan: for ``offload="auto"``: the training shape the plan assumes, any
+            :func:`qolora.plan.plan` option (``seq_len``, ``batch_size``, ``optim``,
+            ``gradient_checkpointing``, ...); default: the planner's (seq 2048, batch 1).
         **options: any other :class:`AdapterConfig` field (``alpha``, ``init``, ``target_modules``,
             ``use_rslora``, ``dropout``, ``quant_type``, ``blocksize``, ``double_quant``,
             ``quant_storage``, ``compute_dtype``, ``dtype``, ``adapter_dtype``, ``device``, ``seed``).
@@ -220,22 +273,28 @@ def prepare(
 
     Raises:
         ConfigError: bad options (all listed at once), a missing model, targets matching nothing,
-            a rank too large for a targeted weight, or CUDA options without CUDA; all before any
-            weight is read.
+            a rank too large for a targeted weight, CUDA options without CUDA, or an offloaded part
+            larger than the host memory available; all before any weight is read.
     """
     cfg = (config or _option_config(bits, rank, options)).validate()
-    base = BaseCheckpoint.open(model)
+    offload = check_offload(offload)
+    base = BaseCheckpoint.of(model)
+    placement = offload_layers_for(base.hf_config, cfg, offload, gpu_memory=gpu_memory, plan_options=offload_plan,
+                                   gradient_checkpointing=gradient_checkpointing)
     init = INITS[cfg.init]
 
     def factors_for(name: str, weight: torch.Tensor):
         return init.factors(weight, cfg.rank, cfg.scale, _layer_generator(cfg.seed, name))
 
-    net, report = build_model(base, cfg, factors_for, compare_plain=compare_plain, progress=progress)
-    attach_record(net, ModelRecord(config=cfg, base=str(model), base_dir=base.dir, report=report))
+    net, report = build_model(base, cfg, factors_for, compare_plain=compare_plain, progress=progress,
+                              placement=placement)
+    name = str(model) if isinstance(model, (str, os.PathLike)) else str(base.dir)
+    adopt(net, ModelRecord(config=cfg, base=name, base_dir=base.dir, report=report,
+                                   offload=placement.streamer if placement is not None else None))
     if gradient_checkpointing:
         enable_gradient_checkpointing(net)
     net.eval()
-    logger.info("prepared %s: %s", model, report.summary())
+    logger.info("prepared %s: %s", name, report.summary())
     return net
 
 

@@ -96,6 +96,9 @@ def make_base_layer(
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """The fp32 weight (out, in) that ``layer`` computes with, on the layer's device."""
     weight = layer.weight
+    if weight.numel() and weight.untyped_storage().nbytes() == 0:
+        raise RuntimeError("this base layer's weight is offloaded to host memory (qolora.offload); read it inside "
+                           "model.qolora.offload.fetched()")
     kind = quantization_kind(weight)
     if kind is None:
         return weight.detach().to(torch.float32)

@@ -12,9 +12,10 @@ Two uses:
 * ``write(folder)``: a real sharded safetensors checkpoint (``config.json``, shards, index), written
   shard by shard into a temporary folder that is renamed at the end; ``qolora.prepare(folder)`` and
   ``from_pretrained`` load it.
-* streaming without disk: :meth:`SyntheticCheckpoint.hf_config` and
-  :meth:`SyntheticCheckpoint.iter_tensors` are the stable interface the checkpoint reader of
-  ``qolora.prepare`` will consume (to be wired by the lead engineer).
+* streaming without disk: ``qolora.prepare(SyntheticCheckpoint("llama-3-8b"))`` reads it through
+  :meth:`qolora.base_reader.BaseCheckpoint.from_source`, which consumes
+  :meth:`SyntheticCheckpoint.hf_config` and :meth:`SyntheticCheckpoint.iter_tensors` (the tensors
+  are made on the compute device).
 
 ``num_layers`` truncates the architecture (for measurements on a few full-width layers).
 """
@@ -77,6 +78,10 @@ class SyntheticCheckpoint:
             specs.append((key, tuple(t.shape), t.dtype))
         self._specs = specs
 
+    def __repr__(self) -> str:
+        layers = f", num_layers={self._config.num_hidden_layers}"
+        return f"SyntheticCheckpoint({self.name!r}, seed={self.seed}{layers})"
+
     def hf_config(self):
         """The transformers config (truncated to ``num_layers``). Stable interface."""
         return self._config
@@ -111,12 +116,14 @@ class SyntheticCheckpoint:
             return torch.zeros(shape, dtype=dtype, device=device)
         if len(shape) == 1:  # norm weights
             return torch.ones(shape, dtype=dtype, device=device)
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+        # Generated where it is used (a 70B model's 140 GB are made on the GPU in seconds, not on the host);
+        # the values are a function of (seed, key, device type).
+        g = torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
         out = torch.empty(shape, dtype=dtype, device=device)
         flat = out.view(shape[0], -1)
         rows = max(1, _BLOCK_ELEMENTS // max(1, flat.shape[1]))
         for start in range(0, flat.shape[0], rows):
-            block = torch.randn(min(rows, flat.shape[0] - start), flat.shape[1], generator=g).mul_(0.02)
+            block = torch.randn(min(rows, flat.shape[0] - start), flat.shape[1], generator=g, device=device).mul_(0.02)
             flat[start: start + block.shape[0]].copy_(block)
         return out
 

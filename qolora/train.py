@@ -507,8 +507,13 @@ def _loop(run: _Run) -> None:
 
 
 def __getattr__(name: str):
-    """``from qolora.train import finetune`` (qolora 0.1's documented import) keeps working."""
+    """``from qolora.train import finetune`` (qolora 0.1's documented import) keeps working, with a
+    DeprecationWarning: the pipeline lives above the loop, in :mod:`qolora.finetune`."""
     if name == "finetune":
+        import warnings
+
+        warnings.warn("qolora.train.finetune moved: use qolora.finetune (or qolora.finetune.finetune)",
+                      DeprecationWarning, stacklevel=2)
         from .finetune import finetune
 
         return finetune

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 import qolora
 from qolora.assets import default_dataset_path, default_model_dir
 from qolora.data import load_records, split_train_eval, tokenize_dataset
-from qolora.train import TrainConfig, train
+from qolora import TrainConfig, train
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
 
     # 2. The model: the base quantized once to 4-bit NF4, OLoRA adapters of rank 16 on every linear layer.
     model = qolora.prepare(model_dir, bits=4, rank=16, init="olora", gradient_checkpointing=True)
-    print(model.qolora_report.summary())
+    print(model.qolora.report.summary())
 
     # 3. Train the adapters (paged 8-bit AdamW, warmup + cosine, eval + samples + checkpoints).
     config = TrainConfig(output_dir=args.out, max_steps=args.steps, batch_size=8, eval_every=20, save_every=20,

@@ -43,7 +43,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("conv_assets")
-    model = make_tiny_llama(root / "model")
+    model = make_tiny_llama(root / "model", hidden=32, layers=1)
     make_tiny_tokenizer(model)
     data = root / "chat.jsonl"
     with open(data, "w") as f:

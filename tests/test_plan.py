@@ -24,7 +24,7 @@ from qolora.config import parse_size
 from qolora.plan import load_hf_config, plan
 from qolora.synthetic import SyntheticCheckpoint
 from qolora.train import loss_sum, make_optimizer
-from memtrack import MemTracker, storage_bytes
+from benchmarks.memtrack import MemTracker, storage_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -180,6 +180,17 @@ def test_synthetic_write_loads(tmp_path):
         assert torch.equal(ref.state_dict()[key], t), key
     model = qolora.prepare(out, bits=4, rank=4, progress=False)
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 512)
+
+
+def test_a_synthetic_checkpoint_streams_into_prepare_without_disk(tmp_path):
+    """prepare() reads a generated checkpoint through the same reader as a folder: same model."""
+    source = SyntheticCheckpoint(_configs()["llama"], seed=3, dtype=torch.float32)
+    streamed = qolora.prepare(source, bits=4, rank=4, progress=False)
+    written = qolora.prepare(source.write(tmp_path / "ckpt"), bits=4, rank=4, progress=False)
+    ids = torch.arange(12)[None] % source.hf_config().vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(ids).logits, written(ids).logits, rtol=0, atol=0)
+    assert "SyntheticCheckpoint" in streamed.qolora.base and streamed.qolora.report.layers
 
 
 def test_num_gpus_data_parallel_and_fsdp():

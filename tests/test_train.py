@@ -10,10 +10,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +19,7 @@ import importlib
 from qolora import ConfigError, adapter_parameters, adapter_state_dict, prepare
 from qolora.run_checkpoints import CheckpointError, list_checkpoints
 from qolora.data import DataError, load_records, split_train_eval, tokenize_dataset
+import resume_job
 from qolora import finetune
 from qolora.train import DataOrder, TrainConfig, TrainingError, lr_factor, train
 from tiny_models import make_tiny_llama
@@ -199,41 +196,15 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, chat_model_dir, tokeni
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
 
 
-_RUN_SCRIPT = textwrap.dedent('''
-    import sys, time
-    import torch
-    torch.set_num_threads(1)
-    from qolora import prepare
-    from qolora.data import load_records, split_train_eval, tokenize_dataset
-    from qolora.train import TrainConfig, train
-    from tiny_tokenizer import make_tiny_tokenizer
-
-    model_dir, data, out, resume = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-    tok = make_tiny_tokenizer()
-    ds, _ = tokenize_dataset(load_records(data), tok, max_length=64)
-    train_ds, eval_ds = split_train_eval(ds, 0.25, seed=0)
-    model = prepare(model_dir, 4, 8, dropout=0.1, gradient_checkpointing=True, progress=False, device="cpu")
-    # slow each training forward down a little, so the parent can kill the run between checkpoints
-    model.register_forward_pre_hook(lambda m, args: time.sleep(0.03) if m.training else None)
-    cfg = TrainConfig(output_dir=out, max_steps=24, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=3,
-                      eval_every=4, save_every=8, keep_last=None, log_every=3, n_samples=1, max_new_tokens=4,
-                      progress=False, seed=7)
-    train(model, tok, train_ds, eval_ds, cfg, resume=resume)
-''')
-
-
-def _run_script(script: Path, args: list[str], **kwargs) -> subprocess.Popen:
-    path = [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+def _log(out: Path) -> str:
+    log = Path(f"{out}.log")
+    return log.read_text()[-3000:] if log.exists() else f"(no {log.name})"
 
 
 def _final_state(out: Path):
     from safetensors.torch import load_file
 
-    last = out / "checkpoints" / "step-000024"
+    last = out / "checkpoints" / f"step-{resume_job.MAX_STEPS:06d}"
     state = json.loads((last / "state.json").read_text())
     losses = [(e["step"], e["loss"], e["lr"], e["grad_norm"], e["tokens"]) for e in events(out, "train")]
     evals = [(e["step"], e["eval_loss"]) for e in events(out, "eval")]
@@ -241,39 +212,34 @@ def _final_state(out: Path):
 
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, chat_model_dir, chat_jsonl):
-    """kill -9 after the first checkpoint, resume: same weights and logged losses as a run never stopped.
+    """kill -9 mid-training, resume: same weights and logged losses as a run never stopped.
 
     The adapters have dropout, so the RNG states must be restored too; grad_accum=2 and a data position
-    in the middle of an epoch exercise the sampler position."""
-    script = tmp_path / "run.py"
-    script.write_text(_RUN_SCRIPT)
+    in the middle of an epoch exercise the sampler position. The kill comes at a fixed point, step 7,
+    after the checkpoint of step 4 and the train event of step 6, so the resume must also drop that
+    event. Each run is a process of its own (a fork of this one, see ``resume_job``)."""
     ref, cut = tmp_path / "reference", tmp_path / "killed"
+    args = (chat_model_dir, chat_jsonl)
+    reference = resume_job.start(*args, ref)  # runs beside the killed one
+    try:
+        code = resume_job.start(*args, cut, kill_at=13)()  # 13th training forward: step 7's first micro-batch
+        assert code == -signal.SIGKILL, _log(cut)
+        saved = [s for s, _ in list_checkpoints(cut / "checkpoints")]
+        assert saved == [4] and not events(cut, "end"), "killed midway"
+        assert [e["step"] for e in events(cut, "train")] == [1, 3, 6]  # logged past the checkpoint
 
-    args = [str(chat_model_dir), str(chat_jsonl)]
-    reference = _run_script(script, [*args, str(ref), "0"])  # runs beside the killed one
-    killed = _run_script(script, [*args, str(cut), "0"])
-    deadline = time.time() + 240
-    while not list_checkpoints(cut / "checkpoints") and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    log = killed.communicate()[0]
-    assert killed.returncode == -signal.SIGKILL, log
-    saved = [s for s, _ in list_checkpoints(cut / "checkpoints")]
-    assert saved and max(saved) < 24 and not events(cut, "end"), "killed midway"
-
-    resumed = _run_script(script, [*args, str(cut), "1"])
-    for proc in (reference, resumed):
-        log = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0, log
+        assert resume_job.start(*args, cut, resume=True)() == 0, _log(cut)
+    finally:
+        assert reference() == 0, _log(ref)
 
     w_ref, h_ref, l_ref, e_ref = _final_state(ref)
     w_cut, h_cut, l_cut, e_cut = _final_state(cut)
-    assert h_cut == h_ref  # every step's loss, lr, grad norm, token counts
-    assert l_cut == l_ref and len(l_ref) == 9  # train events of metrics.jsonl: steps 1, 3, 6, ..., 24
-    assert e_cut == e_ref and len(e_ref) == 7  # eval events: 0, 4, ..., 24
+    assert h_cut == h_ref and len(h_ref) == 12  # every step's loss, lr, grad norm, token counts
+    assert l_cut == l_ref and [s for s, *_ in l_ref] == [1, 3, 6, 9, 12]  # train events of metrics.jsonl
+    assert e_cut == e_ref and [s for s, _ in e_ref] == [0, 4, 8, 12]  # eval events
     assert w_cut.keys() == w_ref.keys()
     assert all(torch.equal(w_cut[k], w_ref[k]) for k in w_ref)
-    assert [e["step"] for e in events(cut, "resume")] == [max(saved)]
+    assert [e["step"] for e in events(cut, "resume")] == [4]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, chat_model_dir, tokenized):
