@@ -224,6 +224,10 @@ def _finetune(args) -> int:
         packing=args.packing, mask_prompt=args.mask_prompt, eval_fraction=args.eval_fraction, resume=args.resume,
         offload=args.offload, gpu_memory=args.gpu_memory, adapter_options=adapter_options, **train_options,
     )
+    from .distributed import world
+
+    if not world().is_main:  # under torchrun: rank 0 reports
+        return 0
     print()
     print(f"done: {result.summary()}")
     injected = next((s["system_from_template"] for s in result.samples if s.get("system_from_template")), None)

@@ -111,9 +111,11 @@ class AdapterConfig:
 
     @property
     def torch_device(self) -> torch.device:
+        from .distributed import local_device  # a bare "cuda" under torchrun means cuda:LOCAL_RANK
+
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+            return local_device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:

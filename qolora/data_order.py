@@ -44,6 +44,10 @@ class DataOrder:
     window of ``8 * batch`` consecutive positions is then sorted by length and cut into batches of
     ``batch``, whose order inside the window is shuffled again: every batch holds examples of similar
     length (little padding) and the batch lengths still come in random order.
+
+    In a data-parallel run every rank builds the same order with ``batch`` = the *global* effective
+    batch (processes x batch size x accumulation) and takes its slice of each micro-batch, so N
+    processes train on exactly the batches of one process with N times the batch size.
     """
 
     def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0, *, lengths: Sequence[int] | None = None,

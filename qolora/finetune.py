@@ -16,6 +16,7 @@ from typing import Sequence
 from torch import nn
 
 from . import assets
+from . import distributed as dist
 from .adapter_io import save_adapter
 from .base_reader import BaseCheckpoint
 from .config import AdapterConfig, ConfigError
@@ -93,21 +94,24 @@ def finetune(
     tcfg, acfg = _checked_configs(config, output_dir, train_options, bits, rank, init, alpha, target_modules,
                                   adapter_options, eval_fraction, max_length)
     offload = check_offload(offload)
-    out = check_output_dir(tcfg, resume)
-    model_dir = BaseCheckpoint.open(assets.default_model_dir() if model is None else model).dir  # config + files
-    tokenizer = load_tokenizer(model_dir)
-    train_ds, eval_ds = _tokenized_split(data, tokenizer, format=format, max_length=max_length, packing=packing,
-                                         mask_prompt=mask_prompt, eval_fraction=eval_fraction, seed=tcfg.seed)
-    # The heavy part; the output folder is this run's from here on (a second run is refused).
-    with folder_lock(out):
-        check_output_dir(tcfg, resume)  # again, now that no other run can change the folder
-        if resume:
-            check_resume(tcfg, train_ds, acfg)
-        net = prepare(model_dir, config=acfg, gradient_checkpointing=tcfg.gradient_checkpointing,
-                      progress=tcfg.progress, offload=offload, gpu_memory=gpu_memory,
-                      offload_plan={"seq_len": max_length, "batch_size": tcfg.batch_size, "optim": tcfg.optim})
-        result = train(net, tokenizer, train_ds, eval_ds, tcfg, resume=resume)
-        result.adapter_dir = _save_final_adapter(net, out / "adapter")
+    # Under torchrun / accelerate launch every rank runs this; rank 0 alone checks, locks and writes the
+    # output folder, and its errors stop every rank (qolora.distributed).
+    with dist.session(acfg.torch_device) as world:
+        out = dist.on_main(lambda: check_output_dir(tcfg, resume))
+        model_dir = BaseCheckpoint.open(assets.default_model_dir() if model is None else model).dir  # config + files
+        tokenizer = load_tokenizer(model_dir)
+        train_ds, eval_ds = _tokenized_split(data, tokenizer, format=format, max_length=max_length, packing=packing,
+                                             mask_prompt=mask_prompt, eval_fraction=eval_fraction, seed=tcfg.seed)
+        # The heavy part; the output folder is this run's from here on (a second run is refused).
+        with dist.main_context(lambda: folder_lock(out)):
+            dist.on_main(lambda: check_output_dir(tcfg, resume))  # again, now that no other run can change it
+            if resume:
+                dist.on_main(lambda: check_resume(tcfg, train_ds, acfg, world_size=world.size))
+            net = prepare(model_dir, config=acfg, gradient_checkpointing=tcfg.gradient_checkpointing,
+                          progress=tcfg.progress and world.is_main, offload=offload, gpu_memory=gpu_memory,
+                          offload_plan={"seq_len": max_length, "batch_size": tcfg.batch_size, "optim": tcfg.optim})
+            result = train(net, tokenizer, train_ds, eval_ds, tcfg, resume=resume)
+            result.adapter_dir = dist.on_main(lambda: _save_final_adapter(net, out / "adapter"))
     return result
 
 

@@ -267,7 +267,9 @@ class MemoryPlan:
         rows = [
             ("quantized linear weights", self.quantized_weights_bytes,
              f"{s['bits']}-bit" + (f" {s['quant_type']}, blocksize {s['blocksize']}" + (", double quant" if s["double_quant"] else "")
-                                   if s["bits"] == 4 else "")),
+                                   if s["bits"] == 4 else "")
+             + (f"; FSDP: 1/{s['num_gpus']} of the layers + 2 gathered" if s.get("fsdp") and s.get("num_gpus", 1) > 1
+                else "")),
             ("other weights", self.other_weights_bytes, f"embeddings, norms, head in {s['compute_dtype']}"),
             ("adapters", self.adapter_bytes, f"r={s['rank']} on {self.n_adapted_layers} layers, "
                                              f"{self.trainable_params:,} params, {s['adapter_dtype']}"),
@@ -281,7 +283,10 @@ class MemoryPlan:
             ("allocator margin", self.margin_bytes, f"max(256 MiB, {MARGIN_FRACTION:.0%})" if self.margin_bytes else ""),
         ]
         width = max(len(r[0]) for r in rows)
-        lines = [f"{self.model} ({self.model_type}, {self.num_layers} layers) on {s['device']}",
+        gpus = s.get("num_gpus", 1)
+        per_gpu = (f", per GPU of {gpus} ({'FSDP' if s.get('fsdp') else 'data parallel'}, batch per GPU)"
+                   if gpus > 1 else "")
+        lines = [f"{self.model} ({self.model_type}, {self.num_layers} layers) on {s['device']}{per_gpu}",
                  f"{'component':<{width}}  {'GiB':>8}  note", "-" * (width + 40)]
         lines += [f"{name:<{width}}  {_gib(b):>8}  {note}".rstrip() for name, b, note in rows]
         lines.append("-" * (width + 40))
@@ -489,6 +494,8 @@ def plan(
     padded: bool | None = None,
     offload: str | None = None,
     host_memory: int | str | None = None,
+    num_gpus: int = 1,
+    fsdp: bool = False,
     _search: bool = True,
 ) -> MemoryPlan:
     """Predict the memory of fine-tuning ``model`` with qolora, from its config alone.
@@ -516,6 +523,11 @@ def plan(
             on the GPU at a time) or ``"auto"`` (the fewest offloaded layers that fit ``gpu_memory``, which
             it needs), as :func:`qolora.prepare` does it.
         host_memory: bytes or a size of host memory the offloaded part must fit in (None: not checked).
+        num_gpus: data-parallel processes (one per GPU; ``batch_size`` is per GPU). Without ``fsdp``
+            each GPU holds the whole quantized base and the plan is that of one GPU at ``batch_size``.
+        fsdp: shard the quantized decoder-layer weights over the ``num_gpus`` GPUs (FSDP-QLoRA): each
+            GPU keeps ``1/num_gpus`` of them plus two whole layers (the one computing and the one
+            being gathered ahead of it); embeddings, head, norms and adapters stay whole (conservative).
 
     Returns:
         A :class:`MemoryPlan`.
@@ -542,6 +554,10 @@ def plan(
         problems += exc.problems if hasattr(exc, "problems") else [str(exc)]
     if offload == "auto" and gpu_memory is None:
         problems.append("offload='auto' needs gpu_memory: the memory to fit by offloading decoder layers")
+    if not isinstance(num_gpus, int) or isinstance(num_gpus, bool) or num_gpus < 1:
+        problems.append(f"num_gpus={num_gpus!r} must be an integer >= 1")
+    if fsdp and offload is not None and num_gpus > 1:
+        problems.append("fsdp and offload are not planned together: choose one")
     if problems:
         raise ConfigError(problems)
     gpu = parse_size(gpu_memory, "gpu_memory") if gpu_memory is not None else None
@@ -562,6 +578,7 @@ def plan(
     linear_weights = set()
     layers_name, layer_list = decoder_layers(skeleton)
     per_layer_bytes = [0] * len(layer_list)  # frozen bytes of each decoder layer (what offloading moves)
+    per_layer_quantized = [0] * len(layer_list)  # its quantized linear bytes (what FSDP shards)
 
     def layer_of(name: str) -> int | None:
         head, sep, rest = name.partition(layers_name + ".")
@@ -574,6 +591,10 @@ def plan(
         linear_weights.add(id(mod.weight))
         if (i := layer_of(name)) is not None:
             per_layer_bytes[i] += nbytes
+            per_layer_quantized[i] += nbytes
+    if fsdp and num_gpus > 1 and per_layer_quantized:
+        in_layers = sum(per_layer_quantized)
+        quantized = quantized - in_layers + math.ceil(in_layers / num_gpus) + 2 * max(per_layer_quantized)
     for pname, p in skeleton.named_parameters():  # tied parameters once
         if id(p) not in linear_weights:
             other += p.numel() * a
@@ -636,7 +657,8 @@ def plan(
                 "gradient_checkpointing": gradient_checkpointing, "quant_type": quant_type, "blocksize": blocksize,
                 "double_quant": double_quant, "compute_dtype": compute_dtype, "adapter_dtype": adapter_dtype,
                 "chunked_loss": chunked_loss, "loss_chunk_bytes": loss_chunk_bytes, "device": device,
-                "padded": (batch_size > 1) if padded is None else padded, "offload": offload}
+                "padded": (batch_size > 1) if padded is None else padded, "offload": offload, "num_gpus": num_gpus,
+                "fsdp": fsdp}
     name = model if isinstance(model, (str, os.PathLike)) else getattr(hf_config, "_name_or_path", "") or d.family
     result = MemoryPlan(
         model=str(name), model_type=hf_config.model_type, num_layers=d.L, settings=settings,
@@ -658,7 +680,7 @@ def plan(
                 gpu_memory=gpu, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                 compute_dtype=compute_dtype, adapter_dtype=adapter_dtype, chunked_loss=chunked_loss,
                 loss_chunk_bytes=loss_chunk_bytes, device=device, padded=padded, offload=offload,
-                host_memory=host), hf_config)
+                host_memory=host, num_gpus=num_gpus, fsdp=fsdp), hf_config)
     return result
 
 
@@ -742,6 +764,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "--gpu-memory), cpu (all)")
     p.add_argument("--host-memory", default=None,
                    help="host memory the offloaded part must fit, e.g. 64GiB ('available': this machine's)")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="data-parallel GPUs (torchrun); --batch-size is per GPU; the plan is per GPU")
+    p.add_argument("--fsdp", action="store_true", help="shard the quantized base over the GPUs (FSDP-QLoRA)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
     return p
@@ -752,7 +777,8 @@ def run(args) -> int:
     result = plan(args.model, bits=args.bits, rank=args.rank, alpha=args.alpha, target_modules=args.target_modules,
                   seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, optim=args.optim,
                   gradient_checkpointing=args.gradient_checkpointing, chunked_loss=args.chunked_loss,
-                  gpu_memory=args.gpu_memory, offload=args.offload, host_memory=_host_memory(args.host_memory))
+                  gpu_memory=args.gpu_memory, offload=args.offload, host_memory=_host_memory(args.host_memory),
+                  num_gpus=args.num_gpus, fsdp=args.fsdp)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
     return 0 if result.fits in (None, True) else 1
 

@@ -100,11 +100,13 @@ def trajectory(config: TrainConfig, lr: float, precision: str) -> dict:
 
 
 def resume_problems(state: dict, *, data_fp: str, trajectory: dict, model_fp: str | None = None,
-                    adapter_config: dict | None = None) -> list[str]:
+                    adapter_config: dict | None = None, world_size: int = 1) -> list[str]:
     """Why a checkpoint's run state cannot be continued by this run (empty: it can).
 
     ``model_fp`` (the prepared model's fingerprint) or, before the model is loaded, ``adapter_config``
-    (without ``device``) identify the model side.
+    (without ``device``) identify the model side. ``world_size`` is the number of data-parallel
+    processes of this run: a checkpoint continues only under as many as saved it (checkpoints from
+    before multi-process training have none recorded and count as one).
     """
     problems = []
     missing = [k for k in ("data_position", "history", "evals", "trajectory") if k not in state]
@@ -120,6 +122,11 @@ def resume_problems(state: dict, *, data_fp: str, trajectory: dict, model_fp: st
             changed = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
                        for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
             problems.append(f"it was saved for another adapter setup ({'; '.join(changed)})")
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != world_size:
+        how = f"torchrun --nproc_per_node {saved_world}" if saved_world > 1 else "a single process"
+        problems.append(f"it was saved by a run of {saved_world} process(es) and this run has {world_size} (each "
+                        f"process's batch and data shard depend on it); resume it under {how}")
     if state.get("data_fingerprint") != data_fp:
         problems.append("it was trained on different training data (or another tokenization / split)")
     then = state["trajectory"]
@@ -136,7 +143,7 @@ def refuse_resume(path: Path, problems: list[str]) -> None:
                                    "(overwrite=True / --overwrite, or another output_dir)")
 
 
-def check_resume(config: TrainConfig, train_dataset, adapter_config) -> None:
+def check_resume(config: TrainConfig, train_dataset, adapter_config, world_size: int = 1) -> None:
     """Before the model loads: the newest checkpoint in ``output_dir`` verifies and belongs to this
     data, these options and this adapter setup (:func:`train` also checks the model's fingerprint).
 
@@ -150,4 +157,4 @@ def check_resume(config: TrainConfig, train_dataset, adapter_config) -> None:
     precision = resolve_precision(config.mixed_precision, adapter_config.torch_device)[0]
     refuse_resume(found.path, resume_problems(found.state, data_fp=scan_dataset(train_dataset)[0],
                                                trajectory=trajectory(config, lr, precision),
-                                               adapter_config=adapter_config.to_dict()))
+                                               adapter_config=adapter_config.to_dict(), world_size=world_size))

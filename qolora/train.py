@@ -25,6 +25,13 @@ in :mod:`qolora.data_order`, precision / optimizer / schedule in :mod:`qolora.op
 :func:`loss_sum` (one place: training and eval), checkpoints in :mod:`qolora.run_checkpoints`,
 metrics and samples in :mod:`qolora.reporting`. :func:`qolora.finetune.finetune` is the whole job.
 
+Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) the same call trains data parallel
+(:mod:`qolora.distributed`): every rank draws the same global order, takes its ``batch_size`` slice of
+each global micro-batch of ``N * batch_size``, normalises by the label tokens of the whole global
+batch and sums the adapter gradients over the ranks before clipping, so the run computes the update
+of one process with ``batch_size = N * batch_size``. Rank 0 alone writes metrics, plot, samples and
+checkpoints; a checkpoint records the world size and every rank's RNG states.
+
 The output folder is qolora's while a run holds its lock (:func:`qolora.files.folder_lock`): a
 second run on the same folder is refused. Starting over (``overwrite``) deletes only what qolora
 can prove it wrote: its run files, checkpoints that carry its manifest, an adapter folder that
@@ -45,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed as dist
 from . import reporting
 from . import run_checkpoints as ckpt
 from .config import ConfigError
@@ -115,6 +123,7 @@ class _Run:
         self.model, self.tokenizer, self.config, self.out = model, tokenizer, config, out
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.device = next(model.parameters()).device
+        self.world = dist.world()  # data parallel: each rank trains on its slice of every global micro-batch
         self.precision, self.autocast, self.scaler = resolve_precision(config.mixed_precision, self.device)
         self.params = [p for _, p in adapter_parameters(model)]
         self.record = record_of(model)
@@ -128,10 +137,13 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.collate = PaddingCollator(pad_token_id(tokenizer))
         self.data_fp, lengths = scan_dataset(train_dataset)
-        self._order_args = ({"lengths": lengths, "batch": config.batch_size * config.grad_accum}
+        # One global order on every rank; grouped by the *global* effective batch, so N processes of
+        # batch b see exactly the batches of one process of batch N * b.
+        self._order_args = ({"lengths": lengths, "batch": self.world.size * config.batch_size * config.grad_accum}
                             if config.group_by_length else {})
         self.order = DataOrder(len(train_dataset), config.seed, **self._order_args)
-        self.metrics = reporting.MetricsLog(out / METRICS_FILE)
+        self.metrics = reporting.MetricsLog(out / METRICS_FILE) if self.world.is_main else dist.NullMetrics(
+            out / METRICS_FILE)
         self.ckpt_root = out / "checkpoints"
         self.step = 0
         self.history: list[dict] = []
@@ -146,7 +158,8 @@ class _Run:
 
     # ------------------------------------------------------------------------------ batches
     def _eval_batches(self) -> list[list[int]]:
-        """Eval indices in length order (less padding), cut into micro-batches."""
+        """Eval indices in length order (less padding), cut into micro-batches (this rank's slices of the
+        global ones in a distributed run)."""
         if self.eval_dataset is None:
             return []
         n = len(self.eval_dataset)
@@ -154,7 +167,9 @@ class _Run:
             n = min(n, self.config.max_eval_examples)
         idx = sorted(range(n), key=lambda i: len(self.eval_dataset[i]["input_ids"]))
         size = self.config.eval_batch_size or self.config.batch_size
-        return [idx[i: i + size] for i in range(0, n, size)]
+        w = self.world
+        batches = [idx[i: i + w.size * size] for i in range(0, n, w.size * size)]
+        return [b[w.rank * size: (w.rank + 1) * size] for b in batches]
 
     def _batch(self, dataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         batch = self.collate([dataset[i] for i in indices])
@@ -167,21 +182,24 @@ class _Run:
     # --------------------------------------------------------------------------------- steps
     def train_step(self) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its history entry."""
-        cfg = self.config
-        indices = self.order.take(cfg.batch_size * cfg.grad_accum)
-        micro = [self._batch(self.train_dataset, indices[i: i + cfg.batch_size])
-                 for i in range(0, len(indices), cfg.batch_size)]
-        n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        cfg, w, b = self.config, self.world, self.config.batch_size
+        indices = self.order.take(w.size * b * cfg.grad_accum)  # the global accumulated batch
+        mine = slice(w.rank * b, (w.rank + 1) * b)  # this rank's part of each global micro-batch
+        micro = [self._batch(self.train_dataset, indices[i: i + w.size * b][mine])
+                 for i in range(0, len(indices), w.size * b)]
+        n_labels, tokens = (int(x) for x in dist.all_reduce_sum(
+            [sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro),
+             sum(int(m["attention_mask"].sum()) for m in micro)]))
         lr = self.scheduler.get_last_lr()[0]
         total = torch.zeros((), device=self.device)
         for batch in micro:
             loss_sum = self._loss_sum(batch)
-            loss = loss_sum / max(1, n_labels)  # token mean over the *accumulated* batch
+            loss = loss_sum / max(1, n_labels)  # token mean over the *accumulated* (global) batch
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss_sum.detach()
+        dist.all_reduce_grads(self.params)  # sum over ranks: the gradient of the global batch's mean
         step = self.step + 1
-        loss = float(total) / max(1, n_labels)
+        loss = dist.all_reduce_sum([float(total)])[0] / max(1, n_labels)
         if not math.isfinite(loss):
             self._fail(step, f"the training loss is {loss} at step {step}")
         if self.scaler is not None:
@@ -235,16 +253,19 @@ class _Run:
         if not self.config.progress:  # the bar says it otherwise
             logger.info("step %d: eval on %d examples (%d batches)...", self.step, n_examples, len(self.eval_batches))
         bar = tqdm(total=n_examples, desc=f"eval (step {self.step})", unit="example", leave=False,
-                   disable=not self.config.progress, dynamic_ncols=True)
+                   disable=not (self.config.progress and self.world.is_main), dynamic_ncols=True)
         try:
             with bar:
                 for indices in self.eval_batches:
+                    if not indices:  # a rank with no share of the last global batch
+                        continue
                     batch = self._batch(self.eval_dataset, indices)
                     total += float(self._loss_sum(batch))
                     count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                     bar.update(len(indices))
         finally:
             self.model.train(was_training)
+        total, count = dist.all_reduce_sum([total, count])
         loss = total / max(1, count)
         self.evals.append({"step": self.step, "eval_loss": loss})
         self.metrics.write("eval", step=self.step, eval_loss=loss)
@@ -256,17 +277,25 @@ class _Run:
         return trajectory(self.config, self.lr, self.precision)
 
     def save(self) -> Path:
+        rngs = dist.gather(ckpt.rng_state())  # every rank's RNG states (dropout differs per rank)
         trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                    "rng": ckpt.rng_state()}
+        if self.world.distributed:
+            trainer["rng_ranks"] = rngs
         if self.scaler is not None:
             trainer["scaler"] = self.scaler.state_dict()
         state = {"data_position": self.order.position, "history": self.history, "evals": self.evals,
                  "trajectory": self._trajectory(), "train_config": self.config.to_dict(),
-                 "model_fingerprint": self.model_fp, "data_fingerprint": self.data_fp,
+                 "model_fingerprint": self.model_fp, "data_fingerprint": self.data_fp, "world_size": self.world.size,
                  "adapter_config": self.record.config.to_dict() if self.record is not None else {}}
-        path = ckpt.save_checkpoint(self.ckpt_root, self.step, adapter=adapter_state_dict(self.model),
-                                    trainer=trainer, state=state)
-        ckpt.prune_checkpoints(self.ckpt_root, self.config.keep_last)
+        adapter = adapter_state_dict(self.model)  # equal on every rank: rank 0 writes it
+
+        def write() -> Path:
+            path = ckpt.save_checkpoint(self.ckpt_root, self.step, adapter=adapter, trainer=trainer, state=state)
+            ckpt.prune_checkpoints(self.ckpt_root, self.config.keep_last)
+            return path
+
+        path = dist.on_main(write)
         self.last_checkpoint = path
         self.metrics.write("checkpoint", step=self.step, path=str(path))
         logger.info("saved checkpoint %s", path)
@@ -275,7 +304,8 @@ class _Run:
     def restore(self, found: ckpt.Checkpoint) -> None:
         """Continue from ``found`` after checking it belongs to this model, data and options."""
         s = found.state
-        problems = resume_problems(s, data_fp=self.data_fp, trajectory=self._trajectory(), model_fp=self.model_fp)
+        problems = resume_problems(s, data_fp=self.data_fp, trajectory=self._trajectory(), model_fp=self.model_fp,
+                                   world_size=self.world.size)
         names = {n for n, _ in adapter_parameters(self.model)}
         if not problems and set(found.adapter) != names:
             problems.append("its adapter weights have other names than this model's adapters")
@@ -287,7 +317,8 @@ class _Run:
         self.scheduler.load_state_dict(found.trainer["scheduler"])
         if self.scaler is not None and "scaler" in found.trainer:
             self.scaler.load_state_dict(found.trainer["scaler"])
-        ckpt.set_rng_state(found.trainer["rng"])
+        ckpt.set_rng_state(found.trainer["rng_ranks"][self.world.rank] if "rng_ranks" in found.trainer
+                           else found.trainer["rng"])
         pos = s["data_position"]
         self.order = DataOrder(len(self.train_dataset), self.config.seed, pos["epoch"], pos["index"],
                                **self._order_args)
@@ -295,7 +326,7 @@ class _Run:
         self.last_checkpoint = self.resumed_from = found.path
         self.metrics.truncate_after(found.step)
         self.metrics.write("resume", step=found.step, checkpoint=str(found.path))
-        self.samples = [dict(x) for x in reporting.read_samples(self.out)]
+        self.samples = [dict(x) for x in reporting.read_samples(self.out)] if self.world.is_main else []
         logger.info("resuming from %s (step %d of %d)", found.path, found.step, self.config.max_steps)
 
     # ----------------------------------------------------------------------------- reporting
@@ -322,9 +353,14 @@ class _Run:
                     f"{tokens_per_s:.0f}" if tokens_per_s else "?", reporting.format_bytes(memory))
 
     def plot(self) -> Path | None:
-        return reporting.plot_losses(self.history, self.evals, self.out / "loss.png")
+        return dist.on_main(lambda: reporting.plot_losses(self.history, self.evals, self.out / "loss.png"),
+                            share_result=False)
 
     def generate_samples(self, stage: str) -> None:
+        """Answer the sample prompts (rank 0 only; the others wait for it)."""
+        dist.on_main(lambda: self._generate_samples(stage), share_result=False)
+
+    def _generate_samples(self, stage: str) -> None:
         cfg = self.config
         if not self.samples:
             prompts = reporting.sample_prompts(self.eval_dataset, self.tokenizer, cfg.n_samples, cfg.sample_prompts)
@@ -405,11 +441,18 @@ def train(
     _check_dataset(eval_dataset, "eval_dataset", required=False)
     if next(adapter_parameters(model), None) is None:
         raise ConfigError(f"{type(model).__name__} has no qolora adapter layers to train; build it with qolora.prepare")
-    out = check_output_dir(config, resume)
+    with dist.session(next(model.parameters()).device):  # under torchrun / accelerate launch: data parallel
+        return _train(model, tokenizer, train_dataset, eval_dataset, config, resume, started)
+
+
+def _train(model, tokenizer, train_dataset, eval_dataset, config: TrainConfig, resume: bool,
+           started: float) -> TrainResult:
+    # Rank 0 checks and writes the folder; its errors reach every rank (dist.on_main).
+    out = dist.on_main(lambda: check_output_dir(config, resume))
     run = _Run(model, tokenizer, train_dataset, eval_dataset, config, out)  # may still refuse the precision
-    out.mkdir(parents=True, exist_ok=True)
-    with folder_lock(out):
-        check_output_dir(config, resume)  # again, now that no other run can change the folder
+    dist.on_main(lambda: out.mkdir(parents=True, exist_ok=True))
+    with dist.main_context(lambda: folder_lock(out)):
+        dist.on_main(lambda: check_output_dir(config, resume))  # again, now that no other run can change it
         resumed = _start_or_resume(run, resume)
         _set_gradient_checkpointing(model, config.gradient_checkpointing)
         try:
@@ -442,18 +485,19 @@ def train(
 
 def _start_or_resume(run: _Run, resume: bool) -> bool:
     """Restore the newest checkpoint (``resume``), or start a fresh run; True when resumed."""
-    found = ckpt.find_resumable(run.ckpt_root) if resume else None
+    found = dist.on_main(lambda: ckpt.find_resumable(run.ckpt_root)) if resume else None  # read once, sent to all
     if found is not None:
         run.restore(found)
         return True
     if resume:
         logger.info("resume=True: %s holds no earlier run, starting one", run.out)
-    clear_run(run.out)
+    dist.on_main(lambda: clear_run(run.out))
     _seed_everything(run.config.seed)
     run.metrics.reset()
     run.metrics.write(
         "start", step=0, lr=run.lr, lr_reason=run.lr_reason, mixed_precision=run.precision,
-        device=str(run.device), n_train=len(run.train_dataset), n_eval=len(run.eval_dataset or ()),
+        device=str(run.device), world_size=run.world.size, n_train=len(run.train_dataset),
+        n_eval=len(run.eval_dataset or ()),
         trainable_params=sum(p.numel() for p in run.params), train_config=run.config.to_dict(),
         adapter_config=run.record.config.to_dict() if run.record is not None else {},
     )
@@ -465,8 +509,8 @@ def _loop(run: _Run) -> None:
     from tqdm.auto import tqdm
 
     config = run.config
-    bar = tqdm(total=config.max_steps, initial=run.step, desc="train", unit="step", disable=not config.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=config.max_steps, initial=run.step, desc="train", unit="step",
+               disable=not (config.progress and run.world.is_main), dynamic_ncols=True)
     with bar:  # closed before the final eval and samples print below it
         while run.step < config.max_steps:
             entry, seconds = run.timed_step()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -190,3 +191,32 @@ def test_a_synthetic_checkpoint_streams_into_prepare_without_disk(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(streamed(ids).logits, written(ids).logits, rtol=0, atol=0)
     assert "SyntheticCheckpoint" in streamed.qolora.base and streamed.qolora.report.layers
+
+
+def test_num_gpus_data_parallel_and_fsdp():
+    """Data parallel: every GPU holds the whole base, so the per-GPU plan is the one-GPU plan at the
+    per-GPU batch. FSDP: the decoder layers' quantized weights divide by the GPUs, plus two whole layers."""
+    one = plan("llama-3-70b", gpu_memory="24GiB")
+    ddp = plan("llama-3-70b", gpu_memory="24GiB", num_gpus=4)
+    assert ddp.gpu_bytes == one.gpu_bytes and ddp.fits is False and ddp.settings["num_gpus"] == 4
+    fsdp = plan("llama-3-70b", gpu_memory="24GiB", num_gpus=4, fsdp=True)
+    layer = _quantized_layer_bytes("llama-3-70b")
+    in_layers = layer * 80
+    expected = one.quantized_weights_bytes - in_layers + math.ceil(in_layers / 4) + 2 * layer
+    assert fsdp.quantized_weights_bytes == expected
+    assert fsdp.other_weights_bytes == one.other_weights_bytes and fsdp.step_bytes == one.step_bytes
+    assert fsdp.fits and "FSDP: 1/4 of the layers" in fsdp.format_table()
+    assert plan("llama-3-70b", num_gpus=1, fsdp=True).gpu_bytes == plan("llama-3-70b").gpu_bytes
+    with pytest.raises(ConfigError, match="num_gpus=0"):
+        plan("llama-3-8b", num_gpus=0)
+
+
+def _quantized_layer_bytes(model: str) -> int:
+    one_layer = plan(model, _search=False)
+    cfg = load_hf_config(model)
+    return one_layer.quantized_weights_bytes // cfg.num_hidden_layers  # every decoder layer is alike; no other 4-bit
+
+
+def test_cli_num_gpus(capsys):
+    assert main(["plan", "llama-3-70b", "--gpu-memory", "24GiB", "--num-gpus", "4", "--fsdp"]) == 0
+    assert "per GPU of 4 (FSDP" in capsys.readouterr().out
