@@ -7,7 +7,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tiny_chat import make_chat_model_dir, write_chat_jsonl  # noqa: E402
 from tiny_models import make_tiny_gpt2, make_tiny_llama  # noqa: E402
+from tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
 
 # Tiny models: one thread is fastest, and the machine is shared (2 cores).
 torch.set_num_threads(1)
@@ -48,3 +50,24 @@ def pytest_runtest_setup(item):
         _frozen_for[0] = item.module
         gc.collect()
         gc.freeze()
+
+
+# ----------------------------------------------------------------------- the tiny chat setup
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+    return make_chat_model_dir(tmp_path_factory.mktemp("tiny_chat_llama"))
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory):
+    return write_chat_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tokenized(chat_model_dir, chat_jsonl):
+    from qolora.data import load_records, split_train_eval, tokenize_dataset
+
+    tok = make_tiny_tokenizer()
+    ds, _ = tokenize_dataset(load_records(chat_jsonl), tok, max_length=64)
+    train_ds, eval_ds = split_train_eval(ds, 0.25, seed=0)
+    return tok, train_ds, eval_ds

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qolora.cli import build_parser, main
-from test_train import make_chat_model_dir, write_chat_jsonl
+from tiny_chat import make_chat_model_dir, write_chat_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,7 @@ from qolora import distributed as dist
 from qolora import finetune
 from qolora.data_order import DataOrder
 from qolora.run_checkpoints import CheckpointError, list_checkpoints
-from test_train import chat_jsonl, chat_model_dir, events  # noqa: F401 (fixtures)
+from tiny_chat import events
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,6 @@ import torch
 from qolora import AdapterConfig, prepare
 from qolora.fsdp import fsdp_problems, shard_model
 from test_distributed import _finish, _torchrun
-from test_train import chat_model_dir  # noqa: F401 (fixture)
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 

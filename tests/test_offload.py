@@ -20,7 +20,6 @@ from qolora.offload import OffloadedLayers, decoder_layers, offload_layers_for, 
 from qolora.plan import plan
 from qolora.synthetic import SyntheticCheckpoint
 from qolora.train import TrainConfig, train
-from test_train import chat_jsonl, chat_model_dir, tokenized  # noqa: F401  (fixtures)
 from tiny_models import make_tiny_llama
 
 L = 3

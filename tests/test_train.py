@@ -18,65 +18,14 @@ import torch
 import importlib
 from qolora import ConfigError, adapter_parameters, adapter_state_dict, prepare
 from qolora.run_checkpoints import CheckpointError, list_checkpoints
-from qolora.data import DataError, load_records, split_train_eval, tokenize_dataset
+from qolora.data import DataError
 import resume_job
+from tiny_chat import QA, events
 from qolora import finetune
 from qolora.train import DataOrder, TrainConfig, TrainingError, lr_factor, train
-from tiny_models import make_tiny_llama
 from tiny_tokenizer import make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-QA = [
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("What is the capital of Germany?", "The capital of Germany is Berlin."),
-    ("Hello, how are you today?", "I am fine, thank you."),
-    ("What is your name?", "My name is Tiny, and I am a test assistant."),
-    ("Tell me a joke.", "Why did the chicken cross the road? To get to the other side."),
-    ("Which planet is the largest?", "Jupiter is the largest planet in the solar system."),
-    ("How many legs does a spider have?", "A spider has eight legs."),
-    ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet."),
-]
-
-
-# ------------------------------------------------------------------------------------ helpers
-def make_chat_model_dir(path: Path) -> Path:
-    """A tiny Llama checkpoint folder with the tiny tokenizer saved next to it."""
-    make_tiny_llama(path)
-    make_tiny_tokenizer(path)
-    return path
-
-
-def write_chat_jsonl(path: Path, n: int = 64) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            q, a = QA[i % len(QA)]
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
-    return path
-
-
-def events(out: Path, kind: str) -> list[dict]:
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == kind]
-
-
-@pytest.fixture(scope="session")
-def chat_model_dir(tmp_path_factory):
-    return make_chat_model_dir(tmp_path_factory.mktemp("tiny_chat_llama"))
-
-
-@pytest.fixture(scope="session")
-def chat_jsonl(tmp_path_factory):
-    return write_chat_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl")
-
-
-@pytest.fixture(scope="session")
-def tokenized(chat_model_dir, chat_jsonl):
-    tok = make_tiny_tokenizer()
-    ds, _ = tokenize_dataset(load_records(chat_jsonl), tok, max_length=64)
-    train_ds, eval_ds = split_train_eval(ds, 0.25, seed=0)
-    return tok, train_ds, eval_ds
-
-
 def tiny_model(model_dir, rank=8, device="cpu", **options):
     """The CPU tests pin the CPU: exact comparisons are meant for fp32 without autocast."""
     return prepare(model_dir, 4, rank, gradient_checkpointing=True, progress=False, device=device, **options)

@@ -32,7 +32,7 @@ from qolora import AdapterConfig, AdapterError, CheckpointError, ConfigError, fi
 from qolora.cli import main
 from qolora.data import DataError, load_records, tokenize_dataset
 from qolora.files import FolderBusyError, folder_lock, remove_stale_temporaries
-from test_train import make_chat_model_dir, write_chat_jsonl
+from tiny_chat import make_chat_model_dir, write_chat_jsonl
 from tiny_tokenizer import make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
