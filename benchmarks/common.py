@@ -37,8 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -92,7 +93,7 @@ def run_worker(module: str, payload: dict, *, timeout: float = 1800, echo: bool 
     }
 
 
-def worker_main(fn: Callable[[dict, "MemoryProbe"], dict], argv: list[str] | None = None) -> bool:
+def worker_main(fn: Callable[[dict, MemoryProbe], dict], argv: list[str] | None = None) -> bool:
     """If ``--worker <json>`` is on the command line, run ``fn(payload, probe)``, print its result, return True.
 
     ``payload["threads"]`` (if set) fixes torch's intra-op threads before anything runs.
@@ -108,7 +109,7 @@ def worker_main(fn: Callable[[dict, "MemoryProbe"], dict], argv: list[str] | Non
     probe = MemoryProbe(payload.get("device", "cpu"))
     try:
         result = fn(payload, probe)
-    except Exception as exc:  # report, do not hide: the parent prints it next to the other contenders
+    except Exception as exc:  # noqa: BLE001 - report, do not hide: the parent prints it next to the other contenders
         import traceback
 
         traceback.print_exc()
@@ -285,14 +286,14 @@ def git_info() -> dict:
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20).stdout.strip()
-        except Exception:  # no git on the machine: not worth failing a benchmark over
+        except (OSError, subprocess.SubprocessError):  # no git on the machine: not worth failing a benchmark over
             return None
 
     status = git("status", "--porcelain", "--", "qolora")
     return {"commit": git("rev-parse", "--short", "HEAD"), "qolora_dirty": bool(status) if status is not None else None}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _machine_info_cached(device: str) -> str:
     return json.dumps(_machine_info(device))
 

@@ -141,9 +141,9 @@ def measure_errors(model, contender: str, model_dir: str) -> dict:
 
 
 def worker(payload: dict, probe: common.MemoryProbe) -> dict:
-    import torch  # every worker imports the same stack before timing
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
+    import torch  # every worker imports the same stack before timing
     import transformers  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
 
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_real:
         try:
             state["real_dir"] = common.real_model_dir()
-        except Exception as exc:  # the asset package is not installed (e.g. on a GPU machine)
+        except Exception as exc:  # noqa: BLE001 - the asset package is not installed (e.g. on a GPU machine)
             print(f"\nreal model unavailable, error comparison on it skipped: {type(exc).__name__}: {exc}")
         if state["real_dir"] is not None:
             print(f"\nreal model: {state['real_dir']}", flush=True)

@@ -96,7 +96,7 @@ def _qolora_train_parts(device: str):
 
         make_optimizer, resolve_precision = qtrain.make_optimizer, qtrain.resolve_precision
         mode, autocast, scaler = resolve_precision("auto", torch.device(device))
-    except Exception:  # not landed, or changed: fall back to the mirror
+    except Exception:  # noqa: BLE001 - not landed, or changed: fall back to the mirror
         return None
     if scaler is not None:  # fp16 + GradScaler (pre-bf16 GPUs): not what this benchmark compares
         return None

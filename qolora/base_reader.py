@@ -30,9 +30,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -265,7 +265,7 @@ class BaseCheckpoint:
         self.source = source  # a generator of tensors instead of files (from_source)
 
     @classmethod
-    def of(cls, model) -> "BaseCheckpoint":
+    def of(cls, model) -> BaseCheckpoint:
         """``model`` as a checkpoint: a BaseCheckpoint itself, a tensor source (:meth:`from_source`), or a
         folder / hub id (:meth:`open`)."""
         if isinstance(model, BaseCheckpoint):
@@ -275,7 +275,7 @@ class BaseCheckpoint:
         return cls.open(model)
 
     @classmethod
-    def from_source(cls, source, *, name: str | None = None) -> "BaseCheckpoint":
+    def from_source(cls, source, *, name: str | None = None) -> BaseCheckpoint:
         """A checkpoint generated rather than read: any object with ``hf_config()`` and
         ``iter_tensors(device)`` yielding ``(key, tensor)`` in checkpoint naming, such as
         :class:`qolora.synthetic.SyntheticCheckpoint` (a 70B model streamed into ``prepare`` with no
@@ -289,7 +289,7 @@ class BaseCheckpoint:
         return cls(Path(f"<{name}>"), hf_config, None, [], source=source)
 
     @classmethod
-    def open(cls, model: str | os.PathLike) -> "BaseCheckpoint":
+    def open(cls, model: str | os.PathLike) -> BaseCheckpoint:
         """Find the checkpoint and check its config and file list; no weight is read.
 
         Raises:

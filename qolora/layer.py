@@ -16,7 +16,7 @@ the base here is always (out, in); exporters transpose back when they write.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

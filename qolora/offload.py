@@ -46,8 +46,8 @@ import collections
 import contextlib
 import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -127,8 +127,7 @@ def _frozen_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
         if id(p) not in adapters:
             yield p
             yield from _quant_tensors(p)
-    for b in module.buffers():
-        yield b
+    yield from module.buffers()
     for m in module.modules():
         state = getattr(m, "state", None)  # Linear8bitLt keeps CB / SCB here after a forward pass
         for attr in ("CB", "SCB"):
@@ -180,7 +179,7 @@ def _global_keys() -> set[int]:
         functional = sys.modules.get("bitsandbytes.functional")
         maps = getattr(functional, "name2qmap", {}) if functional is not None else {}
         return {_key(t) for t in maps.values() if isinstance(t, torch.Tensor)}
-    except Exception:  # pragma: no cover - defensive: an internal that moved
+    except Exception:  # noqa: BLE001  # pragma: no cover - defensive: an internal that moved
         return set()
 
 
@@ -327,7 +326,7 @@ class OffloadedLayers:
         self.trace.append(("offload", index, "build"))
         return layer.nbytes
 
-    def install(self) -> "OffloadedLayers":
+    def install(self) -> OffloadedLayers:
         """Offload every chosen layer not offloaded yet, check no offloaded storage is shared, add the hooks."""
         for i in self.offloaded:
             self.offload(i)

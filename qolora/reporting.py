@@ -23,8 +23,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -225,7 +226,7 @@ def prompt_preview(prompt: str, width: int = 100) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int,
-             autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
              on_answer: Callable[[int, str], None] | None = None) -> list[str]:
     """Greedy answers (special tokens removed) to ``prompts`` from :func:`sample_prompts`.
 

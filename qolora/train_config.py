@@ -155,7 +155,7 @@ class TrainConfig:
             p.append(f"warmup_steps={self.warmup_steps} is more than max_steps={self.max_steps}")
         return p
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise one :class:`~qolora.ConfigError` listing every problem, or return self."""
         problems = self.problems()
         if problems:
@@ -167,7 +167,7 @@ class TrainConfig:
         """Warmup steps actually used."""
         return self.warmup_steps if self.warmup_steps is not None else round(self.warmup_ratio * self.max_steps)
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -177,7 +177,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_options(cls, **options) -> "TrainConfig":
+    def from_options(cls, **options) -> TrainConfig:
         """Build from keyword options, with one error naming unknown ones (and the allowed)."""
         allowed = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - allowed)

@@ -17,15 +17,20 @@ import torch
 
 import qolora
 from qolora.adapter_io import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_WEIGHTS, QOLORA_CONFIG, AdapterError, BaseMismatchError, save_adapter,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    INIT_WEIGHTS,
+    QOLORA_CONFIG,
+    AdapterError,
+    BaseMismatchError,
+    save_adapter,
 )
 from qolora.adapter_load import load
-from qolora.config import ConfigError
-from qolora.config import parse_size
-from qolora.export import export_lora
-from qolora.merge import merge
 from qolora.base_reader import BaseCheckpoint
+from qolora.config import ConfigError, parse_size
+from qolora.export import export_lora
 from qolora.layer import adapter_layers
+from qolora.merge import merge
 from tiny_models import make_tiny_llama
 
 VOCAB = 320
@@ -99,7 +104,7 @@ def no_weight_reads(monkeypatch):
 ], ids=["4bit", "8bit", "16bit", "4bit-fp4-pissa"])
 def test_save_load_reproduces_trained_logits_exactly(tiny_llama_dir, tmp_path, bits, options):
     model = trained(tiny_llama_dir, bits=bits, **options)
-    layer = next(l for _, l in adapter_layers(model))
+    layer = next(adapter for _, adapter in adapter_layers(model))
     assert not torch.equal(layer.lora_B.weight, layer.init_factors[1])  # really trained
     out = save_adapter(model, tmp_path / "adapter")
     assert sorted(os.listdir(out)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_WEIGHTS, QOLORA_CONFIG, "config.json"])
@@ -369,7 +374,7 @@ def test_bad_adapter_folder_gives_one_clear_error_before_the_base_is_touched(sav
 
 def test_prepare_keeps_initial_factors_apart_from_trainable_weights(tiny_llama_dir, tmp_path):
     model = qolora.prepare(tiny_llama_dir, bits=16, rank=4, device="cpu", progress=False)
-    before = {n: tuple(t.clone() for t in l.init_factors) for n, l in adapter_layers(model)}
+    before = {n: tuple(t.clone() for t in adapter.init_factors) for n, adapter in adapter_layers(model)}
     train(model, steps=1)
     for name, layer in adapter_layers(model):
         assert all(torch.equal(t, b) for t, b in zip(layer.init_factors, before[name])), name
@@ -379,7 +384,7 @@ def test_prepare_keeps_initial_factors_apart_from_trainable_weights(tiny_llama_d
 def test_non_finite_adapters_are_not_exported_or_merged(tiny_llama_dir, tmp_path):
     model = trained(tiny_llama_dir, bits=16)
     with torch.no_grad():
-        next(l for _, l in adapter_layers(model)).lora_B.weight[0, 0] = float("nan")
+        next(adapter for _, adapter in adapter_layers(model)).lora_B.weight[0, 0] = float("nan")
     adapter = save_adapter(model, tmp_path / "adapter")
     with pytest.raises(AdapterError, match=r"layer model\.layers\.0\.self_attn\.q_proj: the adapter has non-finite"):
         export_lora(model, tmp_path / "lora")

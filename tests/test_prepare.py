@@ -90,7 +90,7 @@ def test_quantization_settings_are_honoured(tiny_llama_dir):
         assert w.dtype == torch.bfloat16
         assert (w.quant_type, w.blocksize, w.compress_statistics) == ("fp4", 128, False)
     model8 = qolora.prepare(tiny_llama_dir, bits=8, rank=4, progress=False)
-    assert all(quantization_kind(l.base_layer.weight) == "8bit" for _, l in adapter_layers(model8))
+    assert all(quantization_kind(adapter.base_layer.weight) == "8bit" for _, adapter in adapter_layers(model8))
 
 
 def test_untargeted_linears_are_quantized_plainly_and_head_is_kept(tiny_llama_dir):
@@ -139,16 +139,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir):
 
 def test_merge_unmerge_on_unquantized_base(tiny_llama_dir):
     model = qolora.prepare(tiny_llama_dir, bits=16, rank=4, progress=False)
-    layer = next(l for _, l in adapter_layers(model))
+    layer = next(adapter for _, adapter in adapter_layers(model))
     x = torch.randn(3, layer.in_features)
     with torch.no_grad():
         layer.lora_B.weight.add_(0.1)
         before = layer(x)
-        layer.merge(); layer.merge()  # idempotent
+        layer.merge()
+        layer.merge()  # idempotent
         assert torch.allclose(layer(x), before, atol=1e-5)
-        layer.unmerge(); layer.unmerge()
+        layer.unmerge()
+        layer.unmerge()
         assert torch.allclose(layer(x), before, atol=1e-5)
-    q = next(l for _, l in adapter_layers(qolora.prepare(tiny_llama_dir, bits=4, rank=4, progress=False)))
+    q = next(adapter for _, adapter in adapter_layers(qolora.prepare(tiny_llama_dir, bits=4, rank=4, progress=False)))
     with pytest.raises(RuntimeError, match="qolora.merge"):
         q.merge()
 
@@ -265,7 +267,7 @@ def test_stored_quantized_checkpoint_is_dequantized_then_requantized_with_a_warn
 def test_dequantize_8bit_after_a_forward_pass(tiny_llama_dir):
     """bitsandbytes moves an 8-bit layer's statistics to layer.state on the first forward."""
     model = qolora.prepare(tiny_llama_dir, bits=8, rank=4, progress=False)
-    layer = next(l for _, l in adapter_layers(model))
+    layer = next(adapter for _, adapter in adapter_layers(model))
     before = dequantize_weight(layer.base_layer)
     with torch.no_grad():
         model(tokens())
