@@ -76,7 +76,8 @@ def run_worker(module: str, payload: dict, *, timeout: float = 1800, echo: bool 
         proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         tail = (exc.stderr or "")[-2000:] if isinstance(exc.stderr, str) else ""
-        return {"error": f"timed out after {timeout:.0f} s", "stderr_tail": tail, "process_s": time.perf_counter() - start}
+        return {"error": f"timed out after {timeout:.0f} s", "stderr_tail": tail,
+                "process_s": time.perf_counter() - start}
     process_s = time.perf_counter() - start
     if echo and proc.stderr:
         sys.stderr.write(proc.stderr)
@@ -190,7 +191,8 @@ class MemoryProbe:
             "rss_start_mb": self._start.get("rss_mb"),
             "rss_end_mb": _proc_status_mb("VmRSS"),
             "peak_rss_mb": peak,
-            "peak_rss_delta_mb": None if peak is None or self._start.get("rss_mb") is None else peak - self._start["rss_mb"],
+            "peak_rss_delta_mb": (None if peak is None or self._start.get("rss_mb") is None
+                                  else peak - self._start["rss_mb"]),
             "hwm_reset": self._start.get("hwm_reset"),
             "rss_anon_end_mb": _proc_status_mb("RssAnon"),  # heap / tensors
             "rss_file_end_mb": _proc_status_mb("RssFile"),  # mapped files (the checkpoint, libraries)

@@ -59,7 +59,8 @@ logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _FILES_FROM_HUB = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-_INDEXES = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+_INDEXES = (("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 
 
 # --------------------------------------------------------------------------------- finding it
@@ -79,7 +80,8 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     if path.exists():
         raise ConfigError(f"model {text!r} is a file; expected a transformers checkpoint folder or a hub id")
     if text.startswith((".", "/", "~")) or not _HUB_ID.match(text):  # a path, not an 'org/name' id
-        raise ConfigError(f"model path does not exist: {text!r} (expected a local checkpoint folder or a hub id 'org/name')")
+        raise ConfigError(f"model path does not exist: {text!r} "
+                          "(expected a local checkpoint folder or a hub id 'org/name')")
     try:
         from huggingface_hub import snapshot_download
 
@@ -109,7 +111,8 @@ def hf_config_from_dict(raw: Mapping, source: str):
     if model_type not in CONFIG_MAPPING:
         custom = (" and asks for remote code from the model folder (auto_map); qolora never runs code from a model "
                   "folder") if raw.get("auto_map") else ""
-        raise ConfigError(f"{source}: model_type {model_type!r} is not an architecture this transformers knows{custom}. "
+        raise ConfigError(f"{source}: model_type {model_type!r} is not an architecture "
+                          f"this transformers knows{custom}. "
                           "Use a checkpoint of a built-in transformers architecture (llama, mistral, qwen2, gpt2, ...)")
     if raw.get("auto_map"):
         logger.info("%s: using transformers' built-in %s classes; the folder's own code (auto_map) is ignored",
@@ -420,7 +423,8 @@ def _weight_files(model_dir: Path) -> list[Path]:
                                   "inside the folder")
             missing = [s for s in shards if not (model_dir / s).is_file()]
             if missing:
-                raise ConfigError(f"checkpoint {model_dir} is incomplete: shard(s) {missing} listed in {index_name} are missing")
+                raise ConfigError(f"checkpoint {model_dir} is incomplete: shard(s) {missing} listed in {index_name} "
+                                  "are missing")
             return [model_dir / s for s in shards]
         if (model_dir / single).is_file():
             return [model_dir / single]

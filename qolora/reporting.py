@@ -270,7 +270,8 @@ def write_samples(output_dir: Path, samples: Sequence[Mapping], *, steps: int | 
     clean = [{k: s.get(k) for k in ("prompt", "reference", "before", "after", "prompt_ids", "system_from_template")}
              for s in samples]
     json_path, md_path = output_dir / "samples.json", output_dir / "samples.md"
-    atomic_write_text(json_path, json.dumps({"after_step": steps, "samples": clean}, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(json_path,
+                      json.dumps({"after_step": steps, "samples": clean}, indent=2, ensure_ascii=False) + "\n")
     lines = ["# Sample generations (greedy)", ""]
     for i, s in enumerate(clean, 1):
         lines += [f"## Sample {i}", "", "**Prompt**", "", "```", (s["prompt"] or "").rstrip(), "```", ""]

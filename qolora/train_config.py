@@ -148,10 +148,12 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             p.append(f"mixed_precision={self.mixed_precision!r} is not supported; allowed: {list(MIXED_PRECISION)}")
         if self.sample_prompts is not None and (
-            isinstance(self.sample_prompts, str) or not all(isinstance(t, str) and t.strip() for t in self.sample_prompts)
+            isinstance(self.sample_prompts, str)
+            or not all(isinstance(t, str) and t.strip() for t in self.sample_prompts)
         ):
             p.append(f"sample_prompts={self.sample_prompts!r} must be a list of non-empty strings (or None)")
-        if isinstance(self.warmup_steps, int) and isinstance(self.max_steps, int) and self.warmup_steps > self.max_steps:
+        if (isinstance(self.warmup_steps, int) and isinstance(self.max_steps, int)
+                and self.warmup_steps > self.max_steps):
             p.append(f"warmup_steps={self.warmup_steps} is more than max_steps={self.max_steps}")
         return p
 

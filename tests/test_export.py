@@ -107,7 +107,8 @@ def test_save_load_reproduces_trained_logits_exactly(tiny_llama_dir, tmp_path, b
     layer = next(adapter for _, adapter in adapter_layers(model))
     assert not torch.equal(layer.lora_B.weight, layer.init_factors[1])  # really trained
     out = save_adapter(model, tmp_path / "adapter")
-    assert sorted(os.listdir(out)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_WEIGHTS, QOLORA_CONFIG, "config.json"])
+    assert sorted(os.listdir(out)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_WEIGHTS, QOLORA_CONFIG,
+                                              "config.json"])
     assert not [p for p in tmp_path.iterdir() if p.name != "adapter"]  # no temp folder left
     reloaded = load(tiny_llama_dir, out, progress=False)
     assert torch.equal(logits(reloaded), logits(model))
@@ -257,7 +258,8 @@ def test_merge_copies_the_tokenizer_and_checks_text_prompts(tmp_path):
     assert len(check["per_prompt"]) == 2 and check["max_abs_diff"] < 1e-5 * check["max_abs_logit"] + 1e-6
     from transformers import AutoTokenizer
 
-    assert AutoTokenizer.from_pretrained(tmp_path / "merged")("hello world").input_ids == tokenizer("hello world").input_ids
+    assert (AutoTokenizer.from_pretrained(tmp_path / "merged")("hello world").input_ids
+            == tokenizer("hello world").input_ids)
 
 
 def test_gpt2_conv1d_round_trip(tiny_gpt2_dir, tmp_path):
@@ -315,8 +317,8 @@ def test_wrong_base_is_refused_and_the_override_works(saved4, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(hidden=32), r"layer model\.layers\.0\.\S+: the base's weight is \d+x\d+ but the adapter \(rank 8\) was trained "
-                      r"on a \d+x\d+ weight"),
+    (dict(hidden=32), r"layer model\.layers\.0\.\S+: the base's weight is \d+x\d+ "
+                      r"but the adapter \(rank 8\) was trained on a \d+x\d+ weight"),
     (dict(layers=3), r"has 7 targeted layer\(s\) the adapter lacks, e\.g\. \['model\.layers\.2\."),
     (dict(layers=1), r"has no layer\(s\) \['model\.layers\.1\..*\(7 missing\)"),
 ])
@@ -343,16 +345,20 @@ CORRUPTIONS = {
     "missing folder": (lambda d: shutil.rmtree(d), r"adapter folder .* does not exist"),
     "missing weights": (lambda d: (d / ADAPTER_WEIGHTS).unlink(), r"incomplete: adapter_model\.safetensors is missing"),
     "missing init": (lambda d: (d / INIT_WEIGHTS).unlink(), r"incomplete: qolora_init\.safetensors is missing"),
-    "missing qolora config": (lambda d: (d / QOLORA_CONFIG).unlink(), r"no qolora_config\.json: it looks like a plain PEFT adapter"),
+    "missing qolora config": (lambda d: (d / QOLORA_CONFIG).unlink(),
+                              r"no qolora_config\.json: it looks like a plain PEFT adapter"),
     "missing peft config": (lambda d: (d / ADAPTER_CONFIG).unlink(), r"has no adapter_config\.json"),
-    "flipped byte": (lambda d: _flip_byte(d / ADAPTER_WEIGHTS), r"adapter_model\.safetensors is corrupted or was modified"),
+    "flipped byte": (lambda d: _flip_byte(d / ADAPTER_WEIGHTS),
+                     r"adapter_model\.safetensors is corrupted or was modified"),
     "truncated init": (lambda d: (d / INIT_WEIGHTS).write_bytes((d / INIT_WEIGHTS).read_bytes()[:100]),
                        r"qolora_init\.safetensors is corrupted or was modified"),
-    "bad json": (lambda d: (d / QOLORA_CONFIG).write_text('{"format": "qolora-adapter", '), r"qolora_config\.json is corrupted: not valid JSON"),
+    "bad json": (lambda d: (d / QOLORA_CONFIG).write_text('{"format": "qolora-adapter", '),
+                 r"qolora_config\.json is corrupted: not valid JSON"),
     "newer format": (lambda d: _set_json(d / QOLORA_CONFIG, format_version=99),
                      r"unknown format_version 99; this qolora .* reads format_version 1 - .* newer qolora"),
     "not ours": (lambda d: _set_json(d / QOLORA_CONFIG, format="other"), r"not a qolora adapter record"),
-    "bad config": (lambda d: _set_json(d / QOLORA_CONFIG, adapter_config={"bits": 5}), r"invalid adapter config: bits=5"),
+    "bad config": (lambda d: _set_json(d / QOLORA_CONFIG, adapter_config={"bits": 5}),
+                   r"invalid adapter config: bits=5"),
 }
 
 
@@ -467,7 +473,8 @@ _MEMORY_CHILD = r"""
 import json, os, sys, threading, time
 import torch
 torch.set_num_threads(1)
-import accelerate, bitsandbytes, safetensors.torch, transformers.models.llama.modeling_llama  # noqa: F401 (warm imports)
+import accelerate, bitsandbytes, safetensors.torch  # noqa: F401 (warm imports)
+import transformers.models.llama.modeling_llama  # noqa: F401 (warm imports)
 from qolora.merge import merge
 
 def anon():
@@ -485,7 +492,8 @@ thread.start()
 start = time.perf_counter()
 result = merge(args[0], args[1], args[2], max_shard_size=args[3].strip(), progress=False)
 stop.set(); thread.join()
-print(json.dumps({"growth": max(peak[0], anon()) - base, "seconds": time.perf_counter() - start, "shards": result["shards"]}))
+print(json.dumps({"growth": max(peak[0], anon()) - base, "seconds": time.perf_counter() - start,
+                  "shards": result["shards"]}))
 """
 
 

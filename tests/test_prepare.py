@@ -43,7 +43,8 @@ def test_factors_and_residual_match_peft_olora(tiny_llama_dir, alpha):
 
     ref = get_peft_model(original(tiny_llama_dir), LoraConfig(
         r=8, lora_alpha=alpha, target_modules="all-linear", init_lora_weights="olora"))
-    ref_layers = {n.removeprefix("base_model.model."): m for n, m in ref.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    ref_layers = {n.removeprefix("base_model.model."): m for n, m in ref.named_modules()
+                  if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
     ours = dict(adapter_layers(qolora.prepare(tiny_llama_dir, bits=16, rank=8, alpha=alpha, progress=False)))
     assert set(ours) == set(ref_layers) and len(ours) == 14
     for name, layer in ours.items():
@@ -130,7 +131,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir):
     x = tokens(batch=2, length=12, seed=2)
     grads = []
     for ckpt in (False, True):
-        model = qolora.prepare(tiny_llama_dir, bits=4, rank=4, init="pissa", progress=False, gradient_checkpointing=ckpt)
+        model = qolora.prepare(tiny_llama_dir, bits=4, rank=4, init="pissa", progress=False,
+                               gradient_checkpointing=ckpt)
         model.train()
         model(input_ids=x, labels=x).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
@@ -191,7 +193,8 @@ def no_weight_reads(monkeypatch):
     (dict(rank=33), r"rank=33 is larger than a targeted weight allows.*32x64.*<= 32"),
     (dict(alpha=0), r"alpha=0 must be a finite number > 0"),
     (dict(alpha=-1.5), r"alpha=-1.5 must be a finite number > 0"),
-    (dict(target_modules=["qkv", "q_proj"]), r"target_modules \['qkv'\] match no linear layer.*available: \['down_proj'"),
+    (dict(target_modules=["qkv", "q_proj"]),
+     r"target_modules \['qkv'\] match no linear layer.*available: \['down_proj'"),
     (dict(init="svd"), r"init='svd' is unknown; allowed: \['lora', 'olora', 'pissa'\]"),
     (dict(quant_type="int4"), r"quant_type='int4'.*'nf4', 'fp4'"),
     (dict(blocksize=100), r"blocksize=100"),
@@ -261,7 +264,8 @@ def test_stored_quantized_checkpoint_is_dequantized_then_requantized_with_a_warn
         model = qolora.prepare(path, bits=4, rank=4, progress=False)
     assert model.qolora_report.requantized == f"{stored_bits}bit"
     assert model.qolora_report.total_error > 0
-    assert f"is stored {stored_bits}bit" in caplog.text and "quantized twice" in caplog.text and "% of their norm" in caplog.text
+    assert (f"is stored {stored_bits}bit" in caplog.text and "quantized twice" in caplog.text
+            and "% of their norm" in caplog.text)
 
 
 def test_dequantize_8bit_after_a_forward_pass(tiny_llama_dir):
