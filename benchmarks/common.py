@@ -37,8 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -75,7 +76,8 @@ def run_worker(module: str, payload: dict, *, timeout: float = 1800, echo: bool 
         proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         tail = (exc.stderr or "")[-2000:] if isinstance(exc.stderr, str) else ""
-        return {"error": f"timed out after {timeout:.0f} s", "stderr_tail": tail, "process_s": time.perf_counter() - start}
+        return {"error": f"timed out after {timeout:.0f} s", "stderr_tail": tail,
+                "process_s": time.perf_counter() - start}
     process_s = time.perf_counter() - start
     if echo and proc.stderr:
         sys.stderr.write(proc.stderr)
@@ -92,7 +94,7 @@ def run_worker(module: str, payload: dict, *, timeout: float = 1800, echo: bool 
     }
 
 
-def worker_main(fn: Callable[[dict, "MemoryProbe"], dict], argv: list[str] | None = None) -> bool:
+def worker_main(fn: Callable[[dict, MemoryProbe], dict], argv: list[str] | None = None) -> bool:
     """If ``--worker <json>`` is on the command line, run ``fn(payload, probe)``, print its result, return True.
 
     ``payload["threads"]`` (if set) fixes torch's intra-op threads before anything runs.
@@ -108,7 +110,7 @@ def worker_main(fn: Callable[[dict, "MemoryProbe"], dict], argv: list[str] | Non
     probe = MemoryProbe(payload.get("device", "cpu"))
     try:
         result = fn(payload, probe)
-    except Exception as exc:  # report, do not hide: the parent prints it next to the other contenders
+    except Exception as exc:  # noqa: BLE001 - report, do not hide: the parent prints it next to the other contenders
         import traceback
 
         traceback.print_exc()
@@ -189,7 +191,8 @@ class MemoryProbe:
             "rss_start_mb": self._start.get("rss_mb"),
             "rss_end_mb": _proc_status_mb("VmRSS"),
             "peak_rss_mb": peak,
-            "peak_rss_delta_mb": None if peak is None or self._start.get("rss_mb") is None else peak - self._start["rss_mb"],
+            "peak_rss_delta_mb": (None if peak is None or self._start.get("rss_mb") is None
+                                  else peak - self._start["rss_mb"]),
             "hwm_reset": self._start.get("hwm_reset"),
             "rss_anon_end_mb": _proc_status_mb("RssAnon"),  # heap / tensors
             "rss_file_end_mb": _proc_status_mb("RssFile"),  # mapped files (the checkpoint, libraries)
@@ -285,14 +288,14 @@ def git_info() -> dict:
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20).stdout.strip()
-        except Exception:  # no git on the machine: not worth failing a benchmark over
+        except (OSError, subprocess.SubprocessError):  # no git on the machine: not worth failing a benchmark over
             return None
 
     status = git("status", "--porcelain", "--", "qolora")
     return {"commit": git("rev-parse", "--short", "HEAD"), "qolora_dirty": bool(status) if status is not None else None}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _machine_info_cached(device: str) -> str:
     return json.dumps(_machine_info(device))
 

@@ -65,8 +65,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/convergence.py` as well as `python -m benchmarks.convergence`
@@ -627,7 +628,8 @@ def summarize(runs: list[dict], settings: Settings, inits: Sequence[str], grids:
                                      sorted([r for r in main if r["init"] == init and r["lr"] == e["best_lr"]],
                                             key=lambda r: r["seed"])]))
         ref = dict(zip(lora_e["seeds"], [r["final_eval_loss"] if r["status"] == "ok" else math.inf for r in
-                                         sorted([r for r in main if r["init"] == "lora" and r["lr"] == lora_e["best_lr"]],
+                                         sorted([r for r in main
+                                                 if r["init"] == "lora" and r["lr"] == lora_e["best_lr"]],
                                                 key=lambda r: r["seed"])]))
         diffs = [mine[x] - ref[x] for x in sorted(set(mine) & set(ref))]
         m, sd = mean_std(diffs)
@@ -689,7 +691,8 @@ def summarize(runs: list[dict], settings: Settings, inits: Sequence[str], grids:
     out["sweep_wall_seconds"] = max(ends) - min(starts) if ends else None  # first run's start to last run's end
     out["steps_trained"] = sum(r.get("steps_done", 0) for r in runs)
     loads = [r["load_average"][0] for r in runs if r.get("load_average")]
-    out["run_load_1min"] = ({"median": statistics.median(loads), "min": min(loads), "max": max(loads), "runs": len(loads)}
+    out["run_load_1min"] = ({"median": statistics.median(loads), "min": min(loads), "max": max(loads),
+                             "runs": len(loads)}
                             if loads else None)
     out["n_runs"] = len(runs)
     out["n_diverged"] = sum(r["status"] == "diverged" for r in runs)
@@ -743,7 +746,8 @@ def write_plot(summary: dict, path: Path, settings: Settings) -> Path | None:
         ax.plot(st, [p["mean"] for p in ce["curve"]], color="black", ls="--",
                 label=f"ceiling: lora 16-bit base, lr {ce['lr']:.3g} (n={ce['n_ok']})")
         if ce["n_ok"] > 1:
-            ax.fill_between(st, [p["min"] for p in ce["curve"]], [p["max"] for p in ce["curve"]], color="gray", alpha=0.2)
+            ax.fill_between(st, [p["min"] for p in ce["curve"]], [p["max"] for p in ce["curve"]],
+                            color="gray", alpha=0.2)
     for thr, style in zip(summary.get("thresholds", []), (":", "-.")):
         ax.axhline(thr["eval_loss"], color="gray", lw=0.8, ls=style,
                    label=f"threshold '{thr['name']}' {thr['eval_loss']:.3f}")
@@ -811,9 +815,11 @@ def write_table(report: dict, path: Path) -> Path:
     lines = [
         "# Convergence: LoRA vs OLoRA vs PiSSA over a quantized base, each at its own best learning rate",
         "",
-        f"Model `{Path(s['model']).name}` {s['bits']}-bit {s['quant_type'] if s['bits'] == 4 else ''}, rank {s['rank']}, "
+        f"Model `{Path(s['model']).name}` {s['bits']}-bit "
+        f"{s['quant_type'] if s['bits'] == 4 else ''}, rank {s['rank']}, "
         f"alpha {s['alpha']:g}, all decoder linear layers; data `{Path(s['data']).name}` "
-        f"({report['data'].get('train_examples')} train / {report['data'].get('eval_examples')} fixed held-out examples, "
+        f"({report['data'].get('train_examples')} train / "
+        f"{report['data'].get('eval_examples')} fixed held-out examples, "
         f"{report['data'].get('eval_label_tokens')} eval label tokens, prompt-masked, max_length {s['max_length']}). "
         f"{s['steps']} steps, batch {s['batch_size']}, {s['optim']}, warmup {s['warmup_ratio']:g} + cosine to "
         f"{s['min_lr_ratio']:g}, grad clip {s['max_grad_norm']:g}, eval every {s['eval_every']} steps (and at 0); "
@@ -851,9 +857,11 @@ def write_table(report: dict, path: Path) -> Path:
             state = "all rates diverged" if any(r["runs"] for r in e["sweep"]) else "not run yet"
             lines.append(f"| {init} | {state} | | | | | | | " + "| " * len(thrs) + "|")
             continue
+        interior = (("yes" if e.get("interior_with_all_seeds") else "yes (first seed)") if e["best_is_interior"]
+                    else "NO (edge)")
         lines.append(
             f"| {init} | {e['best_lr']:.3g} | "
-            f"{('yes' if e.get('interior_with_all_seeds') else 'yes (first seed)') if e['best_is_interior'] else 'NO (edge)'} | "
+            f"{interior} | "
             f"{_fmt(e['final_mean'])} ± {_fmt(e['final_std'])} | {per_seed(e)} | {paired(e)} | "
             f"{_fmt(e['min_mean'])} ± {_fmt(e['min_std'])} | "
             f"{_fmt(e['initial_mean'])} | {reached(e)}{_fmt(e.get('median_step_seconds'), '.2f')} |")
@@ -861,7 +869,8 @@ def write_table(report: dict, path: Path) -> Path:
     if ce:
         lines.append(
             f"| lora, 16-bit base (ceiling) | {ce['lr']:.3g} | - | {_fmt(ce['final_mean'])}"
-            f"{' ± ' + _fmt(ce['final_std']) if ce['n_ok'] > 1 else ' (1 seed)'} | {per_seed(ce)} | - | {_fmt(ce['min_mean'])} | "
+            f"{' ± ' + _fmt(ce['final_std']) if ce['n_ok'] > 1 else ' (1 seed)'} | {per_seed(ce)} | - | "
+            f"{_fmt(ce['min_mean'])} | "
             f"{_fmt(ce['initial_mean'])} | {reached(ce)}{_fmt(ce.get('median_step_seconds'), '.2f')} |")
     main_runs = [r for r in report["runs"] if not r.get("ceiling")]
     lines += ["", "## The sweep: final eval loss by learning rate (mean ± std over the seeds run there; min..max)", "",
@@ -873,7 +882,8 @@ def write_table(report: dict, path: Path) -> Path:
             ext = " (added)" if r["lr"] in report["extended"].get(init, []) else ""
             loss = (f"{_fmt(r['final_mean'])} ± {_fmt(r['final_std'])}{star}" if math.isfinite(r["final_mean"])
                     else f"diverged ({r['diverged']}/{r['runs']} seeds)" if r["runs"] else "not run yet")
-            worse = sum(blown_up(x) and x["status"] == "ok" for x in main_runs if x["init"] == init and x["lr"] == r["lr"])
+            worse = sum(blown_up(x) and x["status"] == "ok"
+                        for x in main_runs if x["init"] == init and x["lr"] == r["lr"])
             if worse:
                 loss += f" (blew up: {worse} run(s) ended above their step-0 loss)"
             lines.append(f"| {init} | {r['lr']:.3g}{ext} | {r['runs']} | {loss} | "
@@ -881,7 +891,8 @@ def write_table(report: dict, path: Path) -> Path:
     lines += [
         "",
         f"Runs: {sm['n_runs']} ({sm['n_diverged']} diverged, {sm['steps_trained']} optimizer steps); run time "
-        f"{sm['total_run_seconds'] / 60:.1f} min (training {sum(sum(x for x in r['step_seconds'] if x) for r in report['runs']) / 60:.1f} "
+        f"{sm['total_run_seconds'] / 60:.1f} min "
+        f"(training {sum(sum(x for x in r['step_seconds'] if x) for r in report['runs']) / 60:.1f} "
         f"min, the rest evals and set-up) + {sm['total_prepare_seconds'] / 60:.1f} min preparing models; wall time "
         f"of the whole sweep {_fmt((sm['sweep_wall_seconds'] or math.nan) / 60, '.1f')} min. "
         f"Step-0 eval loss spread across the rates of one (init, seed), i.e. the check that restoring the initial "
@@ -926,10 +937,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inits", default=",".join(INITS), help="comma list from lora,olora,pissa")
     for init in INITS:
         p.add_argument(f"--rates-{init}", type=parse_rates, default=None,
-                       help=f"comma list of peak learning rates (default {','.join(f'{x:g}' for x in DEFAULT_RATES[init])})")
+                       help="comma list of peak learning rates "
+                            f"(default {','.join(f'{x:g}' for x in DEFAULT_RATES[init])})")
     p.add_argument("--seeds", type=parse_seeds, default=None, help="N (seeds 0..N-1) or a comma list (default 3)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 16: what fits ~1 h for 43 runs "
-                                                                "on the shared 2-core CPU at ~3.5 s per step)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run (default 16: what fits ~1 h for 43 runs "
+                        "on the shared 2-core CPU at ~3.5 s per step)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--max-examples", type=int, default=None, help="use only the first N records")
@@ -949,7 +962,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default bf16, QLoRA's compute dtype; on this AVX512-BF16 CPU also 1.6x faster than fp32)")
     p.add_argument("--mixed-precision", default="bf16", help="TrainConfig.mixed_precision (default bf16 autocast)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1: on the shared 2-core CPU one thread ran a step 3.5x faster than "
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default 1: on the shared 2-core CPU one thread ran a step 3.5x faster than "
                         "two, whose OpenMP threads spin against other jobs; give more on a machine of your own)")
     p.add_argument("--seed-plan", choices=SEED_PLANS, default="neighbours",
                    help="neighbours (default): the first seed sweeps the whole grid, the other seeds run at its best "

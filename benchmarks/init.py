@@ -112,7 +112,8 @@ def _effective_weights(model, contender: str):
             if isinstance(module, AdapterLinear):
                 yield name, deq(module.base_layer) + module.delta_weight()
         elif contender == "peft_olora":
-            if hasattr(module, "base_layer") and hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            if (hasattr(module, "base_layer") and hasattr(module, "lora_A")
+                    and "default" in getattr(module, "lora_A", {})):
                 a = module.lora_A["default"].weight.float()
                 b = module.lora_B["default"].weight.float()
                 yield name, deq(module.get_base_layer()) + module.scaling["default"] * (b @ a)
@@ -141,9 +142,9 @@ def measure_errors(model, contender: str, model_dir: str) -> dict:
 
 
 def worker(payload: dict, probe: common.MemoryProbe) -> dict:
-    import torch  # every worker imports the same stack before timing
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
+    import torch  # every worker imports the same stack before timing
     import transformers  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
 
@@ -229,7 +230,8 @@ def _summarize(runs: dict[str, list[dict]], device: str) -> dict:
                 (r.get("memory", {}).get("load") or {}).get("peak_rss_delta_mb") for r in ok),
             "errors": errs,
             "qolora_report_error": next((r.get("qolora_report_error") for r in ok if "qolora_report_error" in r), None),
-            "failures": [{"error": r["error"], "stderr_tail": r.get("stderr_tail", "")[-1500:]} for r in rs if "error" in r],
+            "failures": [{"error": r["error"], "stderr_tail": r.get("stderr_tail", "")[-1500:]}
+                         for r in rs if "error" in r],
             "runs": rs,
         }
     return summary
@@ -340,7 +342,8 @@ def _plot(path: Path, speed: dict, speed_ratios: dict, real: dict | None, real_r
         {"title": "peak memory of the load", "labels": labels, "values": [speed[c]["peak_mb"]["median"] for c in names],
          "ylabel": "MiB (CUDA max allocated)" if device.startswith("cuda") else "MiB (peak RSS)", "fmt": "{:.0f}"},
     ]
-    sources = [(speed, speed_ratios, "random layers")] + ([(real, real_ratios, "SmolLM2-135M-Instruct")] if real else [])
+    sources = [(speed, speed_ratios, "random layers")] + ([(real, real_ratios, "SmolLM2-135M-Instruct")]
+                                                          if real else [])
     for src, src_ratios, where in sources:
         panels.append({"title": f"weight error / plain 4-bit ({where})",
                        "labels": [LABELS.get(c, c).replace(" ", "\n", 1) for c in src],
@@ -350,11 +353,13 @@ def _plot(path: Path, speed: dict, speed_ratios: dict, real: dict | None, real_r
 
 
 def _title(c: dict) -> str:
-    return f"init, {c['device']}, {c['layers']} {c['size']}-sized layers, NF4 r={c['rank']}, {c['repeats']} alternating reps"
+    return (f"init, {c['device']}, {c['layers']} {c['size']}-sized layers, NF4 r={c['rank']}, "
+            f"{c['repeats']} alternating reps")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", default="tinyllama", choices=sorted(common.SIZES))
     p.add_argument("--layers", type=int, default=None, help="decoder layers of the synthetic checkpoint (default 4)")
@@ -421,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         state["real"] = summary
         save()
 
-    speed = state["speed"] = _run_series(model_dir, args, contenders, args.repeats, f"{args.size} x{args.layers}", on_speed)
+    speed = state["speed"] = _run_series(model_dir, args, contenders, args.repeats, f"{args.size} x{args.layers}",
+                                         on_speed)
     speed_ratios = _ratios(speed)
     print()
     print(_table(speed, speed_ratios, title, args.device))
@@ -430,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_real:
         try:
             state["real_dir"] = common.real_model_dir()
-        except Exception as exc:  # the asset package is not installed (e.g. on a GPU machine)
+        except Exception as exc:  # noqa: BLE001 - the asset package is not installed (e.g. on a GPU machine)
             print(f"\nreal model unavailable, error comparison on it skipped: {type(exc).__name__}: {exc}")
         if state["real_dir"] is not None:
             print(f"\nreal model: {state['real_dir']}", flush=True)
@@ -445,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\ntargets:")
     for k, v in verdicts.items():
         val = "n/a" if v["value"] is None else f"{v['value']:.3f}"
-        print(f"  {k:34s} {val:>8s}  target {v['target']:8s} {'MET' if v['met'] else 'MISSED' if v['met'] is False else 'n/a'}")
+        print(f"  {k:34s} {val:>8s}  target {v['target']:8s} "
+              f"{'MET' if v['met'] else 'MISSED' if v['met'] is False else 'n/a'}")
     path = save(final=True)
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
     return 0

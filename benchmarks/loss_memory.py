@@ -126,7 +126,8 @@ def _summarize(runs: dict[str, list[dict]], logits_mb: float) -> dict:
             "step_cpu_s": common.summarize(r["step_cpu_s"] for r in ok),
             "loss": [r["loss"] for r in ok],
             "adapter_grad_norm": [r["adapter_grad_norm"] for r in ok],
-            "failures": [{"error": r["error"], "stderr_tail": r.get("stderr_tail", "")[-1500:]} for r in rs if "error" in r],
+            "failures": [{"error": r["error"], "stderr_tail": r.get("stderr_tail", "")[-1500:]}
+                         for r in rs if "error" in r],
             "runs": rs,
         }
     decoder = summary.get("decoder", {}).get("peak_delta_mb", {}).get("median")
@@ -158,7 +159,8 @@ def _plot(path: Path, summary: dict, logits_mb: float, title: str) -> None:
          "values": [summary[c]["peak_delta_mb"]["median"] for c in CONTENDERS],
          "lo": [summary[c]["peak_delta_mb"]["min"] for c in CONTENDERS],
          "hi": [summary[c]["peak_delta_mb"]["max"] for c in CONTENDERS],
-         "ref": logits_mb * TARGET_PEAK_VS_LOGITS, "ref_label": "target for the loss steps: half the fp32 logits", "fmt": "{:.0f}"},
+         "ref": logits_mb * TARGET_PEAK_VS_LOGITS, "ref_label": "target for the loss steps: half the fp32 logits",
+         "fmt": "{:.0f}"},
         {"title": "step wall time (s)", "labels": labels, "ylabel": "s",
          "values": [summary[c]["step_s"]["median"] for c in CONTENDERS],
          "lo": [summary[c]["step_s"]["min"] for c in CONTENDERS],
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("%-24s FAILED", LABELS[c])
             continue
         over = s.get("peak_over_decoder_mb")
-        logger.info("%-24s peak +%7.0f MiB (%.2f x fp32 logits %.0f MiB; %s over decoder-only)  step %.1f s  cpu %.1f s",
+        logger.info("%-24s peak +%7.0f MiB (%.2f x fp32 logits %.0f MiB; %s over decoder-only)  "
+                    "step %.1f s  cpu %.1f s",
                     LABELS[c], s["peak_delta_mb"]["median"], s["peak_vs_fp32_logits"], logits_mb,
                     "-" if over is None else f"{over:+.0f} MiB", s["step_s"]["median"], s["step_cpu_s"]["median"])
     v = verdicts["chunked_peak_vs_fp32_logits"]

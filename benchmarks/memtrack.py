@@ -2,7 +2,8 @@
 
 :class:`MemTracker` is a ``TorchDispatchMode``: every tensor an operator returns (forward, backward and
 optimizer, all on the calling thread on the CPU) is looked up by its storage; a new storage adds its
-size (a storage shared with an input is a view or an in-place result, not new memory), and a ``weakref.finalize`` on the storage subtracts it when the storage dies. ``peak`` is the
+size (a storage shared with an input is a view or an in-place result, not new memory), and a ``weakref.finalize``
+on the storage subtracts it when the storage dies. ``peak`` is the
 largest sum seen. Views share their base's storage and are counted once. Not seen: memory a kernel
 allocates internally and frees before returning (e.g. workspaces), and memory outside torch.
 """

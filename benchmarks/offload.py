@@ -219,13 +219,15 @@ def main(argv=None) -> Path:
         result["resident"], result["overhead_ratio"] = None, None
     if cap is not None:
         result["targets"] = {"peak_le_cap": (result["peak_cuda_bytes"] or 0) <= cap,
-                             "overhead_le_1.3": result["overhead_ratio"] is not None and result["overhead_ratio"] <= 1.3}
+                             "overhead_le_1.3": (result["overhead_ratio"] is not None
+                                                 and result["overhead_ratio"] <= 1.3)}
 
     if args.out:
         out = Path(args.out)
     else:
         folder = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).split()[-1].lower()
-        out = REPO / "benchmarks" / "results" / folder / ("scale_70b.json" if args.shape == "llama-3-70b" and not args.tiny
+        out = REPO / "benchmarks" / "results" / folder / ("scale_70b.json"
+                                                           if args.shape == "llama-3-70b" and not args.tiny
                                                            else f"scale_{result['shape']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", type=Path, default=None, help="write both profiles as JSON here")
     args = p.parse_args(argv)
-    model_dir = common.real_model_dir() if args.size == "smollm2" else common.synthetic_checkpoint(args.size, args.layers)
+    model_dir = (common.real_model_dir() if args.size == "smollm2"
+                 else common.synthetic_checkpoint(args.size, args.layers))
     res = {}
     for c in ("qolora", "peft"):
         payload = {"contender": c, "model_dir": str(model_dir), "device": args.device, "rank": 16, "alpha": 16.0,
@@ -89,15 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'op':60s} {'qolora ms':>10s} {'calls':>7s} {'peft ms':>10s} {'calls':>7s}")
     for k in names[: args.top]:
         q, f = by["qolora"].get(k, {}), by["peft"].get(k, {})
-        print(f"{k[:60]:60s} {q.get(key, 0):10.1f} {q.get('count', 0):7.0f} {f.get(key, 0):10.1f} {f.get('count', 0):7.0f}")
-    diff = [k for k in names if round(by["qolora"].get(k, {}).get("count", 0)) != round(by["peft"].get(k, {}).get("count", 0))]
+        print(f"{k[:60]:60s} {q.get(key, 0):10.1f} {q.get('count', 0):7.0f} "
+              f"{f.get(key, 0):10.1f} {f.get('count', 0):7.0f}")
+    diff = [k for k in names
+            if round(by["qolora"].get(k, {}).get("count", 0)) != round(by["peft"].get(k, {}).get("count", 0))]
     print("\nops whose call counts differ (qolora vs PEFT):")
     for k in diff[: args.top]:
         q, f = by["qolora"].get(k, {}), by["peft"].get(k, {})
-        print(f"  {k[:60]:60s} {q.get('count', 0):7.0f} {f.get('count', 0):7.0f}   ({q.get(key, 0):.1f} vs {f.get(key, 0):.1f} ms)")
+        print(f"  {k[:60]:60s} {q.get('count', 0):7.0f} {f.get('count', 0):7.0f}   "
+              f"({q.get(key, 0):.1f} vs {f.get(key, 0):.1f} ms)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model_dir": str(model_dir), "config": {k: str(v) for k, v in vars(args).items()},
+        args.out.write_text(json.dumps({"model_dir": str(model_dir),
+                                        "config": {k: str(v) for k, v in vars(args).items()},
                                         "results": res, "machine": common.machine_info(args.device)}, indent=1))
     return 0
 

@@ -96,7 +96,7 @@ def _qolora_train_parts(device: str):
 
         make_optimizer, resolve_precision = qtrain.make_optimizer, qtrain.resolve_precision
         mode, autocast, scaler = resolve_precision("auto", torch.device(device))
-    except Exception:  # not landed, or changed: fall back to the mirror
+    except Exception:  # noqa: BLE001 - not landed, or changed: fall back to the mirror
         return None
     if scaler is not None:  # fp16 + GradScaler (pre-bf16 GPUs): not what this benchmark compares
         return None
@@ -186,7 +186,8 @@ def worker(payload: dict, probe: common.MemoryProbe) -> dict:
     else:
         opt = getattr(bnb.optim, payload["optimizer"])(params, lr=payload["lr"])
         autocast = _autocast(device)
-        result["step_impl"] = f"bitsandbytes.optim.{payload['optimizer']} + {'bf16 autocast' if device.startswith('cuda') else 'no autocast'}"
+        result["step_impl"] = (f"bitsandbytes.optim.{payload['optimizer']} + "
+                               f"{'bf16 autocast' if device.startswith('cuda') else 'no autocast'}")
     result["optimizer_class"] = type(opt).__name__
     step = _step(model, params, opt, autocast)
 
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.replot:
         d = json.loads(args.replot.read_text())
-        _plot(args.replot.with_suffix(".png"), d["summary"], _title(d["config"], d["model_desc"]), d["config"]["device"])
+        _plot(args.replot.with_suffix(".png"), d["summary"], _title(d["config"], d["model_desc"]),
+              d["config"]["device"])
         return 0
     cuda = args.device == "cuda"
     args.layers = args.layers or 4
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  round {rnd} {c}: FAILED {res['error']}\n{res.get('stderr_tail', '')[-1500:]}", flush=True)
         else:
             tps = common.summarize(res["tokens_per_s"])["median"]
-            print(f"  round {rnd} {c:7s} {tps:9.1f} tok/s  train peak {common.peak_mb(res, 'train', args.device):8.0f} MiB"
+            print(f"  round {rnd} {c:7s} {tps:9.1f} tok/s  "
+                  f"train peak {common.peak_mb(res, 'train', args.device):8.0f} MiB"
                   f"  load {res['load_s']:.1f} s  loss {res['losses'][0]:.3f}->{res['losses'][-1]:.3f}"
                   f"  step={res.get('step_impl')}", flush=True)
         _save(args, runs, stem, title, str(model_dir), what, final=False)  # partial results survive a kill
@@ -295,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     print("targets:")
     for k, v in verdicts.items():
         val = "n/a" if v["value"] is None else f"{v['value']:.3f}"
-        print(f"  {k:30s} {val:>8s}  target {v['target']:7s} {'MET' if v['met'] else 'MISSED' if v['met'] is False else 'n/a'}")
+        print(f"  {k:30s} {val:>8s}  target {v['target']:7s} "
+              f"{'MET' if v['met'] else 'MISSED' if v['met'] is False else 'n/a'}")
     print(f"\nwrote {args.out / (stem + '.json')} and {args.out / (stem + '.png')}")
     return 0
 
@@ -314,7 +318,8 @@ def _summarize(runs: dict[str, list[dict]], device: str) -> tuple[dict, dict, di
             "load_s": common.summarize(r["load_s"] for r in ok),
             "trainable_params": next((r["trainable_params"] for r in ok), None),
             "step_impl": next((r.get("step_impl") for r in ok), None),
-            "failures": [{"error": r["error"], "stderr_tail": r.get("stderr_tail", "")[-1500:]} for r in rs if "error" in r],
+            "failures": [{"error": r["error"], "stderr_tail": r.get("stderr_tail", "")[-1500:]}
+                         for r in rs if "error" in r],
             "runs": rs,
         }
 
@@ -328,7 +333,8 @@ def _summarize(runs: dict[str, list[dict]], device: str) -> tuple[dict, dict, di
     ratios = {
         "tokens_per_s_qolora_vs_peft": common.ratio(med("qolora", "tokens_per_s"), med("peft", "tokens_per_s")),
         "tokens_per_s_qolora_vs_peft_paired_rounds": common.summarize(pairs)["median"],
-        "tokens_per_cpu_s_qolora_vs_peft": common.ratio(med("qolora", "tokens_per_cpu_s"), med("peft", "tokens_per_cpu_s")),
+        "tokens_per_cpu_s_qolora_vs_peft": common.ratio(med("qolora", "tokens_per_cpu_s"),
+                                                        med("peft", "tokens_per_cpu_s")),
         "peak_train_qolora_vs_peft": common.ratio(med("qolora", "peak_train_mb"), med("peft", "peak_train_mb")),
         "peak_load_qolora_vs_peft": common.ratio(med("qolora", "peak_load_mb"), med("peft", "peak_load_mb")),
         "load_s_qolora_vs_peft": common.ratio(med("qolora", "load_s"), med("peft", "load_s")),

@@ -22,7 +22,6 @@ from .train import train
 from .train_config import TrainConfig, TrainingError, TrainResult
 from .version import __version__ as __version__
 
-
 __all__ = [
     "AdapterConfig",
     "AdapterError",

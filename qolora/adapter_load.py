@@ -177,14 +177,17 @@ def load(
             layer = layers[name]
             settings = quant_settings(layer.base_layer)
             if settings != rec.quant:
-                raise AdapterError(f"layer {name} was rebuilt with quantization {settings}, but was trained with {rec.quant}")
+                raise AdapterError(f"layer {name} was rebuilt with quantization {settings}, "
+                                   f"but was trained with {rec.quant}")
             a, b = saved.weights[name]
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
     adopt(model, ModelRecord(config=config, base=str(base), base_dir=checkpoint.dir, report=report,
-                             adapter_dir=Path(adapter_dir), offload=placement.streamer if placement is not None else None))
+                             adapter_dir=Path(adapter_dir),
+                             offload=placement.streamer if placement is not None else None))
     if autocast and saved.forward_autocast is not None:
         apply_autocast(model, {**saved.forward_autocast, "device_type": config.torch_device.type})
     model.eval()
-    logger.info("loaded adapter %s (%s, rank %d, %d-bit) onto %s", adapter_dir, config.init, config.rank, config.bits, base)
+    logger.info("loaded adapter %s (%s, rank %d, %d-bit) onto %s", adapter_dir, config.init, config.rank, config.bits,
+                base)
     return model

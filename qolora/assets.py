@@ -145,10 +145,10 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     Raises:
         AssetError: If the converted model loses its tied embeddings or weights do not load.
     """
+    import time
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import time
 
     folder, name = str(gguf_path.parent), gguf_path.name
     started = time.perf_counter()

@@ -30,9 +30,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -59,7 +59,8 @@ logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _FILES_FROM_HUB = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-_INDEXES = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+_INDEXES = (("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 
 
 # --------------------------------------------------------------------------------- finding it
@@ -79,7 +80,8 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     if path.exists():
         raise ConfigError(f"model {text!r} is a file; expected a transformers checkpoint folder or a hub id")
     if text.startswith((".", "/", "~")) or not _HUB_ID.match(text):  # a path, not an 'org/name' id
-        raise ConfigError(f"model path does not exist: {text!r} (expected a local checkpoint folder or a hub id 'org/name')")
+        raise ConfigError(f"model path does not exist: {text!r} "
+                          "(expected a local checkpoint folder or a hub id 'org/name')")
     try:
         from huggingface_hub import snapshot_download
 
@@ -109,7 +111,8 @@ def hf_config_from_dict(raw: Mapping, source: str):
     if model_type not in CONFIG_MAPPING:
         custom = (" and asks for remote code from the model folder (auto_map); qolora never runs code from a model "
                   "folder") if raw.get("auto_map") else ""
-        raise ConfigError(f"{source}: model_type {model_type!r} is not an architecture this transformers knows{custom}. "
+        raise ConfigError(f"{source}: model_type {model_type!r} is not an architecture "
+                          f"this transformers knows{custom}. "
                           "Use a checkpoint of a built-in transformers architecture (llama, mistral, qwen2, gpt2, ...)")
     if raw.get("auto_map"):
         logger.info("%s: using transformers' built-in %s classes; the folder's own code (auto_map) is ignored",
@@ -265,7 +268,7 @@ class BaseCheckpoint:
         self.source = source  # a generator of tensors instead of files (from_source)
 
     @classmethod
-    def of(cls, model) -> "BaseCheckpoint":
+    def of(cls, model) -> BaseCheckpoint:
         """``model`` as a checkpoint: a BaseCheckpoint itself, a tensor source (:meth:`from_source`), or a
         folder / hub id (:meth:`open`)."""
         if isinstance(model, BaseCheckpoint):
@@ -275,7 +278,7 @@ class BaseCheckpoint:
         return cls.open(model)
 
     @classmethod
-    def from_source(cls, source, *, name: str | None = None) -> "BaseCheckpoint":
+    def from_source(cls, source, *, name: str | None = None) -> BaseCheckpoint:
         """A checkpoint generated rather than read: any object with ``hf_config()`` and
         ``iter_tensors(device)`` yielding ``(key, tensor)`` in checkpoint naming, such as
         :class:`qolora.synthetic.SyntheticCheckpoint` (a 70B model streamed into ``prepare`` with no
@@ -289,7 +292,7 @@ class BaseCheckpoint:
         return cls(Path(f"<{name}>"), hf_config, None, [], source=source)
 
     @classmethod
-    def open(cls, model: str | os.PathLike) -> "BaseCheckpoint":
+    def open(cls, model: str | os.PathLike) -> BaseCheckpoint:
         """Find the checkpoint and check its config and file list; no weight is read.
 
         Raises:
@@ -420,7 +423,8 @@ def _weight_files(model_dir: Path) -> list[Path]:
                                   "inside the folder")
             missing = [s for s in shards if not (model_dir / s).is_file()]
             if missing:
-                raise ConfigError(f"checkpoint {model_dir} is incomplete: shard(s) {missing} listed in {index_name} are missing")
+                raise ConfigError(f"checkpoint {model_dir} is incomplete: shard(s) {missing} listed in {index_name} "
+                                  "are missing")
             return [model_dir / s for s in shards]
         if (model_dir / single).is_file():
             return [model_dir / single]

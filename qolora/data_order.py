@@ -8,7 +8,7 @@ tokenized data set in one pass so a resumed run can prove it sees the same data.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

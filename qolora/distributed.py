@@ -28,8 +28,9 @@ import contextlib
 import logging
 import os
 import pickle
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -203,7 +204,7 @@ def _portable(exc: BaseException) -> BaseException:
         back = pickle.loads(pickle.dumps(exc))
         if type(back) is type(exc) and str(back) == str(exc):
             return exc
-    except Exception:  # any pickling failure: send the text instead
+    except Exception:  # noqa: BLE001 - any pickling failure: send the text instead
         pass
     return RankZeroError(f"rank 0 failed: {type(exc).__name__}: {exc}")
 

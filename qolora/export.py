@@ -1,6 +1,7 @@
 """Leaving qolora for PEFT: a plain LoRA adapter for the original full-precision base.
 
-A trained qolora model computes ``deq(q(W_res)) + s*B@A`` with ``W_res = W - s*B0@A0``. One way out (the other is :mod:`qolora.merge`):
+A trained qolora model computes ``deq(q(W_res)) + s*B@A`` with ``W_res = W - s*B0@A0``. One way out (the other is
+:mod:`qolora.merge`):
 
 * :func:`export_lora` writes a plain PEFT LoRA for the *original* full-precision base ``W``, rank 2r:
   ``A' = [A; A0]``, ``B' = [B, -B0]`` so that ``W + s*B'@A' = W_res + s*B@A``, with ``lora_alpha``

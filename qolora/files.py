@@ -24,8 +24,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .config import ConfigError
 
@@ -96,7 +97,8 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, what: str = "outp
     if path.is_file() or path.is_symlink() and not path.is_dir():
         raise ConfigError(f"{what} {str(path)!r} exists and is a file; expected a folder path")
     if path.exists() and not overwrite:
-        raise ConfigError(f"{what} {str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it, or choose another path")
+        raise ConfigError(f"{what} {str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it, "
+                          "or choose another path")
     return path
 
 

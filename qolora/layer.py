@@ -16,7 +16,7 @@ the base here is always (out, in); exporters transpose back when they write.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -24,7 +24,8 @@ from torch.nn import functional as F
 
 from .quant import dequantize_weight, quantization_kind
 
-__all__ = ["AdapterLinear", "adapter_layers", "adapter_parameters", "adapter_state_dict", "mark_only_adapters_trainable"]
+__all__ = ["AdapterLinear", "adapter_layers", "adapter_parameters", "adapter_state_dict",
+           "mark_only_adapters_trainable"]
 
 
 class AdapterLinear(nn.Module):

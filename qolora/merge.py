@@ -28,8 +28,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -245,7 +245,8 @@ def _merged_weight(name, weight, saved: SavedAdapter, config, into, check) -> to
     device, s = weight.device, saved.scale
     rec = saved.layers[name]
     if tuple(weight.shape) != tuple(rec.shape):
-        raise AdapterError(f"layer {name}: the base's weight is {tuple(weight.shape)}, the adapter's {tuple(rec.shape)}")
+        raise AdapterError(f"layer {name}: the base's weight is {tuple(weight.shape)}, "
+                           f"the adapter's {tuple(rec.shape)}")
     check(name, weight)
     a, b = (t.to(device, torch.float32) for t in saved.weights[name])
     a0b0 = None if saved.init is None else tuple(t.to(device, torch.float32) for t in saved.init[name])

@@ -46,8 +46,8 @@ import collections
 import contextlib
 import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -127,8 +127,7 @@ def _frozen_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
         if id(p) not in adapters:
             yield p
             yield from _quant_tensors(p)
-    for b in module.buffers():
-        yield b
+    yield from module.buffers()
     for m in module.modules():
         state = getattr(m, "state", None)  # Linear8bitLt keeps CB / SCB here after a forward pass
         for attr in ("CB", "SCB"):
@@ -180,7 +179,7 @@ def _global_keys() -> set[int]:
         functional = sys.modules.get("bitsandbytes.functional")
         maps = getattr(functional, "name2qmap", {}) if functional is not None else {}
         return {_key(t) for t in maps.values() if isinstance(t, torch.Tensor)}
-    except Exception:  # pragma: no cover - defensive: an internal that moved
+    except Exception:  # noqa: BLE001  # pragma: no cover - defensive: an internal that moved
         return set()
 
 
@@ -327,7 +326,7 @@ class OffloadedLayers:
         self.trace.append(("offload", index, "build"))
         return layer.nbytes
 
-    def install(self) -> "OffloadedLayers":
+    def install(self) -> OffloadedLayers:
         """Offload every chosen layer not offloaded yet, check no offloaded storage is shared, add the hooks."""
         for i in self.offloaded:
             self.offload(i)
@@ -510,7 +509,8 @@ class OffloadedLayers:
         for i, keys in layer_tensor_keys.items():
             for k in keys:
                 owners[k].add(i)
-        inside = {id(p) for m in self._modules for p in m.parameters()} | {id(b) for m in self._modules for b in m.buffers()}
+        inside = ({id(p) for m in self._modules for p in m.parameters()}
+                  | {id(b) for m in self._modules for b in m.buffers()})
         for t in list(self.model.parameters()) + list(self.model.buffers()):
             if id(t) not in inside and t.device.type != "meta":
                 owners[_key(t)].add("outside")
@@ -627,7 +627,8 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
     memory_plan = plan(hf_config, bits=config.bits, rank=config.rank, alpha=config.alpha,
                        target_modules=config.target_modules, quant_type=config.quant_type,
                        blocksize=config.blocksize, double_quant=config.double_quant,
-                       compute_dtype=_dtype_name(config.torch_compute_dtype if config.bits != 16 else config.torch_dtype),
+                       compute_dtype=_dtype_name(config.torch_compute_dtype if config.bits != 16
+                                                 else config.torch_dtype),
                        adapter_dtype=_dtype_name(config.torch_adapter_dtype), device=device.type,
                        gpu_memory=parse_size(gpu_memory, "gpu_memory") if gpu_memory is not None else None,
                        offload=offload, _search=False, **options)
@@ -638,7 +639,8 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
     available = available_host_bytes()
     if memory_plan.host_bytes > available:
         raise ConfigError(
-            f"offloading {len(indices)} of {memory_plan.num_layers} decoder layers needs {memory_plan.host_bytes / 2**30:.2f} "
+            f"offloading {len(indices)} of {memory_plan.num_layers} decoder layers needs "
+            f"{memory_plan.host_bytes / 2**30:.2f} "
             f"GiB of host memory, but only {available / 2**30:.2f} GiB is available: free host memory, offload fewer "
             "layers (offload='auto' with a larger gpu_memory), or use a larger machine")
     if memory_plan.fits is False:

@@ -13,7 +13,8 @@ import contextlib
 import functools
 import logging
 import math
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +26,8 @@ __all__ = ["lr_factor", "make_optimizer", "resolve_precision"]
 logger = logging.getLogger(__name__)
 
 
-def resolve_precision(mode: str, device: torch.device) -> tuple[str, Callable[[], ContextManager], Any]:
+def resolve_precision(mode: str,
+                      device: torch.device) -> tuple[str, Callable[[], contextlib.AbstractContextManager], Any]:
     """``(name, autocast context factory, GradScaler or None)`` for ``mixed_precision`` on ``device``.
 
     Raises:

@@ -70,9 +70,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -266,7 +267,8 @@ class MemoryPlan:
         s = self.settings
         rows = [
             ("quantized linear weights", self.quantized_weights_bytes,
-             f"{s['bits']}-bit" + (f" {s['quant_type']}, blocksize {s['blocksize']}" + (", double quant" if s["double_quant"] else "")
+             f"{s['bits']}-bit" + (f" {s['quant_type']}, blocksize {s['blocksize']}"
+                                   + (", double quant" if s["double_quant"] else "")
                                    if s["bits"] == 4 else "")
              + (f"; FSDP: 1/{s['num_gpus']} of the layers + 2 gathered" if s.get("fsdp") and s.get("num_gpus", 1) > 1
                 else "")),
@@ -276,11 +278,13 @@ class MemoryPlan:
             ("adapter gradients", self.adapter_grad_bytes, ""),
             ("optimizer states", self.optimizer_bytes, s["optim"]),
             ("activations", self.activation_bytes,
-             f"seq {s['seq_len']} x batch {s['batch_size']}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"),
+             f"seq {s['seq_len']} x batch {s['batch_size']}, "
+             f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"),
             ("loss", self.loss_bytes, ("chunked" if s["chunked_loss"] else "full fp32 logits")
              + ("" if self.loss_bytes or self.peak_moment == "loss" else " (peak is inside the layers)")),
             ("CUDA context", self.cuda_context_bytes, ""),
-            ("allocator margin", self.margin_bytes, f"max(256 MiB, {MARGIN_FRACTION:.0%})" if self.margin_bytes else ""),
+            ("allocator margin", self.margin_bytes,
+             f"max(256 MiB, {MARGIN_FRACTION:.0%})" if self.margin_bytes else ""),
         ]
         width = max(len(r[0]) for r in rows)
         gpus = s.get("num_gpus", 1)
@@ -676,7 +680,8 @@ def plan(
         if not result.fits:
             result.suggestions = _suggest(model, result, dict(
                 bits=bits, rank=rank, alpha=alpha, target_modules=target_modules, seq_len=seq_len,
-                batch_size=batch_size, grad_accum=grad_accum, optim=optim, gradient_checkpointing=gradient_checkpointing,
+                batch_size=batch_size, grad_accum=grad_accum, optim=optim,
+                gradient_checkpointing=gradient_checkpointing,
                 gpu_memory=gpu, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                 compute_dtype=compute_dtype, adapter_dtype=adapter_dtype, chunked_loss=chunked_loss,
                 loss_chunk_bytes=loss_chunk_bytes, device=device, padded=padded, offload=offload,
@@ -746,7 +751,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     f"a built-in name: {', '.join(builtin_configs())}) and predicts the peak memory of training.",
     )
     p.add_argument("model", help="config.json file, folder holding one, hub id, or built-in name")
-    p.add_argument("--bits", type=int, default=4, choices=[b for b in bits_choices if not AdapterConfig(bits=b).problems()])
+    p.add_argument("--bits", type=int, default=4,
+                   choices=[b for b in bits_choices if not AdapterConfig(bits=b).problems()])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=None, help="adapter alpha (default: rank)")
     p.add_argument("--target-modules", default=None, type=lambda t: [x.strip() for x in t.split(",") if x.strip()],

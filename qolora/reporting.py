@@ -23,8 +23,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -225,7 +226,7 @@ def prompt_preview(prompt: str, width: int = 100) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int,
-             autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
              on_answer: Callable[[int, str], None] | None = None) -> list[str]:
     """Greedy answers (special tokens removed) to ``prompts`` from :func:`sample_prompts`.
 
@@ -269,7 +270,8 @@ def write_samples(output_dir: Path, samples: Sequence[Mapping], *, steps: int | 
     clean = [{k: s.get(k) for k in ("prompt", "reference", "before", "after", "prompt_ids", "system_from_template")}
              for s in samples]
     json_path, md_path = output_dir / "samples.json", output_dir / "samples.md"
-    atomic_write_text(json_path, json.dumps({"after_step": steps, "samples": clean}, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(json_path,
+                      json.dumps({"after_step": steps, "samples": clean}, indent=2, ensure_ascii=False) + "\n")
     lines = ["# Sample generations (greedy)", ""]
     for i, s in enumerate(clean, 1):
         lines += [f"## Sample {i}", "", "**Prompt**", "", "```", (s["prompt"] or "").rstrip(), "```", ""]

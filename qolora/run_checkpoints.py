@@ -139,7 +139,8 @@ def model_fingerprint(model: nn.Module) -> str:
     layers = []
     for name, layer in adapter_layers(model):
         init = layer.init_factors
-        layers.append([name, layer.base_fingerprint, [weight_fingerprint(t) for t in init] if init is not None else None])
+        layers.append([name, layer.base_fingerprint,
+                       [weight_fingerprint(t) for t in init] if init is not None else None])
     params = [[n, list(p.shape), str(p.dtype)] for n, p in adapter_parameters(model)]
     blob = json.dumps({"config": cfg, "layers": layers, "params": params}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -250,7 +251,8 @@ def verify_checkpoint(path: Path) -> dict:
         if name not in files or not file.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
         if file.stat().st_size != files[name]["bytes"] or sha256_file(file) != files[name]["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is corrupted: {name} differs from the size/sha256 in its manifest")
+            raise CheckpointError(f"checkpoint {path} is corrupted: {name} differs from the size/sha256 "
+                                  "in its manifest")
     return manifest
 
 

@@ -148,14 +148,16 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             p.append(f"mixed_precision={self.mixed_precision!r} is not supported; allowed: {list(MIXED_PRECISION)}")
         if self.sample_prompts is not None and (
-            isinstance(self.sample_prompts, str) or not all(isinstance(t, str) and t.strip() for t in self.sample_prompts)
+            isinstance(self.sample_prompts, str)
+            or not all(isinstance(t, str) and t.strip() for t in self.sample_prompts)
         ):
             p.append(f"sample_prompts={self.sample_prompts!r} must be a list of non-empty strings (or None)")
-        if isinstance(self.warmup_steps, int) and isinstance(self.max_steps, int) and self.warmup_steps > self.max_steps:
+        if (isinstance(self.warmup_steps, int) and isinstance(self.max_steps, int)
+                and self.warmup_steps > self.max_steps):
             p.append(f"warmup_steps={self.warmup_steps} is more than max_steps={self.max_steps}")
         return p
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise one :class:`~qolora.ConfigError` listing every problem, or return self."""
         problems = self.problems()
         if problems:
@@ -167,7 +169,7 @@ class TrainConfig:
         """Warmup steps actually used."""
         return self.warmup_steps if self.warmup_steps is not None else round(self.warmup_ratio * self.max_steps)
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -177,7 +179,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_options(cls, **options) -> "TrainConfig":
+    def from_options(cls, **options) -> TrainConfig:
         """Build from keyword options, with one error naming unknown ones (and the allowed)."""
         allowed = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - allowed)

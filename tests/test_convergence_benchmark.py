@@ -21,8 +21,8 @@ if str(REPO) not in sys.path:  # plain `pytest` puts only tests/ on the path; th
     sys.path.insert(0, str(REPO))
 
 from benchmarks import convergence as conv  # noqa: E402
-from tiny_models import make_tiny_llama
-from tiny_tokenizer import make_tiny_tokenizer
+from tiny_models import make_tiny_llama  # noqa: E402
+from tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
 
 QA = [
     ("What is the capital of France?", "The capital of France is Paris."),

@@ -10,7 +10,6 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from tiny_tokenizer import make_tiny_tokenizer
 
 from qolora.data import (
     FORMATS,
@@ -24,6 +23,7 @@ from qolora.data import (
     split_train_eval,
     tokenize_dataset,
 )
+from tiny_tokenizer import make_tiny_tokenizer
 
 CHAT = [
     {

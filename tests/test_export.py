@@ -17,15 +17,20 @@ import torch
 
 import qolora
 from qolora.adapter_io import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_WEIGHTS, QOLORA_CONFIG, AdapterError, BaseMismatchError, save_adapter,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    INIT_WEIGHTS,
+    QOLORA_CONFIG,
+    AdapterError,
+    BaseMismatchError,
+    save_adapter,
 )
 from qolora.adapter_load import load
-from qolora.config import ConfigError
-from qolora.config import parse_size
-from qolora.export import export_lora
-from qolora.merge import merge
 from qolora.base_reader import BaseCheckpoint
+from qolora.config import ConfigError, parse_size
+from qolora.export import export_lora
 from qolora.layer import adapter_layers
+from qolora.merge import merge
 from tiny_models import make_tiny_llama
 
 VOCAB = 320
@@ -99,10 +104,11 @@ def no_weight_reads(monkeypatch):
 ], ids=["4bit", "8bit", "16bit", "4bit-fp4-pissa"])
 def test_save_load_reproduces_trained_logits_exactly(tiny_llama_dir, tmp_path, bits, options):
     model = trained(tiny_llama_dir, bits=bits, **options)
-    layer = next(l for _, l in adapter_layers(model))
+    layer = next(adapter for _, adapter in adapter_layers(model))
     assert not torch.equal(layer.lora_B.weight, layer.init_factors[1])  # really trained
     out = save_adapter(model, tmp_path / "adapter")
-    assert sorted(os.listdir(out)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_WEIGHTS, QOLORA_CONFIG, "config.json"])
+    assert sorted(os.listdir(out)) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_WEIGHTS, QOLORA_CONFIG,
+                                              "config.json"])
     assert not [p for p in tmp_path.iterdir() if p.name != "adapter"]  # no temp folder left
     reloaded = load(tiny_llama_dir, out, progress=False)
     assert torch.equal(logits(reloaded), logits(model))
@@ -252,7 +258,8 @@ def test_merge_copies_the_tokenizer_and_checks_text_prompts(tmp_path):
     assert len(check["per_prompt"]) == 2 and check["max_abs_diff"] < 1e-5 * check["max_abs_logit"] + 1e-6
     from transformers import AutoTokenizer
 
-    assert AutoTokenizer.from_pretrained(tmp_path / "merged")("hello world").input_ids == tokenizer("hello world").input_ids
+    assert (AutoTokenizer.from_pretrained(tmp_path / "merged")("hello world").input_ids
+            == tokenizer("hello world").input_ids)
 
 
 def test_gpt2_conv1d_round_trip(tiny_gpt2_dir, tmp_path):
@@ -310,8 +317,8 @@ def test_wrong_base_is_refused_and_the_override_works(saved4, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(hidden=32), r"layer model\.layers\.0\.\S+: the base's weight is \d+x\d+ but the adapter \(rank 8\) was trained "
-                      r"on a \d+x\d+ weight"),
+    (dict(hidden=32), r"layer model\.layers\.0\.\S+: the base's weight is \d+x\d+ "
+                      r"but the adapter \(rank 8\) was trained on a \d+x\d+ weight"),
     (dict(layers=3), r"has 7 targeted layer\(s\) the adapter lacks, e\.g\. \['model\.layers\.2\."),
     (dict(layers=1), r"has no layer\(s\) \['model\.layers\.1\..*\(7 missing\)"),
 ])
@@ -338,16 +345,20 @@ CORRUPTIONS = {
     "missing folder": (lambda d: shutil.rmtree(d), r"adapter folder .* does not exist"),
     "missing weights": (lambda d: (d / ADAPTER_WEIGHTS).unlink(), r"incomplete: adapter_model\.safetensors is missing"),
     "missing init": (lambda d: (d / INIT_WEIGHTS).unlink(), r"incomplete: qolora_init\.safetensors is missing"),
-    "missing qolora config": (lambda d: (d / QOLORA_CONFIG).unlink(), r"no qolora_config\.json: it looks like a plain PEFT adapter"),
+    "missing qolora config": (lambda d: (d / QOLORA_CONFIG).unlink(),
+                              r"no qolora_config\.json: it looks like a plain PEFT adapter"),
     "missing peft config": (lambda d: (d / ADAPTER_CONFIG).unlink(), r"has no adapter_config\.json"),
-    "flipped byte": (lambda d: _flip_byte(d / ADAPTER_WEIGHTS), r"adapter_model\.safetensors is corrupted or was modified"),
+    "flipped byte": (lambda d: _flip_byte(d / ADAPTER_WEIGHTS),
+                     r"adapter_model\.safetensors is corrupted or was modified"),
     "truncated init": (lambda d: (d / INIT_WEIGHTS).write_bytes((d / INIT_WEIGHTS).read_bytes()[:100]),
                        r"qolora_init\.safetensors is corrupted or was modified"),
-    "bad json": (lambda d: (d / QOLORA_CONFIG).write_text('{"format": "qolora-adapter", '), r"qolora_config\.json is corrupted: not valid JSON"),
+    "bad json": (lambda d: (d / QOLORA_CONFIG).write_text('{"format": "qolora-adapter", '),
+                 r"qolora_config\.json is corrupted: not valid JSON"),
     "newer format": (lambda d: _set_json(d / QOLORA_CONFIG, format_version=99),
                      r"unknown format_version 99; this qolora .* reads format_version 1 - .* newer qolora"),
     "not ours": (lambda d: _set_json(d / QOLORA_CONFIG, format="other"), r"not a qolora adapter record"),
-    "bad config": (lambda d: _set_json(d / QOLORA_CONFIG, adapter_config={"bits": 5}), r"invalid adapter config: bits=5"),
+    "bad config": (lambda d: _set_json(d / QOLORA_CONFIG, adapter_config={"bits": 5}),
+                   r"invalid adapter config: bits=5"),
 }
 
 
@@ -369,7 +380,7 @@ def test_bad_adapter_folder_gives_one_clear_error_before_the_base_is_touched(sav
 
 def test_prepare_keeps_initial_factors_apart_from_trainable_weights(tiny_llama_dir, tmp_path):
     model = qolora.prepare(tiny_llama_dir, bits=16, rank=4, device="cpu", progress=False)
-    before = {n: tuple(t.clone() for t in l.init_factors) for n, l in adapter_layers(model)}
+    before = {n: tuple(t.clone() for t in adapter.init_factors) for n, adapter in adapter_layers(model)}
     train(model, steps=1)
     for name, layer in adapter_layers(model):
         assert all(torch.equal(t, b) for t, b in zip(layer.init_factors, before[name])), name
@@ -379,7 +390,7 @@ def test_prepare_keeps_initial_factors_apart_from_trainable_weights(tiny_llama_d
 def test_non_finite_adapters_are_not_exported_or_merged(tiny_llama_dir, tmp_path):
     model = trained(tiny_llama_dir, bits=16)
     with torch.no_grad():
-        next(l for _, l in adapter_layers(model)).lora_B.weight[0, 0] = float("nan")
+        next(adapter for _, adapter in adapter_layers(model)).lora_B.weight[0, 0] = float("nan")
     adapter = save_adapter(model, tmp_path / "adapter")
     with pytest.raises(AdapterError, match=r"layer model\.layers\.0\.self_attn\.q_proj: the adapter has non-finite"):
         export_lora(model, tmp_path / "lora")
@@ -462,7 +473,8 @@ _MEMORY_CHILD = r"""
 import json, os, sys, threading, time
 import torch
 torch.set_num_threads(1)
-import accelerate, bitsandbytes, safetensors.torch, transformers.models.llama.modeling_llama  # noqa: F401 (warm imports)
+import accelerate, bitsandbytes, safetensors.torch  # noqa: F401 (warm imports)
+import transformers.models.llama.modeling_llama  # noqa: F401 (warm imports)
 from qolora.merge import merge
 
 def anon():
@@ -480,7 +492,8 @@ thread.start()
 start = time.perf_counter()
 result = merge(args[0], args[1], args[2], max_shard_size=args[3].strip(), progress=False)
 stop.set(); thread.join()
-print(json.dumps({"growth": max(peak[0], anon()) - base, "seconds": time.perf_counter() - start, "shards": result["shards"]}))
+print(json.dumps({"growth": max(peak[0], anon()) - base, "seconds": time.perf_counter() - start,
+                  "shards": result["shards"]}))
 """
 
 

@@ -228,8 +228,9 @@ def test_sft_trainer_trains_a_prepared_model_and_the_adapter_reloads_to_it(tiny_
     pytest.importorskip("trl")
     from datasets import Dataset
     from peft import PeftModel
-    from tiny_tokenizer import make_tiny_tokenizer
     from trl import SFTConfig, SFTTrainer
+
+    from tiny_tokenizer import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
     model = prepared(tiny_llama_dir)
@@ -256,6 +257,7 @@ def test_lm_eval_hflm_evaluates_a_prepared_model(tiny_llama_dir):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
+
     from tiny_tokenizer import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()

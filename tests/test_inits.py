@@ -11,7 +11,8 @@ from qolora.inits import INITS, adapter_scale, lora_factors, olora_factors, piss
 def assert_close(actual, expected, rtol, what=""):
     diff = (actual - expected).abs()
     rel = float(diff.max() / expected.abs().max().clamp_min(1e-12))
-    assert rel <= rtol, f"{what}: max|diff|={float(diff.max()):.3g} mean={float(diff.mean()):.3g} rel={rel:.3g} > {rtol}"
+    assert rel <= rtol, (f"{what}: max|diff|={float(diff.max()):.3g} mean={float(diff.mean()):.3g} "
+                         f"rel={rel:.3g} > {rtol}")
 
 
 @pytest.mark.parametrize("shape", [(96, 64), (64, 96), (128, 128)])

@@ -28,7 +28,8 @@ def setup(tmp_path_factory):
     make_tiny_llama(folder / "model")
     make_tiny_tokenizer(folder / "model")
     data = folder / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": a}]})
                             + "\n" for q, a in QA))
     tok = make_tiny_tokenizer()
     records = load_records(data)

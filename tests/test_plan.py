@@ -17,14 +17,14 @@ import pytest
 import torch
 
 import qolora
+from benchmarks.memtrack import MemTracker, storage_bytes
 from qolora import ConfigError
 from qolora.cli import main
-from qolora.layer import adapter_parameters
 from qolora.config import parse_size
+from qolora.layer import adapter_parameters
 from qolora.plan import load_hf_config, plan
 from qolora.synthetic import SyntheticCheckpoint
 from qolora.train import loss_sum, make_optimizer
-from benchmarks.memtrack import MemTracker, storage_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

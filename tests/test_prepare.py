@@ -43,7 +43,8 @@ def test_factors_and_residual_match_peft_olora(tiny_llama_dir, alpha):
 
     ref = get_peft_model(original(tiny_llama_dir), LoraConfig(
         r=8, lora_alpha=alpha, target_modules="all-linear", init_lora_weights="olora"))
-    ref_layers = {n.removeprefix("base_model.model."): m for n, m in ref.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    ref_layers = {n.removeprefix("base_model.model."): m for n, m in ref.named_modules()
+                  if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
     ours = dict(adapter_layers(qolora.prepare(tiny_llama_dir, bits=16, rank=8, alpha=alpha, progress=False)))
     assert set(ours) == set(ref_layers) and len(ours) == 14
     for name, layer in ours.items():
@@ -90,7 +91,7 @@ def test_quantization_settings_are_honoured(tiny_llama_dir):
         assert w.dtype == torch.bfloat16
         assert (w.quant_type, w.blocksize, w.compress_statistics) == ("fp4", 128, False)
     model8 = qolora.prepare(tiny_llama_dir, bits=8, rank=4, progress=False)
-    assert all(quantization_kind(l.base_layer.weight) == "8bit" for _, l in adapter_layers(model8))
+    assert all(quantization_kind(adapter.base_layer.weight) == "8bit" for _, adapter in adapter_layers(model8))
 
 
 def test_untargeted_linears_are_quantized_plainly_and_head_is_kept(tiny_llama_dir):
@@ -130,7 +131,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir):
     x = tokens(batch=2, length=12, seed=2)
     grads = []
     for ckpt in (False, True):
-        model = qolora.prepare(tiny_llama_dir, bits=4, rank=4, init="pissa", progress=False, gradient_checkpointing=ckpt)
+        model = qolora.prepare(tiny_llama_dir, bits=4, rank=4, init="pissa", progress=False,
+                               gradient_checkpointing=ckpt)
         model.train()
         model(input_ids=x, labels=x).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
@@ -139,16 +141,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir):
 
 def test_merge_unmerge_on_unquantized_base(tiny_llama_dir):
     model = qolora.prepare(tiny_llama_dir, bits=16, rank=4, progress=False)
-    layer = next(l for _, l in adapter_layers(model))
+    layer = next(adapter for _, adapter in adapter_layers(model))
     x = torch.randn(3, layer.in_features)
     with torch.no_grad():
         layer.lora_B.weight.add_(0.1)
         before = layer(x)
-        layer.merge(); layer.merge()  # idempotent
+        layer.merge()
+        layer.merge()  # idempotent
         assert torch.allclose(layer(x), before, atol=1e-5)
-        layer.unmerge(); layer.unmerge()
+        layer.unmerge()
+        layer.unmerge()
         assert torch.allclose(layer(x), before, atol=1e-5)
-    q = next(l for _, l in adapter_layers(qolora.prepare(tiny_llama_dir, bits=4, rank=4, progress=False)))
+    q = next(adapter for _, adapter in adapter_layers(qolora.prepare(tiny_llama_dir, bits=4, rank=4, progress=False)))
     with pytest.raises(RuntimeError, match="qolora.merge"):
         q.merge()
 
@@ -189,7 +193,8 @@ def no_weight_reads(monkeypatch):
     (dict(rank=33), r"rank=33 is larger than a targeted weight allows.*32x64.*<= 32"),
     (dict(alpha=0), r"alpha=0 must be a finite number > 0"),
     (dict(alpha=-1.5), r"alpha=-1.5 must be a finite number > 0"),
-    (dict(target_modules=["qkv", "q_proj"]), r"target_modules \['qkv'\] match no linear layer.*available: \['down_proj'"),
+    (dict(target_modules=["qkv", "q_proj"]),
+     r"target_modules \['qkv'\] match no linear layer.*available: \['down_proj'"),
     (dict(init="svd"), r"init='svd' is unknown; allowed: \['lora', 'olora', 'pissa'\]"),
     (dict(quant_type="int4"), r"quant_type='int4'.*'nf4', 'fp4'"),
     (dict(blocksize=100), r"blocksize=100"),
@@ -259,13 +264,14 @@ def test_stored_quantized_checkpoint_is_dequantized_then_requantized_with_a_warn
         model = qolora.prepare(path, bits=4, rank=4, progress=False)
     assert model.qolora_report.requantized == f"{stored_bits}bit"
     assert model.qolora_report.total_error > 0
-    assert f"is stored {stored_bits}bit" in caplog.text and "quantized twice" in caplog.text and "% of their norm" in caplog.text
+    assert (f"is stored {stored_bits}bit" in caplog.text and "quantized twice" in caplog.text
+            and "% of their norm" in caplog.text)
 
 
 def test_dequantize_8bit_after_a_forward_pass(tiny_llama_dir):
     """bitsandbytes moves an 8-bit layer's statistics to layer.state on the first forward."""
     model = qolora.prepare(tiny_llama_dir, bits=8, rank=4, progress=False)
-    layer = next(l for _, l in adapter_layers(model))
+    layer = next(adapter for _, adapter in adapter_layers(model))
     before = dequantize_weight(layer.base_layer)
     with torch.no_grad():
         model(tokens())

@@ -48,7 +48,8 @@ def test_4bit_olora_is_more_faithful_than_plain_qlora(smollm2_dir, reference):
     q, _ = torch.linalg.qr(w)
     assert torch.allclose(layer.lora_B.weight, q[:, :16], atol=1e-4)
     with torch.no_grad():
-        out = model.generate(**tok(["The capital of France is"], return_tensors="pt"), max_new_tokens=5, do_sample=False)
+        out = model.generate(**tok(["The capital of France is"], return_tensors="pt"), max_new_tokens=5,
+                             do_sample=False)
     assert "Paris" in tok.decode(out[0])
 
 

@@ -6,6 +6,7 @@ the model folder, so ``finetune`` loads both from it). The real SmolLM2 default 
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -15,14 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import importlib
-from qolora import ConfigError, adapter_parameters, adapter_state_dict, prepare
-from qolora.run_checkpoints import CheckpointError, list_checkpoints
-from qolora.data import DataError
 import resume_job
-from tiny_chat import QA, events
-from qolora import finetune
+from qolora import ConfigError, adapter_parameters, adapter_state_dict, finetune, prepare
+from qolora.data import DataError
+from qolora.run_checkpoints import CheckpointError, list_checkpoints
 from qolora.train import DataOrder, TrainConfig, TrainingError, lr_factor, train
+from tiny_chat import QA, events
 from tiny_tokenizer import make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,8 @@ def write_chat_jsonl(path: Path, n: int = 64) -> Path:
     with open(path, "w") as f:
         for i in range(n):
             q, a = QA[i % len(QA)]
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": a}]}) + "\n")
     return path
 
 
