@@ -47,8 +47,8 @@ RESULT_MARKER = "@@QOLORA_BENCH_RESULT@@"
 
 __all__ = [
     "REPO", "RESULTS", "SIZES", "MemoryProbe", "Timer", "alternating", "bar_panels", "budgeted", "bench_cache_dir",
-    "checkpoint_keys", "checkpoint_weight", "git_info", "machine_info", "real_model_dir", "run_worker", "summarize",
-    "synthetic_checkpoint", "worker_env", "worker_main", "write_json",
+    "checkpoint_keys", "checkpoint_weight", "git_info", "machine_info", "real_model_dir", "release_freed_memory",
+    "run_worker", "summarize", "synthetic_checkpoint", "worker_env", "worker_main", "write_json",
 ]
 
 
@@ -135,6 +135,19 @@ def _json_default(value: Any):
 
 
 # -------------------------------------------------------------------------------------- memory
+def release_freed_memory() -> None:
+    """Give freed heap back to the OS (glibc keeps it otherwise), so a phase's resident-set peak shows
+    its own allocations, not pages an earlier phase freed and the next one reuses. No-op elsewhere."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _proc_status_mb(field: str) -> float | None:
     try:
         with open("/proc/self/status") as f:

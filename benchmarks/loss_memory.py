@@ -59,23 +59,11 @@ common.SIZES.setdefault(SIZE, {**common.SIZES["tiny"], "vocab_size": 128256})
 
 
 # ------------------------------------------------------------------------------------- worker
-def _malloc_trim() -> None:
-    """Give freed heap back to the OS (glibc), so the step's peak is not the loader's leftovers."""
-    import ctypes  # noqa: PLC0415
-    import gc  # noqa: PLC0415
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def worker(payload: dict, probe: common.MemoryProbe) -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
-    import qolora  # noqa: PLC0415
-    from qolora.loss import (  # noqa: PLC0415
+    import qolora
+    from qolora.loss import (
         causal_lm_loss_sum,
         default_chunk_tokens,
         plain_causal_lm_loss_sum,
@@ -96,7 +84,7 @@ def worker(payload: dict, probe: common.MemoryProbe) -> dict:
     vocab = model.config.vocab_size
     x = torch.randint(3, vocab, (payload["batch"], payload["seq"]), generator=gen)  # (B, T): also the labels
     n_labels = x[:, 1:].numel()
-    _malloc_trim()
+    common.release_freed_memory()
     probe.start()
     with common.Timer("cpu") as t:
         loss_sum = loss_fn(model, x, x)

@@ -41,24 +41,22 @@ import os
 import sys
 import time
 
-from benchmarks.common import RESULTS, MemoryProbe, Timer, bar_panels, git_info, run_worker, worker_main, write_json
+from benchmarks.common import (
+    RESULTS,
+    MemoryProbe,
+    Timer,
+    bar_panels,
+    git_info,
+    release_freed_memory,
+    run_worker,
+    worker_main,
+    write_json,
+)
 
 GiB = 2**30
 
 
 # ------------------------------------------------------------------------------------------ worker
-def _release_freed_memory() -> None:
-    """Return freed heap to the OS (glibc keeps it otherwise), so an RSS peak shows new allocations."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def _worker(payload: dict, probe: MemoryProbe) -> dict:
     import torch
 
@@ -72,7 +70,7 @@ def _worker(payload: dict, probe: MemoryProbe) -> dict:
     device, seq, batch = payload["device"], payload["seq"], payload["batch"]
     source = SyntheticCheckpoint(payload["shape"], num_layers=payload["layers"], dtype=torch.bfloat16)
     config = source.hf_config()
-    _release_freed_memory()
+    release_freed_memory()
     probe.start()
     with Timer(device) as prep:
         model = qolora.prepare(source, bits=4, rank=16, device=device, gradient_checkpointing=True, progress=False)
@@ -95,7 +93,7 @@ def _worker(payload: dict, probe: MemoryProbe) -> dict:
         return float(loss)
 
     first = step()  # creates the optimizer states
-    _release_freed_memory()  # else the step reuses heap pages prepare freed, hidden from the RSS peak
+    release_freed_memory()  # else the step reuses heap pages prepare freed, hidden from the RSS peak
     probe.start()
     with Timer(device) as timed:
         second = step()

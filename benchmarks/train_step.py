@@ -135,18 +135,6 @@ def _step(model, params, opt, autocast, clip: float = 1.0):
     return step
 
 
-def _malloc_trim() -> None:
-    """Give freed heap memory back to the OS (glibc), so the training peak is not the loader's leftovers."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def worker(payload: dict, probe: common.MemoryProbe) -> dict:
     import bitsandbytes as bnb
     import peft  # noqa: F401
@@ -196,7 +184,7 @@ def worker(payload: dict, probe: common.MemoryProbe) -> dict:
     x = torch.randint(3, vocab, (payload["batch"], payload["seq"]), generator=gen).to(device)
     tokens = x.numel()
 
-    _malloc_trim()
+    common.release_freed_memory()
     probe.start()
     losses, times, cpu_times = [], [], []
     for i in range(payload["warmup"] + payload["steps"]):

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_info(sub)
     _add_chat(sub)
-    from .plan import add_parser as _add_plan  # noqa: PLC0415
+    from .plan import add_parser as _add_plan
 
     _add_plan(sub)
     return parser
