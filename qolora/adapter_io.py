@@ -292,7 +292,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: boo
     factors itself and subtracts them: for OLoRA that matches qolora's residual up to fp32 rounding
     (the trained model with an unquantized residual); for PiSSA it does NOT (PEFT runs an exact SVD,
     qolora a seeded randomized one, so the residuals differ); on a bitsandbytes base PEFT quantizes
-    twice. To leave qolora, use :func:`qolora.export.export_lora` (exact on the full-precision base,
+    twice; with ``refine`` > 0 (recorded in ``qolora_config.json``) PEFT's recomputed factors are the
+    unrefined ones, so it does not match either. To leave qolora, use :func:`qolora.export.export_lora` (exact on the full-precision base,
     nothing recomputed) or :func:`qolora.export.merge`.
 
     A mixed-precision wrapper that a trainer left on ``model.forward`` (accelerate's autocast, e.g.

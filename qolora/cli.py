@@ -84,6 +84,9 @@ def _add_finetune(sub) -> None:
     g.add_argument("--rank", type=int, default=f["rank"], help="adapter rank")
     g.add_argument("--alpha", type=float, default=None, help="adapter alpha (default: = rank, scale 1)")
     g.add_argument("--init", default=f["init"], choices=sorted(INITS), help="adapter initialisation")
+    g.add_argument("--refine", type=int, default=0, metavar="K",
+                   help="olora/pissa: K rounds of quantization-aware refinement of the init (refit the adapter to "
+                        "what quantizing the residual loses; 0: off)")
     g.add_argument("--target-modules", type=_csv, default=None,
                    help="comma-separated layer names to adapt, e.g. q_proj,v_proj (default: every linear layer)")
     g.add_argument("--dropout", type=float, default=0.0, help="adapter dropout")
@@ -186,7 +189,7 @@ def _finetune(args) -> int:
     from .reporting import prompt_preview
 
     _set_threads(args.threads)
-    adapter_options = {"dropout": args.dropout, "device": args.device}
+    adapter_options = {"dropout": args.dropout, "device": args.device, "refine": args.refine}
     train_options = {k: getattr(args, k) for k in (
         "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "warmup_ratio", "min_lr_ratio", "weight_decay",
         "max_grad_norm", "optim", "mixed_precision", "gradient_checkpointing", "group_by_length", "seed", "eval_every",

@@ -80,6 +80,9 @@ class AdapterConfig:
             fp32 master weights keep Adam updates exact under bf16 autocast.
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         seed: seeds the random inits (LoRA's A, PiSSA's randomised SVD).
+        refine: quantization-aware refinement rounds for ``olora`` / ``pissa`` (0 = off): each round
+            quantizes the residual and refits the adapter to ``W - deq(q(W_res))``, keeping the init's
+            form (:func:`qolora.inits.refine_factors`). The base is still quantized for good once.
     """
 
     bits: int = 4
@@ -98,6 +101,7 @@ class AdapterConfig:
     adapter_dtype: str = "fp32"
     device: str = "auto"
     seed: int = 0
+    refine: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ----------------------------------------------------------------------------------- derived
@@ -157,6 +161,11 @@ class AdapterConfig:
             p.append(f"seed={self.seed!r} must be an integer >= 0")
         if self.init not in INITS:
             p.append(f"init={self.init!r} is unknown; allowed: {sorted(INITS)}")
+        if not isinstance(self.refine, int) or isinstance(self.refine, bool) or self.refine < 0:
+            p.append(f"refine={self.refine!r} must be an integer >= 0 (0 = off)")
+        elif self.refine > 0 and self.init in INITS and not INITS[self.init].needs_residual:
+            p.append(f"refine={self.refine} needs init='olora' or 'pissa': init={self.init!r} leaves the base weight "
+                     "as it is (no residual to refine); use refine=0")
         if self.target_modules is not None and (
             isinstance(self.target_modules, str) or not self.target_modules
             or not all(isinstance(t, str) and t for t in self.target_modules)
