@@ -191,7 +191,8 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
         if needs_residual and layer.init_factors is None:
             raise AdapterError(f"layer {name} has no init_factors, which init={config.init!r} needs to be saved")
         if not layer.base_fingerprint:
-            raise AdapterError(f"layer {name} has no base fingerprint: it was not built by qolora.prepare / qolora.load")
+            raise AdapterError(f"layer {name} has no base fingerprint: it was not built by qolora.prepare / "
+                               "qolora.load")
         row = rows.get(name)
         records[name] = LayerRecord(
             shape=(layer.out_features, layer.in_features),
@@ -214,7 +215,8 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
         if id(module) not in base_layers and not isinstance(module, AdapterLinear)
         and isinstance(getattr(module, "weight", None), torch.Tensor) and quantization_kind(module.weight) is not None
     }
-    pinned = config.replace(dtype=_dtype_name(config.torch_dtype), compute_dtype=_dtype_name(config.torch_compute_dtype))
+    pinned = config.replace(dtype=_dtype_name(config.torch_dtype),
+                            compute_dtype=_dtype_name(config.torch_compute_dtype))
     saved = SavedAdapter(
         config=pinned, layers=records, weights=weights, init=init, frozen_quantized=frozen,
         base_name_or_path=record.base,
@@ -264,7 +266,8 @@ def peft_adapter_config(
         "r": cfg.rank if rank is None else rank,
         "lora_alpha": cfg.lora_alpha if alpha is None else alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": target_modules or saved.peft_target_modules or sorted({n.rsplit(".", 1)[-1] for n in saved.layers}),
+        "target_modules": (target_modules or saved.peft_target_modules
+                           or sorted({n.rsplit(".", 1)[-1] for n in saved.layers})),
         "exclude_modules": None,
         "fan_in_fan_out": any(r.fan_in_fan_out for r in saved.layers.values()),
         "bias": "none",
@@ -292,8 +295,9 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: boo
     factors itself and subtracts them: for OLoRA that matches qolora's residual up to fp32 rounding
     (the trained model with an unquantized residual); for PiSSA it does NOT (PEFT runs an exact SVD,
     qolora a seeded randomized one, so the residuals differ); on a bitsandbytes base PEFT quantizes
-    twice. To leave qolora, use :func:`qolora.export.export_lora` (exact on the full-precision base,
-    nothing recomputed) or :func:`qolora.export.merge`.
+    twice; with ``refine`` > 0 (recorded in ``qolora_config.json``) PEFT's recomputed factors are the
+    unrefined ones, so it does not match either. To leave qolora, use :func:`qolora.export.export_lora`
+    (exact on the full-precision base, nothing recomputed) or :func:`qolora.merge.merge`.
 
     A mixed-precision wrapper that a trainer left on ``model.forward`` (accelerate's autocast, e.g.
     after ``SFTTrainer`` with ``bf16=True``) is recorded, and :func:`load` puts it back, so the
@@ -318,7 +322,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: boo
                     "qolora.load puts it back", saved.forward_autocast["dtype"], saved.forward_autocast["device_type"])
     with atomic_dir(out, overwrite) as tmp:
         write_adapter_files(saved, tmp)
-    logger.info("saved %d adapter layers (%s, rank %d) to %s", len(saved.layers), saved.config.init, saved.config.rank, out)
+    logger.info("saved %d adapter layers (%s, rank %d) to %s", len(saved.layers), saved.config.init,
+                saved.config.rank, out)
     return out
 
 
@@ -445,7 +450,8 @@ def _read_tensors(folder: Path, name: str, expected_sha256: str | None) -> dict[
         raise AdapterError(f"{folder / QOLORA_CONFIG} is corrupted: it records no sha256 for {name}")
     if sha256_file(path) != expected_sha256:
         raise AdapterError(
-            f"{path} is corrupted or was modified after saving: its sha256 differs from the one recorded in {QOLORA_CONFIG}"
+            f"{path} is corrupted or was modified after saving: its sha256 differs from the one recorded in "
+            f"{QOLORA_CONFIG}"
         )
     from safetensors.torch import load_file
 
@@ -493,7 +499,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
     folder = Path(adapter_dir).expanduser()
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {str(folder)!r} does not exist" if not folder.exists()
-                           else f"adapter path {str(folder)!r} is a file; expected a folder written by qolora.save_adapter")
+                           else f"adapter path {str(folder)!r} is a file; expected a folder written by "
+                                "qolora.save_adapter")
     if not (folder / QOLORA_CONFIG).is_file():
         if (folder / ADAPTER_CONFIG).is_file():
             hint = (f"it looks like a plain PEFT adapter ({ADAPTER_CONFIG} without {QOLORA_CONFIG}); load that with "
@@ -541,10 +548,12 @@ def read_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
         raise AdapterError(f"{folder / QOLORA_CONFIG} is corrupted: it records no adapted layers")
     recorded = meta["base"].get("fingerprint")
     if recorded != combined_fingerprint({n: r.fingerprint for n, r in layers.items()}):
-        raise AdapterError(f"{folder / QOLORA_CONFIG} is corrupted: its combined base fingerprint does not match its per-layer ones")
+        raise AdapterError(f"{folder / QOLORA_CONFIG} is corrupted: its combined base fingerprint does not match "
+                           "its per-layer ones")
     peft = _read_json(folder, ADAPTER_CONFIG)
     if peft.get("peft_type") != "LORA" or peft.get("r") != config.rank:
-        raise AdapterError(f"{folder / ADAPTER_CONFIG} does not match {QOLORA_CONFIG}: peft_type={peft.get('peft_type')!r} "
+        raise AdapterError(f"{folder / ADAPTER_CONFIG} does not match {QOLORA_CONFIG}: "
+                           f"peft_type={peft.get('peft_type')!r} "
                            f"r={peft.get('r')!r}, expected 'LORA' and r={config.rank}")
 
     files = meta["files"]
@@ -565,6 +574,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
     return SavedAdapter(
         config=config, layers=layers, weights=weights, init=init, forward_autocast=autocast,
         frozen_quantized=dict(meta.get("frozen_quantized_layers") or {}),
-        base_name_or_path=meta["base"].get("name_or_path"), device_type=str(meta.get("device_type", "cpu")), path=folder,
+        base_name_or_path=meta["base"].get("name_or_path"), device_type=str(meta.get("device_type", "cpu")),
+        path=folder,
         peft_target_modules=peft["target_modules"] if isinstance(peft.get("target_modules"), list) else None,
     )

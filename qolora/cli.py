@@ -1,8 +1,8 @@
 """The ``qolora`` command: ``finetune``, ``merge``, ``info``, ``chat`` and ``plan``.
 
 ``qolora finetune`` with no arguments runs the built-in job (SmolLM2-135M-Instruct, 4-bit base,
-OLoRA rank 16, chatterbot English conversations) sized to finish in about ten minutes on a 2-core
-CPU; every option maps to :func:`qolora.finetune.finetune`. ``qolora merge`` writes a merged
+OLoRA rank 16, chatterbot English conversations) sized to finish in 5-11 minutes on a busy 2-core
+CPU (measured); every option maps to :func:`qolora.finetune.finetune`. ``qolora merge`` writes a merged
 full-precision checkpoint (:func:`qolora.merge.merge`), ``qolora info`` describes an adapter folder,
 a merged checkpoint, a run folder or a checkpoint, ``qolora chat`` talks to the result
 (:mod:`qolora.chat`). Option choices and defaults come from the library
@@ -64,8 +64,8 @@ def _add_finetune(sub) -> None:
         help="fine-tune a causal LM with a quantized base and OLoRA adapters",
         description="Fine-tune a causal LM: quantize the base to 4/8 bits once, attach OLoRA (or PiSSA / LoRA) "
                     "adapters, train them, save the adapter to OUTPUT_DIR/adapter. With no arguments: the built-in "
-                    "job (SmolLM2-135M-Instruct, 4-bit, OLoRA r=16, chatterbot English conversations), about ten "
-                    "minutes on a 2-core CPU.",
+                    "job (SmolLM2-135M-Instruct, 4-bit, OLoRA r=16, chatterbot English conversations), 5-11 "
+                    "minutes on a busy 2-core CPU.",
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None,
@@ -81,10 +81,14 @@ def _add_finetune(sub) -> None:
                    help="train on the prompts too, not only the answers")
     g.add_argument("--eval-fraction", type=float, default=f["eval_fraction"], help="share of examples held out")
     g = p.add_argument_group("adapters and quantization")
-    g.add_argument("--bits", type=int, default=f["bits"], choices=list(BITS), help="base weights: 4-bit NF4, 8-bit, or 16 (none)")
+    g.add_argument("--bits", type=int, default=f["bits"], choices=list(BITS),
+                   help="base weights: 4-bit NF4, 8-bit, or 16 (none)")
     g.add_argument("--rank", type=int, default=f["rank"], help="adapter rank")
     g.add_argument("--alpha", type=float, default=None, help="adapter alpha (default: = rank, scale 1)")
     g.add_argument("--init", default=f["init"], choices=sorted(INITS), help="adapter initialisation")
+    g.add_argument("--refine", type=int, default=0, metavar="K",
+                   help="olora/pissa: K rounds of quantization-aware refinement of the init (refit the adapter to "
+                        "what quantizing the residual loses; 0: off)")
     g.add_argument("--target-modules", type=_csv, default=None,
                    help="comma-separated layer names to adapt, e.g. q_proj,v_proj (default: every linear layer)")
     g.add_argument("--dropout", type=float, default=0.0, help="adapter dropout")
@@ -99,13 +103,15 @@ def _add_finetune(sub) -> None:
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=_none_or(float), default=None,
-                   help="peak learning rate (default: by init: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+                   help="peak learning rate (default: by init: "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     g.add_argument("--warmup-steps", type=_none_or(int), default=None,
                    help="linear warmup steps (default: warmup-ratio x max-steps)")
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="warmup as a fraction of max-steps")
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine decays to lr x this")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    g.add_argument("--max-grad-norm", type=_none_or(float), default=d.max_grad_norm, help="gradient clipping (none: off)")
+    g.add_argument("--max-grad-norm", type=_none_or(float), default=d.max_grad_norm,
+                   help="gradient clipping (none: off)")
     g.add_argument("--optim", default=d.optim, choices=list(OPTIMIZERS), help="optimizer (bitsandbytes or torch AdamW)")
     g.add_argument("--mixed-precision", default=d.mixed_precision, choices=list(MIXED_PRECISION),
                    help="auto: bf16 on GPUs with bf16, fp16 + grad scaler on older GPUs, none on the CPU")
@@ -126,10 +132,12 @@ def _add_finetune(sub) -> None:
                    help="own prompt for the samples (repeatable; default: held-out prompts)")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="sample answer length limit")
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default=d.output_dir, help="run folder: metrics, plot, samples, checkpoints, adapter")
+    g.add_argument("--output-dir", default=d.output_dir,
+                   help="run folder: metrics, plot, samples, checkpoints, adapter")
     g.add_argument("--resume", action="store_true", help="continue the run in OUTPUT_DIR from its newest checkpoint")
     g.add_argument("--overwrite", action="store_true", help="delete an earlier run in OUTPUT_DIR and start over")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice, or 1 when the CPU is already busy)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice, or 1 when the CPU is already busy)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_finetune)
 
@@ -192,7 +200,8 @@ def _add_chat(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``qolora`` argument parser."""
-    parser = argparse.ArgumentParser(prog="qolora", description="Quantized fine-tuning of causal LMs with OLoRA adapters.")
+    parser = argparse.ArgumentParser(prog="qolora",
+                                     description="Quantized fine-tuning of causal LMs with OLoRA adapters.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -212,7 +221,7 @@ def _finetune(args) -> int:
     from .reporting import prompt_preview
 
     _set_threads(args.threads)
-    adapter_options = {"dropout": args.dropout, "device": args.device}
+    adapter_options = {"dropout": args.dropout, "device": args.device, "refine": args.refine}
     train_options = {k: getattr(args, k) for k in (
         "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "warmup_ratio", "min_lr_ratio", "weight_decay",
         "max_grad_norm", "optim", "mixed_precision", "gradient_checkpointing", "group_by_length", "seed", "eval_every",

@@ -80,6 +80,9 @@ class AdapterConfig:
             fp32 master weights keep Adam updates exact under bf16 autocast.
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         seed: seeds the random inits (LoRA's A, PiSSA's randomised SVD).
+        refine: quantization-aware refinement rounds for ``olora`` / ``pissa`` (0 = off): each round
+            quantizes the residual and refits the adapter to ``W - deq(q(W_res))``, keeping the init's
+            form (:func:`qolora.inits.refine_factors`). The base is still quantized for good once.
     """
 
     bits: int = 4
@@ -98,6 +101,7 @@ class AdapterConfig:
     adapter_dtype: str = "fp32"
     device: str = "auto"
     seed: int = 0
+    refine: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     # ----------------------------------------------------------------------------------- derived
@@ -135,7 +139,7 @@ class AdapterConfig:
     def torch_quant_storage(self) -> torch.dtype:
         return parse_dtype(self.quant_storage, "quant_storage", _STORAGE)
 
-    def replace(self, **changes) -> "AdapterConfig":
+    def replace(self, **changes) -> AdapterConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -159,12 +163,18 @@ class AdapterConfig:
             p.append(f"seed={self.seed!r} must be an integer >= 0")
         if self.init not in INITS:
             p.append(f"init={self.init!r} is unknown; allowed: {sorted(INITS)}")
+        if not isinstance(self.refine, int) or isinstance(self.refine, bool) or self.refine < 0:
+            p.append(f"refine={self.refine!r} must be an integer >= 0 (0 = off)")
+        elif self.refine > 0 and self.init in INITS and not INITS[self.init].needs_residual:
+            p.append(f"refine={self.refine} needs init='olora' or 'pissa': init={self.init!r} leaves the base weight "
+                     "as it is (no residual to refine); use refine=0")
         if self.target_modules is not None and (
             isinstance(self.target_modules, str) or not self.target_modules
             or not all(isinstance(t, str) and t for t in self.target_modules)
         ):
             p.append(f"target_modules={self.target_modules!r} must be a non-empty list of module names, or None")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
+        if (not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool)
+                or not 0.0 <= self.dropout < 1.0):
             p.append(f"dropout={self.dropout!r} must be in [0, 1)")
         if self.quant_type not in QUANT_TYPES:
             p.append(f"quant_type={self.quant_type!r} is not supported; allowed: {list(QUANT_TYPES)}")
@@ -194,7 +204,7 @@ class AdapterConfig:
             return [f"device={dev!r}: only {torch.cuda.device_count()} CUDA device(s) present"]
         return []
 
-    def validate(self) -> "AdapterConfig":
+    def validate(self) -> AdapterConfig:
         """Raise one :class:`ConfigError` listing every problem, or return self."""
         problems = self.problems()
         if problems:

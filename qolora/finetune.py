@@ -80,7 +80,7 @@ def finetune(
             optimizer and checkpointing against ``gpu_memory`` (default: the free GPU memory).
         gpu_memory: for ``offload="auto"``: the GPU memory to fit (bytes or ``"24GiB"``).
         adapter_options: further :class:`qolora.AdapterConfig` fields (``dropout``, ``quant_type``,
-            ``device``, ...).
+            ``device``, ``refine``, ...).
         config: a whole :class:`TrainConfig` instead of ``output_dir`` and ``**train_options``.
         **train_options: :class:`TrainConfig` fields (``max_steps``, ``lr``, ``batch_size``, ...).
 

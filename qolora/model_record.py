@@ -29,6 +29,8 @@ class LayerReport:
     weight_norm: float
     error: float  # ||W - (deq(q(W_res)) + s*B@A)||
     plain_error: float | None = None  # ||W - deq(q(W))||, plain QLoRA, when compare_plain
+    # refine=K: the error after each round, [e_0 (the unrefined init), e_1, ..., e_K (== error)]; else None
+    round_errors: list[float] | None = None
 
 
 @dataclass
@@ -41,6 +43,7 @@ class QuantReport:
     seconds: float = 0.0
     requantized: str | None = None  # "4bit"/"8bit": the checkpoint was stored quantized (errors vs its weights)
     peak_device_bytes: int | None = None  # peak CUDA memory allocated while building (None on the CPU)
+    refine: int = 0  # quantization-aware refinement rounds (AdapterConfig.refine)
 
     @property
     def total_error(self) -> float:
@@ -57,11 +60,23 @@ class QuantReport:
         plain = self.total_plain_error
         return None if not plain else self.total_error / plain
 
+    @property
+    def round_totals(self) -> list[float] | None:
+        """With ``refine=K``: the summed weight error after each round 0..K (round 0: the unrefined init)."""
+        rows = [r.round_errors for r in self.layers]
+        if not rows or any(r is None for r in rows):
+            return None
+        return [sum(col) for col in zip(*rows)]
+
     def summary(self) -> str:
-        text = f"{self.init} init, {self.bits}-bit base, {len(self.layers)} adapted layers: summed weight error {self.total_error:.4g}"
+        text = (f"{self.init} init, {self.bits}-bit base, {len(self.layers)} adapted layers: summed weight error "
+                f"{self.total_error:.4g}")
         if self.ratio_to_plain is not None:
             text += f" = {self.ratio_to_plain:.3f}x plain {self.bits}-bit quantization's {self.total_plain_error:.4g}"
-        peak = "" if self.peak_device_bytes is None else f", peak {self.peak_device_bytes / 2**30:.2f} GiB on the device"
+        if self.round_totals is not None:
+            text += f"; refine={self.refine}, error by round: " + " -> ".join(f"{e:.4g}" for e in self.round_totals)
+        peak = ("" if self.peak_device_bytes is None
+                else f", peak {self.peak_device_bytes / 2**30:.2f} GiB on the device")
         return text + f" ({self.seconds:.1f} s{peak})"
 
     def to_dict(self) -> dict:
@@ -69,7 +84,7 @@ class QuantReport:
             "init": self.init, "bits": self.bits, "seconds": self.seconds,
             "total_error": self.total_error, "total_plain_error": self.total_plain_error,
             "ratio_to_plain": self.ratio_to_plain, "requantized": self.requantized,
-            "peak_device_bytes": self.peak_device_bytes,
+            "peak_device_bytes": self.peak_device_bytes, "refine": self.refine, "round_totals": self.round_totals,
             "layers": [{f.name: getattr(r, f.name) for f in fields(r)} for r in self.layers],
         }
 

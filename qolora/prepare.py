@@ -11,6 +11,12 @@ runs a full QR, subtracts and quantizes again: two quantizations and O(n^3) work
    else is materialised in ``dtype``;
 3. tie weights, check nothing is missing, freeze all but the adapters.
 
+With ``refine=K`` (olora / pissa) step 2 first runs K rounds of :func:`qolora.inits.refine_factors` on
+the same in-memory weight: each round quantizes the current residual into a temporary copy and refits
+the adapter to what the quantization lost. Only the final residual is kept, quantized once as above;
+the refined ``(A0, B0)`` are the layer's initial factors (saved with the adapter, so a reload rebuilds
+the identical base without rerunning anything).
+
 Only a checkpoint that is itself stored quantized (bitsandbytes 4/8-bit) takes the dequantize ->
 factor -> requantize path; its extra error against the stored weights is measured and logged.
 
@@ -25,9 +31,9 @@ import logging
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -35,11 +41,11 @@ from torch import nn
 from .base_reader import BaseCheckpoint, LinearWeight, layer_shape, linear_layers, select_targets, weight_fingerprint
 from .config import AdapterConfig, ConfigError
 from .hf_compat import attach as attach_hf_compat
-from .inits import INITS, residual_
+from .inits import INITS, refine_factors, residual_
 from .layer import AdapterLinear, mark_only_adapters_trainable
 from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
 from .offload import LayerOffload, check_offload, offload_layers_for
-from .quant import dequantize_weight, make_base_layer, quantization_kind
+from .quant import dequantize_weight, make_base_layer, quantization_kind, quantize_dequantize
 from .threads import cpu_thread_policy
 
 __all__ = ["adopt", "build_model", "enable_gradient_checkpointing", "prepare"]
@@ -108,7 +114,7 @@ def build_model(
     loaded = placement.loaded if placement is not None else (lambda name: None)
 
     needs_residual = INITS[config.init].needs_residual
-    report = QuantReport(init=config.init, bits=config.bits, requantized=base.stored_kind)
+    report = QuantReport(init=config.init, bits=config.bits, requantized=base.stored_kind, refine=config.refine)
     biases: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     done: set[str] = set()
@@ -267,7 +273,9 @@ def prepare(
             ``gradient_checkpointing``, ...); default: the planner's (seq 2048, batch 1).
         **options: any other :class:`AdapterConfig` field (``alpha``, ``init``, ``target_modules``,
             ``use_rslora``, ``dropout``, ``quant_type``, ``blocksize``, ``double_quant``,
-            ``quant_storage``, ``compute_dtype``, ``dtype``, ``adapter_dtype``, ``device``, ``seed``).
+            ``quant_storage``, ``compute_dtype``, ``dtype``, ``adapter_dtype``, ``device``, ``seed``,
+            ``refine``: K rounds of quantization-aware refinement of an olora/pissa init, 0 = off; the
+            report then holds each layer's error per round).
 
     Returns:
         A ``transformers.PreTrainedModel`` in eval mode whose only trainable parameters are the
@@ -285,12 +293,25 @@ def prepare(
     placement = offload_layers_for(base.hf_config, cfg, offload, gpu_memory=gpu_memory, plan_options=offload_plan,
                                    gradient_checkpointing=gradient_checkpointing)
     init = INITS[cfg.init]
+    round_errors: dict[str, list[float]] = {}
+
+    def quantize(weight: torch.Tensor) -> torch.Tensor:
+        return quantize_dequantize(weight, cfg)
 
     def factors_for(name: str, weight: torch.Tensor):
-        return init.factors(weight, cfg.rank, cfg.scale, _layer_generator(cfg.seed, name))
+        generator = _layer_generator(cfg.seed, name)
+        a, b = init.factors(weight, cfg.rank, cfg.scale, generator)
+        if cfg.refine:  # rounds on the compute device; the final residual is quantized once by build_model
+            a, b, round_errors[name] = refine_factors(weight, a.to(weight.device, torch.float32),
+                                                      b.to(weight.device, torch.float32), cfg.scale, quantize,
+                                                      cfg.refine, cfg.init, generator)
+        return a, b
 
     net, report = build_model(base, cfg, factors_for, compare_plain=compare_plain, progress=progress,
                               placement=placement)
+    if cfg.refine:
+        for row in report.layers:  # e_0..e_{K-1} from the rounds, e_K from the final quantization
+            row.round_errors = round_errors.pop(row.name) + [row.error]
     name = str(model) if isinstance(model, (str, os.PathLike)) else str(base.dir)
     adopt(net, ModelRecord(config=cfg, base=name, base_dir=base.dir, report=report,
                                    offload=placement.streamer if placement is not None else None))

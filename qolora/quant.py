@@ -7,6 +7,8 @@ bitsandbytes internals:
   compute device) into the frozen base layer: ``nn.Linear`` (bits=16), ``Linear4bit`` or
   ``Linear8bitLt``, quantized once, on that device.
 * :func:`dequantize_weight` gives back the weight a base layer actually computes with, fp32.
+* :func:`quantize_dequantize` is the two together on a temporary layer: what a weight would become as
+  a base layer (used by the quantization-aware refinement, ``refine=K``).
 * :func:`quantization_kind` detects 4/8-bit parameters by class name (``Params4bit`` /
   ``Int8Params``), never by dtype: with ``quant_storage=bf16`` a packed 4-bit weight *is* bf16.
 
@@ -20,8 +22,8 @@ from torch import nn
 
 from .config import AdapterConfig
 
-__all__ = ["make_base_layer", "dequantize_weight", "dequantize_stored", "stored_group_complete", "stored_part",
-           "quantization_kind", "quant_settings"]
+__all__ = ["make_base_layer", "dequantize_weight", "quantize_dequantize", "dequantize_stored", "stored_group_complete",
+           "stored_part", "quantization_kind", "quant_settings"]
 
 
 def _bnb():
@@ -117,6 +119,20 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     cb = next(t for t in (weight.CB, getattr(state, "CB", None), weight.data) if t is not None)
     scb = weight.SCB if weight.SCB is not None else state.SCB
     return cb.to(torch.float32) * (scb.to(torch.float32)[:, None] / 127.0)
+
+
+def quantize_dequantize(weight: torch.Tensor, config: AdapterConfig) -> torch.Tensor:
+    """``deq(q(weight))``: the fp32 weight (out, in) a base layer built from ``weight`` would compute with.
+
+    Quantizes exactly as :func:`make_base_layer` (same settings, same device as ``weight``), so the
+    result equals ``dequantize_weight(make_base_layer(weight, ...))`` bit for bit; the quantized copy
+    is temporary. ``weight`` is not modified.
+    """
+    layer = make_base_layer(weight, None, config, weight.device)
+    out = dequantize_weight(layer)
+    if quantization_kind(layer.weight) is None and out.data_ptr() == weight.data_ptr():
+        out = out.clone()  # a 16-bit fp32 base may share the input's storage
+    return out
 
 
 def quant_settings(layer: nn.Module) -> dict:

@@ -136,6 +136,8 @@ def model_fingerprint(model: nn.Module) -> str:
     record = record_of(model)
     cfg = record.config.to_dict() if record is not None else {}
     cfg.pop("device", None)
+    if not cfg.get("refine"):  # refine=0 hashes as before the field existed: older checkpoints still resume
+        cfg.pop("refine", None)
     layers = []
     for name, layer in adapter_layers(model):
         init = layer.init_factors

@@ -116,8 +116,9 @@ def resume_problems(state: dict, *, data_fp: str, trajectory: dict, model_fp: st
         problems.append("it was saved for a different model or adapter setup "
                         f"(adapter config then: {state.get('adapter_config')})")
     if adapter_config is not None:
-        then = {k: v for k, v in (state.get("adapter_config") or {}).items() if k != "device"}
-        now = {k: v for k, v in adapter_config.items() if k != "device"}
+        # A run saved before ``refine`` existed ran with refine=0.
+        then = {"refine": 0, **{k: v for k, v in (state.get("adapter_config") or {}).items() if k != "device"}}
+        now = {"refine": 0, **{k: v for k, v in adapter_config.items() if k != "device"}}
         if then != now:
             changed = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
                        for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
