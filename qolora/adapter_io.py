@@ -219,7 +219,8 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
                             compute_dtype=_dtype_name(config.torch_compute_dtype))
     saved = SavedAdapter(
         config=pinned, layers=records, weights=weights, init=init, frozen_quantized=frozen,
-        base_name_or_path=record.base,
+        # A local base as its absolute folder (a relative path would not resolve from elsewhere); a hub id as is.
+        base_name_or_path=str(record.base_dir.resolve()) if record.base_dir.is_dir() else record.base,
         device_type=layers[0][1].base_layer.weight.device.type,
         forward_autocast=trainer_autocast(model),
     )

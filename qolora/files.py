@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -69,7 +70,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` (same suffix) to write; once written it replaces ``path``
     (``os.replace``), on an error it is deleted."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -120,7 +121,12 @@ def atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, trash / out_dir.name)
-            os.replace(tmp, out_dir)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:  # never leave the user without the old folder
+                os.replace(trash / out_dir.name, out_dir)
+                shutil.rmtree(trash, ignore_errors=True)
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
@@ -129,19 +135,22 @@ def atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temporaries(folder: Path, name: str, older_than_s: float = STALE_AFTER_S) -> list[Path]:
+def remove_stale_temporaries(folder: Path, name: str, older_than_s: float = STALE_AFTER_S, *,
+                             pattern: bool = False) -> list[Path]:
     """Delete the ``.NAME.tmp-*`` / ``.NAME.old-*`` entries in ``folder`` that a killed process left.
 
-    ``name`` may be a glob (``"step-*"``). Only entries untouched for ``older_than_s`` go: a live
-    temporary of a concurrent writer is recent and stays. Returns what was deleted.
+    ``name`` is a file name, or a glob with ``pattern=True`` (``"step-*"``). Only entries untouched for
+    ``older_than_s`` go: a live temporary of a concurrent writer is recent and stays. Returns what was
+    deleted.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
     now = time.time()
     removed = []
-    for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
-        for entry in folder.glob(pattern):
+    stem = name if pattern else glob.escape(name)
+    for kind in (f".{stem}.tmp-*", f".{stem}.old-*"):
+        for entry in folder.glob(kind):
             try:
                 if now - entry.lstat().st_mtime < older_than_s:
                     continue
@@ -199,6 +208,10 @@ def folder_lock(folder: Path) -> Iterator[None]:
         handle.close()
         raise FolderBusyError(f"{folder} is in use by another qolora run (pid {holder}); wait for it to finish, or "
                               "use another output folder") from None
+    except OSError as exc:  # e.g. no locks on this file system
+        handle.close()
+        raise ConfigError(f"cannot lock {folder} ({exc.strerror or exc}): qolora needs a folder on a file system "
+                          "that supports file locks") from exc
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")

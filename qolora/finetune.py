@@ -158,9 +158,10 @@ def _tokenized_split(data, tokenizer, *, format, max_length, packing, mask_promp
         if str(exc).startswith("record "):
             raise DataError(f"{source}: {exc} (records count from 0, in file order)") from exc
         raise
-    if stats.n_truncated > 0.05 * stats.n_examples:
+    seen = stats.n_examples + stats.n_dropped  # n_truncated counts cut examples, kept or dropped
+    if stats.n_truncated > 0.05 * seen:
         logger.warning("%d of %d examples are longer than max_length=%d and were cut; raise max_length to keep them",
-                       stats.n_truncated, stats.n_examples, max_length)
+                       stats.n_truncated, seen, max_length)
     train_ds, eval_ds = split_train_eval(tokenized, eval_fraction, seed=seed)
     logger.info("data: %d train / %d eval examples (%s)", len(train_ds), len(eval_ds), stats)
     return train_ds, eval_ds

@@ -213,6 +213,15 @@ def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> SavedAd
     if record_of(model) is None:
         raise AdapterError(f"{type(model).__name__} is not a qolora model (no model.qolora record)")
     saved = read_adapter(folder)
+    mine = record_of(model).config.to_dict()
+    theirs = saved.config.to_dict()
+    placement = {"device", "dtype", "compute_dtype"}  # where and how it runs, not which adapter it is
+    differ = sorted(k for k in set(mine) | set(theirs)
+                    if k not in placement and mine.get(k, 0 if k == "refine" else None)
+                    != theirs.get(k, 0 if k == "refine" else None))
+    if differ:
+        raise AdapterError(f"adapter {folder} was trained with another adapter setup: "
+                           + "; ".join(f"{k}={theirs.get(k)!r} there, {mine.get(k)!r} here" for k in differ))
     layers = dict(adapter_layers(model))
     missing, extra = sorted(set(saved.layers) - set(layers)), sorted(set(layers) - set(saved.layers))
     if missing or extra:

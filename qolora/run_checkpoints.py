@@ -29,7 +29,6 @@ import json
 import logging
 import random
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,8 +172,11 @@ def save_checkpoint(
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(root, "step-*")
+    remove_stale_temporaries(root, "step-*", pattern=True)
     final = root / checkpoint_name(step)
+    if final.exists() and not (final / MANIFEST_FILE).is_file():  # replace only what qolora wrote
+        raise CheckpointError(f"cannot save checkpoint {final}: a folder of that name is there and qolora did not "
+                              f"write it (no {MANIFEST_FILE}); move it away and resume")
     with atomic_dir(final, overwrite=True) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}, str(tmp / ADAPTER_FILE),
                   metadata={"format": "pt", "step": str(step)})
@@ -310,8 +312,9 @@ def _state_problems(state: Any) -> list[str]:
 def find_resumable(root: Path) -> Checkpoint | None:
     """The newest checkpoint under ``root`` that verifies, or None when there is no checkpoint at all.
 
-    Newer folders that fail verification are skipped with a warning (and renamed ``*.corrupt`` so a
-    resumed run can write that step again).
+    Newer qolora checkpoints that fail verification are skipped with a warning (and renamed
+    ``*.corrupt``, ``*.corrupt-2``, ... so a resumed run can write that step again); a newer folder
+    qolora did not write (no manifest) stops the resume instead of being moved.
 
     Raises:
         CheckpointError: checkpoints exist but none verifies (each one's problem is listed).
@@ -325,9 +328,16 @@ def find_resumable(root: Path) -> Checkpoint | None:
             problems.append(str(exc))
             logger.warning("skipping checkpoint %s: %s", path.name, exc)
             continue
-        for bad in (p for s, p in found if s > step):  # the newer ones failed verification
-            aside = bad.with_name(bad.name + ".corrupt")
-            shutil.rmtree(aside, ignore_errors=True)
+        newer = [p for s, p in found if s > step]  # they failed verification
+        foreign = [p for p in newer if not (p / MANIFEST_FILE).is_file()]
+        if foreign:  # not qolora's to move; the resumed run would have to write that step
+            raise CheckpointError(f"{foreign[0]} has no {MANIFEST_FILE}: qolora did not write it, and a resumed run "
+                                  "would need that name; move it away and resume")
+        for bad in newer:
+            aside, n = bad.with_name(bad.name + ".corrupt"), 1
+            while aside.exists():  # never delete an earlier one
+                n += 1
+                aside = bad.with_name(f"{bad.name}.corrupt-{n}")
             bad.rename(aside)
             logger.warning("moved the unusable checkpoint %s aside to %s", bad.name, aside.name)
         return ckpt

@@ -368,7 +368,7 @@ def test_stale_temporaries_go_only_when_old(tmp_path):
         path.mkdir()
         (path / "state.json").write_text("{}")
     os.utime(old, (time.time() - 7 * 3600,) * 2)
-    assert remove_stale_temporaries(tmp_path, "step-*") == [old]
+    assert remove_stale_temporaries(tmp_path, "step-*", pattern=True) == [old]
     assert (live / "state.json").is_file()
 
 
@@ -775,3 +775,72 @@ def test_adversarial_full():
     assert summary["tried"] >= 150
     assert summary["passed"] == summary["tried"], summary["failures"]
     assert summary["nothing_lost"]
+
+
+# ------------------------------------------------------------------- found in review (0.2.0)
+def test_a_foreign_step_folder_is_never_replaced_by_a_checkpoint(tmp_path, chat_model_dir, tokenized):
+    """A user's folder named like a checkpoint survives --overwrite and the run that reaches its step."""
+    from qolora.run_checkpoints import CheckpointError as CkptError
+    from qolora.train import TrainConfig, train
+
+    tok, train_ds, eval_ds = tokenized
+    out = tmp_path / "run"
+    mine = out / "checkpoints" / "step-000002"
+    mine.mkdir(parents=True)
+    (mine / "my_notes.txt").write_text("mine")
+    config = TrainConfig(output_dir=str(out), max_steps=2, batch_size=4, save_every=1, eval_every=0, n_samples=0,
+                         progress=False, overwrite=True)
+    model = qolora.prepare(chat_model_dir, 4, 4, device="cpu", progress=False)
+    with pytest.raises(CkptError, match="qolora did not write it"):
+        train(model, tok, train_ds, eval_ds, config)
+    assert (mine / "my_notes.txt").read_text() == "mine"
+
+
+def test_resume_from_a_trainer_checkpoint_of_another_adapter_setup_is_refused(tmp_path, tiny_llama_dir):
+    """hf_compat.load_adapter_weights compares the adapter setup, not only the factors (OLoRA's
+    factors do not depend on alpha, so the factors alone cannot tell)."""
+    from qolora.adapter_io import AdapterError
+    from qolora.hf_compat import load_adapter_weights
+
+    first = qolora.prepare(tiny_llama_dir, bits=4, rank=4, alpha=4, device="cpu", progress=False)
+    first.save_pretrained(tmp_path / "ck")
+    other = qolora.prepare(tiny_llama_dir, bits=4, rank=4, alpha=16, device="cpu", progress=False)
+    with pytest.raises(AdapterError, match=r"alpha=4 there, 16 here"):
+        load_adapter_weights(other, tmp_path / "ck")
+    load_adapter_weights(qolora.prepare(tiny_llama_dir, bits=4, rank=4, alpha=4, device="cpu", progress=False),
+                         tmp_path / "ck")
+
+
+def test_atomic_dir_keeps_the_old_folder_when_the_swap_fails(tmp_path, monkeypatch):
+    from qolora import files
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real, calls = files.os.replace, []
+
+    def failing(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new folder into place
+            raise OSError("simulated")
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", failing)
+    with pytest.raises(OSError, match="simulated"), files.atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    monkeypatch.setattr(files.os, "replace", real)
+    assert (target / "old.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_stale_temporaries_of_a_name_with_glob_characters_touch_only_their_own(tmp_path):
+    import os
+    import time
+
+    from qolora.files import remove_stale_temporaries
+
+    old = time.time() - 10 * 24 * 3600
+    for name in (".run1.tmp-abc", ".run[1].tmp-abc"):
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (old, old))
+    removed = remove_stale_temporaries(tmp_path, "run[1]")
+    assert [p.name for p in removed] == [".run[1].tmp-abc"] and (tmp_path / ".run1.tmp-abc").exists()
