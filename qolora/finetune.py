@@ -98,8 +98,8 @@ def finetune(
     # output folder, and its errors stop every rank (qolora.distributed).
     with dist.session(acfg.torch_device) as world:
         out = dist.on_main(lambda: check_output_dir(tcfg, resume))
-        model_dir = BaseCheckpoint.open(assets.default_model_dir() if model is None else model).dir  # config + files
-        tokenizer = load_tokenizer(model_dir)
+        base = BaseCheckpoint.open(assets.default_model_dir() if model is None else model)  # config + files, once
+        tokenizer = load_tokenizer(base.dir)
         train_ds, eval_ds = _tokenized_split(data, tokenizer, format=format, max_length=max_length, packing=packing,
                                              mask_prompt=mask_prompt, eval_fraction=eval_fraction, seed=tcfg.seed)
         # The heavy part; the output folder is this run's from here on (a second run is refused).
@@ -107,7 +107,7 @@ def finetune(
             dist.on_main(lambda: check_output_dir(tcfg, resume))  # again, now that no other run can change it
             if resume:
                 dist.on_main(lambda: check_resume(tcfg, train_ds, acfg, world_size=world.size))
-            net = prepare(model_dir, config=acfg, gradient_checkpointing=tcfg.gradient_checkpointing,
+            net = prepare(base, config=acfg, gradient_checkpointing=tcfg.gradient_checkpointing,
                           progress=tcfg.progress and world.is_main, offload=offload, gpu_memory=gpu_memory,
                           offload_plan={"seq_len": max_length, "batch_size": tcfg.batch_size, "optim": tcfg.optim})
             result = train(net, tokenizer, train_ds, eval_ds, tcfg, resume=resume)
