@@ -197,6 +197,12 @@ class AdapterConfig:
             return []
         if not isinstance(dev, str) or not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
             return [f"device={dev!r} is not supported; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'"]
+        from .distributed import world
+
+        w = world()
+        if ":" in dev and w.distributed and int(dev[5:]) != w.local_rank:  # every rank would share that GPU
+            return [f"device={dev!r} under a launch of {w.size} processes puts every rank on one GPU; use "
+                    "device='cuda' (or 'auto'): each process then takes cuda:LOCAL_RANK"]
         if not torch.cuda.is_available():
             return [f"device={dev!r} needs CUDA, but no CUDA device is available on this machine; use 'cpu' or 'auto'"]
         index = int(dev[5:]) if ":" in dev else 0

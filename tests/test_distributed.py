@@ -216,3 +216,14 @@ def test_kill_then_resume_under_two_processes(tmp_path, chat_model_dir, chat_jso
     assert [e["eval_loss"] for e in events(cut, "eval")] == [e["eval_loss"] for e in events(ref, "eval")]
     w_ref, w_cut = _adapter(ref), _adapter(cut)
     assert all(torch.equal(w_cut[k], w_ref[k]) for k in w_ref)
+
+
+def test_an_explicit_gpu_index_under_a_launch_is_refused(monkeypatch):
+    """--device cuda:0 under torchrun would put every rank on GPU 0: refused before any work."""
+    from qolora.config import AdapterConfig, ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"device='cuda:0' under a launch of 2 processes puts every rank on one GPU"):
+        AdapterConfig(device="cuda:0").validate()
