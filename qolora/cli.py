@@ -450,11 +450,29 @@ def _cli_logging(debug: bool, quiet: bool):
         bnb_log.setLevel(bnb_level)
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, flags: dict[str, str] | None = None) -> str:
+    """The error as one line; problems that name an option (``batch_size=0 ...``) name its flag instead
+    (``--batch-size=0 ...``), as the user typed it."""
     problems = getattr(exc, "problems", None)
+    if problems and flags:
+        problems = [_flag_terms(p, flags) for p in problems]
     text = "; ".join(problems) if problems else str(exc)
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
     return text or type(exc).__name__
+
+
+def _flag_terms(problem: str, flags: dict[str, str]) -> str:
+    name, sep, rest = problem.partition("=")
+    return f"{flags[name]}={rest}" if sep and name in flags else problem
+
+
+def _flags(parser: argparse.ArgumentParser, command: str | None) -> dict[str, str]:
+    """``{"batch_size": "--batch-size", ...}`` for the options of ``command``'s subparser."""
+    for action in parser._actions:  # argparse keeps subparsers here; no public accessor
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return {a.dest: a.option_strings[-1] for a in action.choices[command]._actions
+                    if a.option_strings and a.option_strings[-1].startswith("--")}
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI turns every error into one line
         if args.debug:
             raise
-        print(f"qolora: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"qolora: error: {_one_line(exc, _flags(parser, args.command))}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -88,7 +88,7 @@ def test_tiny_end_to_end_finetune_info_merge(tmp_path, tiny, capsys):
 @pytest.mark.parametrize("change, message", [
     (["--data", "/nonexistent/chat.jsonl"], "data file not found"),
     (["--max-length", "4"], "longer than max_length=4"),
-    (["--batch-size", "0", "--eval-fraction", "2"], "batch_size=0 must be an integer >= 1; eval_fraction=2.0"),
+    (["--batch-size", "0", "--eval-fraction", "2"], "--batch-size=0 must be an integer >= 1; --eval-fraction=2.0"),
 ])
 def test_errors_are_one_line_exit_2(tmp_path, tiny, capsys, change, message):
     model, data = tiny
