@@ -37,7 +37,7 @@ without repeated K/V)::
     adapters   a*N*r per adapted layer        the ``x @ A^T`` kept for ``B``
 
 GPT-2 style layers (LayerNorm, fused ``c_attn``, GELU MLP) use the same terms with their own list
-(see :func:`_gpt2_layer`). Without gradient checkpointing all ``L`` layers are kept; with it, only
+(see :func:`gpt2_layer`). Without gradient checkpointing all ``L`` layers are kept; with it, only
 each layer's input (``a*N*h`` each) plus one recomputed layer. On top: the backward pass's working
 gradients of one layer (``a*N*(i + h)``, doubled under autocast, where every adapted input's
 gradient also passes through the fp32 <-> 16-bit casts), the rotary tables, the final norm, and one dequantized
@@ -82,6 +82,7 @@ from .base_reader import hf_config_from_dict, layer_shape, linear_layers, meta_s
 from .base_reader import load_hf_config as read_config_file
 from .config import DTYPES, AdapterConfig, ConfigError, parse_size
 from .loss import DEFAULT_CHUNK_BYTES
+from .memory_model import adapted_kinds, model_dims, optimizer_bytes, quantized_bytes, step_memory
 from .offload import check_offload, decoder_layers, spread
 
 __all__ = ["MemoryPlan", "plan", "load_hf_config", "builtin_configs", "add_parser", "run"]
@@ -94,12 +95,8 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 CUDA_CONTEXT_BYTES = 500 * MiB
 MARGIN_FRACTION = 0.05
 MARGIN_MIN_BYTES = 256 * MiB
-BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps fp32 optimizer states below this many elements
-BNB_OPTIM_BLOCK = 256
 LOSS_CHUNK_BYTES = DEFAULT_CHUNK_BYTES  # the loop's loss (qolora.loss)
 _DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2", "phi3", "olmo", "olmo2",
-               "granite", "smollm3", "cohere", "starcoder2", "stablelm", "internlm2")
 
 
 def _gib(n: int | float) -> str:
@@ -315,165 +312,6 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class _Dims:
-    family: str
-    L: int
-    h: int
-    i: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    attn_dropout: float
-    resid_dropout: float
-    activation: str
-
-
-def _dims(hf_config) -> _Dims:
-    c = hf_config
-    mt = c.model_type
-    if mt == "gpt2":
-        h = c.n_embd
-        return _Dims("gpt2", c.n_layer, h, c.n_inner or 4 * h, c.n_head, c.n_head, h // c.n_head, c.vocab_size,
-                     float(c.attn_pdrop), float(c.resid_pdrop), c.activation_function)
-    text = getattr(c, "text_config", None) or c
-    h = text.hidden_size
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or h // heads
-    if mt not in _LLAMA_LIKE:
-        logger.warning("activation estimate for model_type %r uses the Llama-style layer formula (validated for "
-                       "llama, mistral, qwen2 and gpt2 only)", mt)
-    return _Dims("llama", text.num_hidden_layers, h, text.intermediate_size, heads,
-                 getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size,
-                 float(getattr(text, "attention_dropout", 0.0) or 0.0), 0.0, getattr(text, "hidden_act", "silu"))
-
-
-def _quantized_bytes(out_f: int, in_f: int, bits: int, blocksize: int, double_quant: bool, dtype_bytes: int) -> int:
-    n = out_f * in_f
-    if bits == 16:
-        return n * dtype_bytes
-    if bits == 8:
-        return n + 4 * out_f
-    blocks = -(-n // blocksize)
-    stats = blocks + 4 * -(-blocks // 256) + 256 * 4 + 4 if double_quant else 4 * blocks
-    return -(-n // 2) + stats + 16 * 4
-
-
-def _optimizer_bytes(optim: str, numels: list[int], adapter_bytes: int) -> int:
-    if optim == "adamw":
-        return sum(2 * n * adapter_bytes + 4 for n in numels)
-    if optim.endswith("32bit"):
-        return sum(2 * 4 * n for n in numels)
-    total, any8 = 0, False
-    for n in numels:
-        if n < BNB_MIN_8BIT_SIZE:
-            total += 2 * 4 * n
-        else:
-            any8 = True
-            total += 2 * n + 2 * 4 * -(-n // BNB_OPTIM_BLOCK)
-    return total + (2 * 256 * 4 if any8 else 0)
-
-
-def _inputs_bytes(N: int, widths_consumers: list[tuple[int, list[str]]], adapted: set[str], a: int,
-                  adapter_b: int, autocast: bool, bits: int) -> int:
-    """Bytes kept for the inputs of a layer's linear layers: each input tensor (width w) read by consumers."""
-    total = 0
-    for w, consumers in widths_consumers:
-        shared = bits == 16  # an unquantized base keeps its input; bitsandbytes keeps only its weight
-        for c in consumers:
-            if c not in adapted:
-                continue
-            if autocast:
-                total += N * w * a  # fp32 adapter: x -> fp32 -> autocast's own 16-bit copy, one per layer
-            elif adapter_b == a:
-                shared = True
-            else:
-                total += N * w * adapter_b
-        total += N * w * a if shared else 0
-    return total
-
-
-def _llama_layer(d: _Dims, B: int, T: int, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
-                 bits: int, padded: bool) -> int:
-    N = B * T
-    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
-    norms = 2 * (4 * N * d.h + 4 * N)
-    k_v = 2 * N * (q if padded and d.kv_heads != d.heads else kv) * a
-    attn = N * q * a + k_v + N * q * a + 4 * B * d.heads * T
-    if d.attn_dropout > 0:  # SDPA falls back to the math kernel: probabilities and their mask
-        attn += B * d.heads * T * T * (a + 1)
-    mlp = 3 * N * d.i * a
-    inputs = _inputs_bytes(N, [(d.h, ["q_proj", "k_proj", "v_proj"]), (q, ["o_proj"]), (d.h, ["gate_proj", "up_proj"]),
-                               (d.i, ["down_proj"])], adapted, a, adapter_b, autocast, bits)
-    lora = N * r * (a if autocast else adapter_b) * len(adapted)
-    return norms + attn + mlp + inputs + lora
-
-
-def _gpt2_layer(d: _Dims, B: int, T: int, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
-                bits: int, padded: bool) -> int:
-    N = B * T
-    ln_b = 4 if autocast else a  # LayerNorm runs in fp32 under autocast
-    norms = 2 * (N * d.h * ln_b + 2 * 4 * N)  # input, mean, rstd
-    attn = 3 * N * d.h * a + N * d.h * a + 4 * B * d.heads * T  # c_attn output (q, k, v views), SDPA out + lse
-    if d.attn_dropout > 0:
-        attn += B * d.heads * T * T * (a + 1)
-    drop = 2 * N * d.h * (a + 1) if d.resid_dropout > 0 else 0  # two residual dropouts: output + bool mask
-    gelu = 4 if d.activation == "gelu_new" else 1  # python tanh-GELU keeps 4 tensors of N*i, torch's GELU 1
-    mlp = gelu * N * d.i * a
-    inputs = _inputs_bytes(N, [(d.h, ["c_attn"]), (d.h, ["c_proj"]), (d.h, ["c_fc"]), (d.i, ["mlp.c_proj"])],
-                           adapted, a, adapter_b, autocast, bits)
-    lora = N * r * (a if autocast else adapter_b) * len(adapted)
-    return norms + attn + drop + mlp + inputs + lora
-
-
-def _adapted_kinds(names: list[str], family: str) -> set[str]:
-    kinds = set()
-    for n in names:
-        leaf = n.rsplit(".", 1)[-1]
-        kinds.add("mlp.c_proj" if family == "gpt2" and leaf == "c_proj" and ".mlp." in f".{n}." else leaf)
-    return kinds
-
-
-def _step(d: _Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
-          bits: int, padded: bool, checkpointing: bool, chunked: bool, chunk_bytes: int, max_linear: int,
-          grads: int, states: int) -> tuple[int, int, str, dict]:
-    """(activation bytes, loss bytes, moment, details) at the predicted peak of one step."""
-    N = B * T
-    layer_fn = _gpt2_layer if d.family == "gpt2" else _llama_layer
-    per_layer = layer_fn(d, B, T, adapted, r, a, adapter_b, autocast, bits, padded)
-    layer_input = N * d.h * a
-    rope = 2 * N * d.head_dim * a if d.family == "llama" else 0
-    top = 4 * N * d.h + 4 * N + rope  # final norm keeps its fp32 input and 1/rms
-    # Working gradients of one layer (output, MLP): under autocast each adapted input's gradient also passes
-    # through the fp32 <-> 16-bit casts, which doubles the temporaries.
-    work = N * (d.i + d.h) * a * (2 if autocast else 1)
-    dequant = max_linear * a
-    if checkpointing:
-        # The recomputed layer's norm keeps the checkpointed input itself when it is already fp32.
-        recomputed = per_layer - (layer_input if a == 4 and d.family == "llama" else 0)
-        kept_at_loss = d.L * layer_input + top
-        kept_in_layer = d.L * layer_input + rope + recomputed + work + dequant
-    else:
-        kept_at_loss = d.L * per_layer + top
-        kept_in_layer = d.L * per_layer + rope + work + dequant
-    n_loss = B * max(T - 1, 1)
-    if chunked:
-        # One chunk's fp32 logits at a time (turned into their gradient in place in the backward), plus
-        # the chunk in the matmul dtype under 16-bit autocast, plus one fp32 logsumexp per token.
-        chunk_tokens = max(1, min(n_loss, chunk_bytes // (4 * d.vocab)))
-        loss = (4 + (a if a != 4 else 0)) * chunk_tokens * d.vocab + 4 * n_loss
-    else:
-        loss = 3 * 4 * n_loss * d.vocab
-    at_loss, in_layer = kept_at_loss + loss, kept_in_layer
-    details = {"per_layer_activation_bytes": per_layer, "checkpointed_input_bytes": layer_input,
-               "working_grad_bytes": work, "dequantized_weight_bytes": dequant,
-               "peak_at_loss_bytes": at_loss, "peak_in_layer_bytes": in_layer}
-    if at_loss >= in_layer:
-        return kept_at_loss, loss, "loss", details
-    return in_layer, 0, "layer", details
-
-
 def plan(
     model: Any,
     *,
@@ -590,7 +428,7 @@ def plan(
 
     for name, mod in linears.items():
         out_f, in_f = layer_shape(mod)
-        nbytes = _quantized_bytes(out_f, in_f, bits, blocksize, double_quant, a)
+        nbytes = quantized_bytes(out_f, in_f, bits, blocksize, double_quant, a)
         quantized += nbytes
         linear_weights.add(id(mod.weight))
         if (i := layer_of(name)) is not None:
@@ -612,13 +450,13 @@ def plan(
         numels += [rank * in_f, out_f * rank]
     trainable = sum(numels)
     adapters = trainable * adapter_b
-    states = _optimizer_bytes(optim, numels, adapter_b)
+    states = optimizer_bytes(optim, numels, adapter_b)
     max_linear = max((math.prod(layer_shape(m)) for m in linears.values()), default=0)
-    d = _dims(hf_config)
-    adapted = _adapted_kinds(targets, d.family)
+    d = model_dims(hf_config)
+    adapted = adapted_kinds(targets, d.family)
 
     def step(T: int, B: int):
-        return _step(d, B, T, adapted=adapted, r=rank, a=a, adapter_b=adapter_b, autocast=autocast, bits=bits,
+        return step_memory(d, B, T, adapted=adapted, r=rank, a=a, adapter_b=adapter_b, autocast=autocast, bits=bits,
                      padded=(B > 1) if padded is None else padded, checkpointing=gradient_checkpointing,
                      chunked=chunked_loss, chunk_bytes=loss_chunk_bytes, max_linear=max_linear,
                      grads=adapters, states=states)

@@ -1,0 +1,177 @@
+"""The byte formulas of :mod:`qolora.plan`: quantized weights, optimizer states, and the activations
+and working memory of one training step, per decoder-layer family. Pure arithmetic on sizes; the
+planner's docstring explains each term and how it was validated.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps fp32 optimizer states below this many elements
+BNB_OPTIM_BLOCK = 256
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2", "phi3", "olmo", "olmo2",
+              "granite", "smollm3", "cohere", "starcoder2", "stablelm", "internlm2")
+
+
+@dataclass(frozen=True)
+class Dims:
+    family: str
+    L: int
+    h: int
+    i: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    attn_dropout: float
+    resid_dropout: float
+    activation: str
+
+
+def model_dims(hf_config) -> Dims:
+    c = hf_config
+    mt = c.model_type
+    if mt == "gpt2":
+        h = c.n_embd
+        return Dims("gpt2", c.n_layer, h, c.n_inner or 4 * h, c.n_head, c.n_head, h // c.n_head, c.vocab_size,
+                     float(c.attn_pdrop), float(c.resid_pdrop), c.activation_function)
+    text = getattr(c, "text_config", None) or c
+    h = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    if mt not in LLAMA_LIKE:
+        logger.warning("activation estimate for model_type %r uses the Llama-style layer formula (validated for "
+                       "llama, mistral, qwen2 and gpt2 only)", mt)
+    return Dims("llama", text.num_hidden_layers, h, text.intermediate_size, heads,
+                 getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size,
+                 float(getattr(text, "attention_dropout", 0.0) or 0.0), 0.0, getattr(text, "hidden_act", "silu"))
+
+
+def quantized_bytes(out_f: int, in_f: int, bits: int, blocksize: int, double_quant: bool, dtype_bytes: int) -> int:
+    n = out_f * in_f
+    if bits == 16:
+        return n * dtype_bytes
+    if bits == 8:
+        return n + 4 * out_f
+    blocks = -(-n // blocksize)
+    stats = blocks + 4 * -(-blocks // 256) + 256 * 4 + 4 if double_quant else 4 * blocks
+    return -(-n // 2) + stats + 16 * 4
+
+
+def optimizer_bytes(optim: str, numels: list[int], adapter_bytes: int) -> int:
+    if optim == "adamw":
+        return sum(2 * n * adapter_bytes + 4 for n in numels)
+    if optim.endswith("32bit"):
+        return sum(2 * 4 * n for n in numels)
+    total, any8 = 0, False
+    for n in numels:
+        if n < BNB_MIN_8BIT_SIZE:
+            total += 2 * 4 * n
+        else:
+            any8 = True
+            total += 2 * n + 2 * 4 * -(-n // BNB_OPTIM_BLOCK)
+    return total + (2 * 256 * 4 if any8 else 0)
+
+
+def inputs_bytes(N: int, widths_consumers: list[tuple[int, list[str]]], adapted: set[str], a: int,
+                  adapter_b: int, autocast: bool, bits: int) -> int:
+    """Bytes kept for the inputs of a layer's linear layers: each input tensor (width w) read by consumers."""
+    total = 0
+    for w, consumers in widths_consumers:
+        shared = bits == 16  # an unquantized base keeps its input; bitsandbytes keeps only its weight
+        for c in consumers:
+            if c not in adapted:
+                continue
+            if autocast:
+                total += N * w * a  # fp32 adapter: x -> fp32 -> autocast's own 16-bit copy, one per layer
+            elif adapter_b == a:
+                shared = True
+            else:
+                total += N * w * adapter_b
+        total += N * w * a if shared else 0
+    return total
+
+
+def llama_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
+                 bits: int, padded: bool) -> int:
+    N = B * T
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    norms = 2 * (4 * N * d.h + 4 * N)
+    k_v = 2 * N * (q if padded and d.kv_heads != d.heads else kv) * a
+    attn = N * q * a + k_v + N * q * a + 4 * B * d.heads * T
+    if d.attn_dropout > 0:  # SDPA falls back to the math kernel: probabilities and their mask
+        attn += B * d.heads * T * T * (a + 1)
+    mlp = 3 * N * d.i * a
+    inputs = inputs_bytes(N, [(d.h, ["q_proj", "k_proj", "v_proj"]), (q, ["o_proj"]), (d.h, ["gate_proj", "up_proj"]),
+                               (d.i, ["down_proj"])], adapted, a, adapter_b, autocast, bits)
+    lora = N * r * (a if autocast else adapter_b) * len(adapted)
+    return norms + attn + mlp + inputs + lora
+
+
+def gpt2_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
+                bits: int, padded: bool) -> int:
+    N = B * T
+    ln_b = 4 if autocast else a  # LayerNorm runs in fp32 under autocast
+    norms = 2 * (N * d.h * ln_b + 2 * 4 * N)  # input, mean, rstd
+    attn = 3 * N * d.h * a + N * d.h * a + 4 * B * d.heads * T  # c_attn output (q, k, v views), SDPA out + lse
+    if d.attn_dropout > 0:
+        attn += B * d.heads * T * T * (a + 1)
+    drop = 2 * N * d.h * (a + 1) if d.resid_dropout > 0 else 0  # two residual dropouts: output + bool mask
+    gelu = 4 if d.activation == "gelu_new" else 1  # python tanh-GELU keeps 4 tensors of N*i, torch's GELU 1
+    mlp = gelu * N * d.i * a
+    inputs = inputs_bytes(N, [(d.h, ["c_attn"]), (d.h, ["c_proj"]), (d.h, ["c_fc"]), (d.i, ["mlp.c_proj"])],
+                           adapted, a, adapter_b, autocast, bits)
+    lora = N * r * (a if autocast else adapter_b) * len(adapted)
+    return norms + attn + drop + mlp + inputs + lora
+
+
+def adapted_kinds(names: list[str], family: str) -> set[str]:
+    kinds = set()
+    for n in names:
+        leaf = n.rsplit(".", 1)[-1]
+        kinds.add("mlp.c_proj" if family == "gpt2" and leaf == "c_proj" and ".mlp." in f".{n}." else leaf)
+    return kinds
+
+
+def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
+          bits: int, padded: bool, checkpointing: bool, chunked: bool, chunk_bytes: int, max_linear: int,
+          grads: int, states: int) -> tuple[int, int, str, dict]:
+    """(activation bytes, loss bytes, moment, details) at the predicted peak of one step."""
+    N = B * T
+    layer_fn = gpt2_layer if d.family == "gpt2" else llama_layer
+    per_layer = layer_fn(d, B, T, adapted, r, a, adapter_b, autocast, bits, padded)
+    layer_input = N * d.h * a
+    rope = 2 * N * d.head_dim * a if d.family == "llama" else 0
+    top = 4 * N * d.h + 4 * N + rope  # final norm keeps its fp32 input and 1/rms
+    # Working gradients of one layer (output, MLP): under autocast each adapted input's gradient also passes
+    # through the fp32 <-> 16-bit casts, which doubles the temporaries.
+    work = N * (d.i + d.h) * a * (2 if autocast else 1)
+    dequant = max_linear * a
+    if checkpointing:
+        # The recomputed layer's norm keeps the checkpointed input itself when it is already fp32.
+        recomputed = per_layer - (layer_input if a == 4 and d.family == "llama" else 0)
+        kept_at_loss = d.L * layer_input + top
+        kept_in_layer = d.L * layer_input + rope + recomputed + work + dequant
+    else:
+        kept_at_loss = d.L * per_layer + top
+        kept_in_layer = d.L * per_layer + rope + work + dequant
+    n_loss = B * max(T - 1, 1)
+    if chunked:
+        # One chunk's fp32 logits at a time (turned into their gradient in place in the backward), plus
+        # the chunk in the matmul dtype under 16-bit autocast, plus one fp32 logsumexp per token.
+        chunk_tokens = max(1, min(n_loss, chunk_bytes // (4 * d.vocab)))
+        loss = (4 + (a if a != 4 else 0)) * chunk_tokens * d.vocab + 4 * n_loss
+    else:
+        loss = 3 * 4 * n_loss * d.vocab
+    at_loss, in_layer = kept_at_loss + loss, kept_in_layer
+    details = {"per_layer_activation_bytes": per_layer, "checkpointed_input_bytes": layer_input,
+               "working_grad_bytes": work, "dequantized_weight_bytes": dequant,
+               "peak_at_loss_bytes": at_loss, "peak_in_layer_bytes": in_layer}
+    if at_loss >= in_layer:
+        return kept_at_loss, loss, "loss", details
+    return in_layer, 0, "layer", details
+
+
