@@ -321,6 +321,17 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: boo
     if saved.forward_autocast is not None:
         logger.info("model.forward carries a trainer's mixed-precision wrapper (autocast %s on %s): recorded, "
                     "qolora.load puts it back", saved.forward_autocast["dtype"], saved.forward_autocast["device_type"])
+    return write_saved_adapter(saved, out, overwrite=overwrite)
+
+
+def write_saved_adapter(saved: SavedAdapter, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``saved`` as an adapter folder, as :func:`save_adapter` does for a model (e.g. a snapshot
+    taken before FSDP sharding with the trained weights filled in, :func:`qolora.fsdp.with_trained_weights`).
+
+    Raises:
+        ConfigError: ``out_dir`` exists (and not ``overwrite``) or is a file.
+    """
+    out = check_out_dir(out_dir, overwrite, "adapter folder")
     with atomic_dir(out, overwrite) as tmp:
         write_adapter_files(saved, tmp)
     logger.info("saved %d adapter layers (%s, rank %d) to %s", len(saved.layers), saved.config.init,

@@ -92,6 +92,12 @@ def _add_finetune(sub) -> None:
     g.add_argument("--target-modules", type=_csv, default=None,
                    help="comma-separated layer names to adapt, e.g. q_proj,v_proj (default: every linear layer)")
     g.add_argument("--dropout", type=float, default=0.0, help="adapter dropout")
+    g.add_argument("--quant-storage", default="uint8", choices=["uint8", "bf16", "fp16", "fp32"],
+                   help="storage dtype of the packed 4-bit weights (--fsdp needs a float one: bf16 on GPUs, fp32 on "
+                        "the CPU)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the 4-bit base over the processes with FSDP2 (needs --quant-storage "
+                        "bf16/fp32 and --optim adamw; no sample answers)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--offload", default="none", choices=["none", "auto", "cpu"],
                    help="keep decoder layers' frozen 4-bit base in host memory and stream it in per layer: none, "
@@ -221,12 +227,13 @@ def _finetune(args) -> int:
     from .reporting import prompt_preview
 
     _set_threads(args.threads)
-    adapter_options = {"dropout": args.dropout, "device": args.device, "refine": args.refine}
+    adapter_options = {"dropout": args.dropout, "device": args.device, "refine": args.refine,
+                       "quant_storage": args.quant_storage}
     train_options = {k: getattr(args, k) for k in (
         "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "warmup_ratio", "min_lr_ratio", "weight_decay",
         "max_grad_norm", "optim", "mixed_precision", "gradient_checkpointing", "group_by_length", "seed", "eval_every",
         "max_eval_examples", "save_every", "keep_last", "log_every", "n_samples", "sample_prompts", "max_new_tokens",
-        "overwrite", "progress")}
+        "fsdp", "overwrite", "progress")}
     result = finetune(
         args.model, args.data, output_dir=args.output_dir, bits=args.bits, rank=args.rank, init=args.init,
         alpha=args.alpha, target_modules=args.target_modules, format=args.format, max_length=args.max_length,

@@ -17,11 +17,12 @@ from torch import nn
 
 from . import assets
 from . import distributed as dist
-from .adapter_io import save_adapter
+from .adapter_io import SavedAdapter, adapter_from_model, save_adapter, write_saved_adapter
 from .base_reader import BaseCheckpoint
 from .config import AdapterConfig, ConfigError
 from .data import DataError, detect_format, load_records, split_train_eval, tokenize_dataset
 from .files import folder_lock
+from .fsdp import full_adapter_state, with_trained_weights
 from .offload import check_offload
 from .optim import resolve_precision
 from .prepare import prepare
@@ -94,6 +95,9 @@ def finetune(
     tcfg, acfg = _checked_configs(config, output_dir, train_options, bits, rank, init, alpha, target_modules,
                                   adapter_options, eval_fraction, max_length)
     offload = check_offload(offload)
+    if tcfg.fsdp and offload is not None:
+        raise ConfigError(f"fsdp=True and offload={offload!r}: FSDP shards the base instead of offloading it; "
+                          "use one of them")
     # Under torchrun / accelerate launch every rank runs this; rank 0 alone checks, locks and writes the
     # output folder, and its errors stop every rank (qolora.distributed).
     with dist.session(acfg.torch_device) as world:
@@ -110,8 +114,14 @@ def finetune(
             net = prepare(base, config=acfg, gradient_checkpointing=tcfg.gradient_checkpointing,
                           progress=tcfg.progress and world.is_main, offload=offload, gpu_memory=gpu_memory,
                           offload_plan={"seq_len": max_length, "batch_size": tcfg.batch_size, "optim": tcfg.optim})
+            # FSDP: the base layers' quantization settings are read before sharding, the weights after training
+            template = adapter_from_model(net) if tcfg.fsdp else None
             result = train(net, tokenizer, train_ds, eval_ds, tcfg, resume=resume)
-            result.adapter_dir = dist.on_main(lambda: _save_final_adapter(net, out / "adapter"))
+            if template is not None:  # gathered on every rank, written by rank 0
+                saved = with_trained_weights(template, full_adapter_state(net))
+                result.adapter_dir = dist.on_main(lambda: _save_final_adapter(saved, out / "adapter"))
+            else:
+                result.adapter_dir = dist.on_main(lambda: _save_final_adapter(net, out / "adapter"))
     return result
 
 
@@ -140,10 +150,29 @@ def _checked_configs(config, output_dir, train_options, bits, rank, init, alpha,
         problems.append(f"eval_fraction={eval_fraction!r} must be a number strictly between 0 and 1")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         problems.append(f"max_length={max_length!r} must be an integer >= 2")
+    if tcfg is not None and acfg is not None and tcfg.fsdp:
+        problems += _fsdp_problems(tcfg, acfg)
     if problems:
         raise ConfigError(problems)
     resolve_precision(tcfg.mixed_precision, acfg.torch_device)
     return tcfg, acfg
+
+
+def _fsdp_problems(tcfg: TrainConfig, acfg: AdapterConfig) -> list[str]:
+    """What FSDP needs that the options lack (found before the model loads)."""
+    problems = []
+    if not dist.world().distributed:
+        problems.append("fsdp=True needs several processes: launch with torchrun --nproc_per_node N "
+                        "(python -m torch.distributed.run)")
+    if acfg.bits != 4:
+        problems.append(f"fsdp=True with bits={acfg.bits}: FSDP-QLoRA supports 4-bit bases (bits=4) only")
+    elif not acfg.torch_quant_storage.is_floating_point:
+        problems.append(f"fsdp=True with quant_storage={acfg.quant_storage!r}: FSDP shards float storage only; "
+                        "use quant_storage='bf16' (GPU) or 'fp32' (CPU)")
+    if tcfg.optim != "adamw":
+        problems.append(f"fsdp=True with optim={tcfg.optim!r}: bitsandbytes optimizers cannot step FSDP's sharded "
+                        "parameters; use optim='adamw'")
+    return problems
 
 
 def _tokenized_split(data, tokenizer, *, format, max_length, packing, mask_prompt, eval_fraction, seed):
@@ -186,8 +215,9 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def _save_final_adapter(model: nn.Module, path: Path) -> Path:
+def _save_final_adapter(model: nn.Module | SavedAdapter, path: Path) -> Path:
     """The trained adapter in qolora's adapter format (reloadable with ``qolora.load``, mergeable)."""
-    saved = save_adapter(model, path, overwrite=True)
+    saved = (write_saved_adapter(model, path, overwrite=True) if isinstance(model, SavedAdapter)
+             else save_adapter(model, path, overwrite=True))
     logger.info("saved the adapter to %s", saved)
     return Path(saved)

@@ -14,9 +14,16 @@ loop's normalisation by the label tokens of the whole global batch, so a sharded
 data-parallel step. The output head is used by the chunked loss outside the backbone's forward, so
 it is left whole (replicated, frozen).
 
-Checked on the CPU with 2 gloo processes (``tests/test_fsdp.py``): forward loss, summed adapter
-gradients and one AdamW step equal the data-parallel ones. Not yet wired into :func:`qolora.train`
-(see the README's multi-GPU section for what remains).
+Checkpoints and the saved adapter are those of a data-parallel run: :func:`full_adapter_state` and
+:func:`full_optimizer_state` gather whole tensors (the optimizer state keyed by parameter name) for
+rank 0 to write, and :func:`load_full_adapter_state` / :func:`load_full_optimizer_state` scatter them
+back into the shards. The final adapter is written from a :class:`~qolora.adapter_io.SavedAdapter`
+taken before sharding (the base layers' quantization settings are read from whole ``Params4bit``
+weights) with the gathered trained factors filled in (:func:`with_trained_weights`).
+
+Checked on the CPU with 2 gloo processes (``tests/test_fsdp.py``): one sharded step equals one
+data-parallel step, and ``qolora.train(..., TrainConfig(fsdp=True))`` ends with the data-parallel
+run's losses and adapter.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from torch import nn
 from .layer import adapter_layers, adapter_parameters
 from .quant import quantization_kind
 
-__all__ = ["fsdp_problems", "full_adapter_state", "shard_model"]
+__all__ = ["fsdp_problems", "full_adapter_state", "full_optimizer_state", "load_full_adapter_state",
+           "load_full_optimizer_state", "shard_model", "with_trained_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,3 +115,47 @@ def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         t = p.detach()
         out[name] = t.full_tensor() if hasattr(t, "full_tensor") else t
     return out
+
+
+def load_full_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy whole adapter weights (by in-model name) into the model's shards (call on every rank)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    with torch.no_grad():
+        for name, p in adapter_parameters(model):
+            full = state[name].to(device=p.device, dtype=p.dtype)
+            if hasattr(p, "placements"):  # a DTensor shard: this rank's part of the whole tensor
+                full = distribute_tensor(full, p.device_mesh, p.placements)
+            p.copy_(full)
+
+
+def _state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The whole optimizer state keyed by parameter name, on the CPU on rank 0 (other ranks: empty);
+    call on every rank."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_state_options(cpu_offload=True))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a state from :func:`full_optimizer_state` (present on every rank) into the sharded optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=_state_options())
+
+
+def with_trained_weights(template, state: dict[str, torch.Tensor]):
+    """``template`` (a :class:`~qolora.adapter_io.SavedAdapter` taken before sharding) with the trained
+    factors of ``state`` (from :func:`full_adapter_state`) in place of the ones it was taken with."""
+    import dataclasses
+
+    weights = {name: (state[f"{name}.lora_A.weight"].detach().to("cpu", copy=True).contiguous(),
+                      state[f"{name}.lora_B.weight"].detach().to("cpu", copy=True).contiguous())
+               for name in template.layers}
+    return dataclasses.replace(template, weights=weights)

@@ -96,7 +96,7 @@ def trajectory(config: TrainConfig, lr: float, precision: str) -> dict:
     return {"lr": lr, "max_steps": c.max_steps, "batch_size": c.batch_size, "grad_accum": c.grad_accum,
             "warmup": c.warmup, "min_lr_ratio": c.min_lr_ratio, "weight_decay": c.weight_decay,
             "max_grad_norm": c.max_grad_norm, "optim": c.optim, "mixed_precision": precision,
-            "seed": c.seed, "group_by_length": c.group_by_length}
+            "seed": c.seed, "group_by_length": c.group_by_length, "fsdp": c.fsdp}
 
 
 def resume_problems(state: dict, *, data_fp: str, trajectory: dict, model_fp: str | None = None,
@@ -130,7 +130,7 @@ def resume_problems(state: dict, *, data_fp: str, trajectory: dict, model_fp: st
                         f"process's batch and data shard depend on it); resume it under {how}")
     if state.get("data_fingerprint") != data_fp:
         problems.append("it was trained on different training data (or another tokenization / split)")
-    then = state["trajectory"]
+    then = {"fsdp": False, **state["trajectory"]}  # checkpoints from before FSDP: data parallel
     changed = [f"{k}: {then.get(k)!r} then, {v!r} now" for k, v in trajectory.items() if then.get(k) != v]
     if changed:
         problems.append("training options differ (" + "; ".join(changed) + ")")

@@ -32,6 +32,12 @@ batch and sums the adapter gradients over the ranks before clipping, so the run 
 of one process with ``batch_size = N * batch_size``. Rank 0 alone writes metrics, plot, samples and
 checkpoints; a checkpoint records the world size and every rank's RNG states.
 
+``TrainConfig(fsdp=True)`` shards the 4-bit base over the ranks with FSDP2 (:mod:`qolora.fsdp`) before
+the optimizer is built: the same steps (FSDP sums the adapter gradients instead of the loop), and
+checkpoints in the data-parallel format (whole adapter weights, the optimizer state keyed by parameter
+name). Sample answers are skipped under it (generation would need every rank in step), and an eval
+rank without examples in the last global batch still runs a forward so FSDP's collectives match.
+
 The output folder is qolora's while a run holds its lock (:func:`qolora.files.folder_lock`): a
 second run on the same folder is refused. Starting over (``overwrite``) deletes only what qolora
 can prove it wrote: its run files, checkpoints that carry its manifest, an adapter folder that
@@ -53,6 +59,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
+from . import fsdp as fsdp_mod
 from . import reporting
 from . import run_checkpoints as ckpt
 from .config import ConfigError
@@ -124,6 +131,12 @@ class _Run:
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.device = next(model.parameters()).device
         self.world = dist.world()  # data parallel: each rank trains on its slice of every global micro-batch
+        self.fsdp = config.fsdp
+        self.model_fp = ckpt.model_fingerprint(model)
+        if self.fsdp:  # before the optimizer: it must hold the sharded parameters
+            fsdp_mod.shard_model(model)
+            if config.n_samples or config.sample_prompts:
+                logger.info("FSDP: sample answers are skipped (generation would need every rank in step)")
         self.precision, self.autocast, self.scaler = resolve_precision(config.mixed_precision, self.device)
         self.params = [p for _, p in adapter_parameters(model)]
         self.record = record_of(model)
@@ -151,7 +164,7 @@ class _Run:
         self.samples: list[dict] = []
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
-        self.model_fp = ckpt.model_fingerprint(model)
+        self._eval_filler: list[int] = []
         self.eval_batches = self._eval_batches()
         self.loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = loss_sum
         self._window = {"tokens": 0, "seconds": 0.0}
@@ -169,6 +182,7 @@ class _Run:
         size = self.config.eval_batch_size or self.config.batch_size
         w = self.world
         batches = [idx[i: i + w.size * size] for i in range(0, n, w.size * size)]
+        self._eval_filler = idx[:1]  # the forward an FSDP rank without examples still runs
         return [b[w.rank * size: (w.rank + 1) * size] for b in batches]
 
     def _batch(self, dataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -197,7 +211,8 @@ class _Run:
             loss = loss_sum / max(1, n_labels)  # token mean over the *accumulated* (global) batch
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss_sum.detach()
-        dist.all_reduce_grads(self.params)  # sum over ranks: the gradient of the global batch's mean
+        if not self.fsdp:  # FSDP reduce-scatters (sums) the gradients itself in the backward
+            dist.all_reduce_grads(self.params)  # sum over ranks: the gradient of the global batch's mean
         step = self.step + 1
         loss = dist.all_reduce_sum([float(total)])[0] / max(1, n_labels)
         if not math.isfinite(loss):
@@ -205,7 +220,8 @@ class _Run:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped (and the scale lowered) on inf/NaN gradients
             self.scaler.update()
@@ -258,6 +274,8 @@ class _Run:
             with bar:
                 for indices in self.eval_batches:
                     if not indices:  # a rank with no share of the last global batch
+                        if self.fsdp:  # it must still join the layers' all-gathers: a forward, not counted
+                            self._loss_sum(self._batch(self.eval_dataset, self._eval_filler))
                         continue
                     batch = self._batch(self.eval_dataset, indices)
                     total += float(self._loss_sum(batch))
@@ -278,7 +296,9 @@ class _Run:
 
     def save(self) -> Path:
         rngs = dist.gather(ckpt.rng_state())  # every rank's RNG states (dropout differs per rank)
-        trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        optimizer = (fsdp_mod.full_optimizer_state(self.model, self.optimizer) if self.fsdp
+                     else self.optimizer.state_dict())  # FSDP: whole tensors, keyed by parameter name
+        trainer = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                    "rng": ckpt.rng_state()}
         if self.world.distributed:
             trainer["rng_ranks"] = rngs
@@ -288,7 +308,8 @@ class _Run:
                  "trajectory": self._trajectory(), "train_config": self.config.to_dict(),
                  "model_fingerprint": self.model_fp, "data_fingerprint": self.data_fp, "world_size": self.world.size,
                  "adapter_config": self.record.config.to_dict() if self.record is not None else {}}
-        adapter = adapter_state_dict(self.model)  # equal on every rank: rank 0 writes it
+        # equal on every rank (FSDP: gathered from the shards): rank 0 writes it
+        adapter = fsdp_mod.full_adapter_state(self.model) if self.fsdp else adapter_state_dict(self.model)
 
         def write() -> Path:
             path = ckpt.save_checkpoint(self.ckpt_root, self.step, adapter=adapter, trainer=trainer, state=state)
@@ -310,10 +331,14 @@ class _Run:
         if not problems and set(found.adapter) != names:
             problems.append("its adapter weights have other names than this model's adapters")
         refuse_resume(found.path, problems)
-        with torch.no_grad():
-            for name, p in adapter_parameters(self.model):
-                p.copy_(found.adapter[name])
-        self.optimizer.load_state_dict(found.trainer["optimizer"])
+        if self.fsdp:  # scattered back into the shards
+            fsdp_mod.load_full_adapter_state(self.model, found.adapter)
+            fsdp_mod.load_full_optimizer_state(self.model, self.optimizer, found.trainer["optimizer"])
+        else:
+            with torch.no_grad():
+                for name, p in adapter_parameters(self.model):
+                    p.copy_(found.adapter[name])
+            self.optimizer.load_state_dict(found.trainer["optimizer"])
         self.scheduler.load_state_dict(found.trainer["scheduler"])
         if self.scaler is not None and "scaler" in found.trainer:
             self.scaler.load_state_dict(found.trainer["scaler"])
@@ -357,7 +382,9 @@ class _Run:
                             share_result=False)
 
     def generate_samples(self, stage: str) -> None:
-        """Answer the sample prompts (rank 0 only; the others wait for it)."""
+        """Answer the sample prompts (rank 0 only; the others wait for it; skipped under FSDP)."""
+        if self.fsdp:
+            return
         dist.on_main(lambda: self._generate_samples(stage), share_result=False)
 
     def _generate_samples(self, stage: str) -> None:
@@ -442,7 +469,22 @@ def train(
     if next(adapter_parameters(model), None) is None:
         raise ConfigError(f"{type(model).__name__} has no qolora adapter layers to train; build it with qolora.prepare")
     with dist.session(next(model.parameters()).device):  # under torchrun / accelerate launch: data parallel
+        if config.fsdp:
+            _check_fsdp(model, config)
         return _train(model, tokenizer, train_dataset, eval_dataset, config, resume, started)
+
+
+def _check_fsdp(model: nn.Module, config: TrainConfig) -> None:
+    """One ConfigError listing why ``model`` cannot train sharded (before any folder work)."""
+    problems = fsdp_mod.fsdp_problems(model)
+    record = record_of(model)
+    if record is not None and record.offload is not None:
+        problems.append("the base is offloaded to host memory (offload): FSDP shards it instead; use offload=None")
+    if config.optim != "adamw":
+        problems.append(f"optim={config.optim!r} is a bitsandbytes optimizer, which cannot step FSDP's sharded "
+                        "(DTensor) parameters; use optim='adamw'")
+    if problems:
+        raise ConfigError(["fsdp=True: " + p for p in problems])
 
 
 def _train(model, tokenizer, train_dataset, eval_dataset, config: TrainConfig, resume: bool,

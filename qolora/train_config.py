@@ -73,6 +73,9 @@ class TrainConfig:
         n_samples: held-out prompts answered before and after training; 0 = none.
         sample_prompts: own prompts for the samples instead of held-out ones.
         max_new_tokens: length limit of sample answers.
+        fsdp: shard the 4-bit base over the processes of a ``torchrun`` launch with FSDP2
+            (:mod:`qolora.fsdp`; needs ``bits=4`` and a float ``quant_storage``); sample answers are
+            skipped under it.
         overwrite: start over in an ``output_dir`` that holds an earlier run (it is deleted).
         progress: show a progress bar.
     """
@@ -101,6 +104,7 @@ class TrainConfig:
     n_samples: int = 2
     sample_prompts: tuple[str, ...] | None = None
     max_new_tokens: int = 32
+    fsdp: bool = False
     overwrite: bool = False
     progress: bool = True
 
@@ -138,6 +142,8 @@ class TrainConfig:
         integer("keep_last", 1, allow_none=True)
         integer("max_new_tokens", 1)
         number("lr", 0.0, low_open=True, allow_none=True)
+        if not isinstance(self.fsdp, bool):
+            p.append(f"fsdp={self.fsdp!r} must be True or False")
         number("warmup_ratio", 0.0, 1.0)
         number("min_lr_ratio", 0.0, 1.0)
         number("weight_decay", 0.0)
