@@ -180,6 +180,12 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
             f"{type(model).__name__} has no qolora record (model.qolora): expected a model returned by qolora.prepare "
             "or qolora.load"
         )
+    if _is_sharded(model):  # its base weights are shards, no longer bitsandbytes parameters
+        raise AdapterError(
+            "the model is sharded by FSDP: take qolora.adapter_io.adapter_from_model(model) before "
+            "qolora.fsdp.shard_model, then write qolora.fsdp.with_trained_weights(that, "
+            "qolora.fsdp.full_adapter_state(model)) with write_saved_adapter (qolora finetune --fsdp does this)"
+        )
     config = record.config
     layers = list(adapter_layers(model))
     if not layers:
@@ -226,6 +232,14 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
     )
     saved.peft_target_modules = _peft_target_modules(saved, model)
     return saved
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 cannot have sharded it
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _peft_target_modules(saved: SavedAdapter, model: nn.Module | None) -> list[str]:
