@@ -30,31 +30,14 @@ from torch import nn
 
 from .adapter_io import read_adapter
 from .config import ConfigError
-from .layer import AdapterLinear
+from .layer import AdapterLinear, replace_module
+from .offload import available_host_bytes
 from .quant import dequantize_weight, quantization_kind
 from .records import Renderer
 
-__all__ = ["available_memory", "dequantize_model", "load_chat_model", "prompt_tensor", "reply"]
+__all__ = ["dequantize_model", "load_chat_model", "prompt_tensor", "reply"]
 
 logger = logging.getLogger(__name__)
-
-
-def available_memory() -> int | None:
-    """Bytes of host memory available now (``MemAvailable``), or None when unknown."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -88,8 +71,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> in
         linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
         if bias is not None:
             linear.bias = nn.Parameter(bias.detach().to(weight.device, dtype), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        replace_module(model, name, linear)
         replaced += 1
     for param in model.parameters():  # the rest (embeddings, norms) computes in the same dtype
         if param.is_floating_point() and param.dtype != dtype:
@@ -160,12 +142,12 @@ def load_chat_model(
     tokenizer = load_tokenizer(model_dir)  # before the model: a folder without a tokenizer fails fast
     model = load(base, adapter, device=device, progress=progress)
     if dequantize is None:
-        free = available_memory()
+        free = available_host_bytes()
         need = _dequantized_bytes(model, torch.float32)
-        dequantize = torch.device(device).type == "cpu" and (free is None or need < free // 2)
+        dequantize = torch.device(device).type == "cpu" and need < free // 2
         if not dequantize and torch.device(device).type == "cpu":
             logger.warning("keeping the 4-bit model (slower on the CPU): a dequantized copy needs %.1f GB, %.1f GB "
-                           "of memory is available", need / 1e9, (free or 0) / 1e9)
+                           "of memory is available", need / 1e9, free / 1e9)
     if dequantize:
         n = dequantize_model(model, torch.float32)
         logger.info("dequantized %d layers into a plain fp32 model for fast generation", n)

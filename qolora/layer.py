@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from .quant import dequantize_weight, quantization_kind
 
 __all__ = ["AdapterLinear", "adapter_layers", "adapter_parameters", "adapter_state_dict",
-           "mark_only_adapters_trainable"]
+           "mark_only_adapters_trainable", "replace_module"]
 
 
 class AdapterLinear(nn.Module):
@@ -145,6 +145,12 @@ def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights, detached, keyed by their in-model names (``model.layers.0...lora_A.weight``)."""
     return {name: p.detach() for name, p in adapter_parameters(model)}
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``name`` of ``model`` (where a linear layer becomes its wrapper)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> None:

@@ -42,7 +42,7 @@ from .base_reader import BaseCheckpoint, LinearWeight, layer_shape, linear_layer
 from .config import AdapterConfig, ConfigError
 from .hf_compat import attach as attach_hf_compat
 from .inits import INITS, refine_factors, residual_
-from .layer import AdapterLinear, mark_only_adapters_trainable
+from .layer import AdapterLinear, mark_only_adapters_trainable, replace_module
 from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
 from .offload import LayerOffload, check_offload, offload_layers_for
 from .quant import dequantize_weight, make_base_layer, quantization_kind, quantize_dequantize
@@ -63,12 +63,6 @@ def adopt(model: nn.Module, record: ModelRecord) -> None:
     declares ``quantization_method``). :func:`prepare` and :func:`qolora.adapter_load.load` both end here."""
     attach_record(model, record)
     attach_hf_compat(model, record.config.bits)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _layer_generator(seed: int, name: str) -> torch.Generator:
@@ -127,7 +121,7 @@ def build_model(
                 report.layers.append(row)
             else:
                 layer = make_base_layer(item.weight, None, config, device)
-            _set_submodule(model, item.module, layer)
+            replace_module(model, item.module, layer)
             done.add(item.module)
             loaded(item.module)
             if item.module in biases:  # its bias came first
