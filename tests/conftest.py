@@ -71,3 +71,14 @@ def tokenized(chat_model_dir, chat_jsonl):
     ds, _ = tokenize_dataset(load_records(chat_jsonl), tok, max_length=64)
     train_ds, eval_ds = split_train_eval(ds, 0.25, seed=0)
     return tok, train_ds, eval_ds
+
+
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    """Fail the test if a checkpoint weight is read: the error must come before heavy work."""
+    from qolora.base_reader import BaseCheckpoint
+
+    def boom(*a, **k):
+        raise AssertionError("a checkpoint weight was read before the error")
+
+    monkeypatch.setattr(BaseCheckpoint, "tensors", boom)

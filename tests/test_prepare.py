@@ -6,7 +6,6 @@ import torch
 
 import qolora
 from qolora import ConfigError
-from qolora.base_reader import BaseCheckpoint
 from qolora.layer import adapter_layers
 from qolora.quant import dequantize_weight, quantization_kind
 
@@ -178,15 +177,6 @@ def test_conv1d_weights_are_factored_in_the_right_orientation(tiny_gpt2_dir):
 
 
 # ---------------------------------------------------------------------------------- bad input
-@pytest.fixture
-def no_weight_reads(monkeypatch):
-    """Fail the test if a checkpoint weight is read: errors must come before heavy work."""
-    def boom(*a, **k):
-        raise AssertionError("a checkpoint weight was read before the error")
-
-    monkeypatch.setattr(BaseCheckpoint, "tensors", boom)
-
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(bits=3), r"bits=3 .*allowed: 4, 8, 16"),
     (dict(rank=0), r"rank=0 must be an integer >= 1"),
