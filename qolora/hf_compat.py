@@ -185,7 +185,21 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main
 
 
 def _take_weights(saved: SavedAdapter, state_dict: dict) -> None:
-    """Replace the snapshot's A/B with a trainer-gathered state dict's values, where it has them."""
+    """Replace the snapshot's A/B with a trainer-gathered state dict's values.
+
+    Raises:
+        AdapterError: the state dict holds adapter weights, but not under every layer's names (another
+            prefix, or only some shards): saving the model's own, possibly stale, values instead would
+            be silent.
+    """
+    lora_keys = [k for k in state_dict if ".lora_A." in k or ".lora_B." in k]
+    missing = [n for n in saved.weights
+               if f"{n}.lora_A.weight" not in state_dict or f"{n}.lora_B.weight" not in state_dict]
+    if lora_keys and missing:
+        raise AdapterError(f"save_pretrained: state_dict holds adapter weights ({len(lora_keys)}, e.g. "
+                           f"{lora_keys[0]!r}) "
+                           f"but none or only some under this model's names (missing e.g. {missing[0]}.lora_A.weight); "
+                           "pass the unwrapped model's state dict")
     for name, (a, b) in list(saved.weights.items()):
         sa, sb = state_dict.get(f"{name}.lora_A.weight"), state_dict.get(f"{name}.lora_B.weight")
         if sa is None or sb is None:

@@ -275,3 +275,13 @@ def test_lm_eval_hflm_evaluates_a_prepared_model(tiny_llama_dir):
             logp = torch.log_softmax(model(ids).logits.float()[0, :-1], -1)
         want = sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
         assert logprob == pytest.approx(want, abs=1e-3)
+
+
+def test_save_pretrained_refuses_a_state_dict_under_other_names(tiny_llama_dir, tmp_path):
+    """A trainer's state dict whose adapter keys carry another prefix (DDP's ``module.``) would leave
+    the model's own values saved in silence: refused instead."""
+    model = prepared(tiny_llama_dir)
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError, match="none or only some under this model's names"):
+        model.save_pretrained(tmp_path / "a", state_dict=state)
+    model.save_pretrained(tmp_path / "b", state_dict=model.state_dict())  # the model's own names: fine
