@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .kernels import check_kernels, fused_adapter_linear, note_fallback, unsupported_reason
 from .quant import dequantize_weight, quantization_kind
 
 __all__ = ["AdapterLinear", "adapter_layers", "adapter_parameters", "adapter_state_dict",
-           "mark_only_adapters_trainable", "replace_module"]
+           "mark_only_adapters_trainable", "replace_module", "set_kernels"]
 
 
 class AdapterLinear(nn.Module):
@@ -78,8 +79,16 @@ class AdapterLinear(nn.Module):
             t.detach().to("cpu", torch.float32, copy=True) for t in init_factors)
         self.base_fingerprint = base_fingerprint
         self.merged = False
+        self.kernels = "auto"  # qolora.kernels.KERNEL_CHOICES: the fused training step where it applies
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "auto" and not self.merged and torch.is_grad_enabled():
+            reason = unsupported_reason(self.base_layer)
+            if reason is None:  # one autograd node for base + adapter (qolora.kernels)
+                adapter_input = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x)
+                return fused_adapter_linear(self.base_layer, x, adapter_input, self.lora_A.weight,
+                                            self.lora_B.weight, self.scaling)
+            note_fallback(reason)
         result = self.base_layer(x)  # (..., out)
         if self.merged:
             return result
@@ -126,6 +135,13 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+def set_kernels(model: nn.Module, kernels: str) -> None:
+    """Choose the training step of every adapter layer: ``"auto"`` (fused where it applies) or ``"off"``."""
+    check_kernels(kernels)
+    for _, layer in adapter_layers(model):
+        layer.kernels = kernels
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:

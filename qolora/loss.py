@@ -13,22 +13,25 @@ and its gradient with respect to the logits is ``softmax(z) - onehot(y)``. Both 
 chunk of tokens at a time, from the hidden states and the head's weight:
 
 * **forward**: for each chunk of ``c`` tokens, ``z = h_chunk @ W^T (+ b)`` ``(c, V)``, upcast to
-  fp32; keep ``z[y]`` and ``logsumexp(z)`` ``(c,)``; drop ``z``. Saved for backward: the hidden
-  states ``(N, H)``, the weight (a reference, the model owns it), the labels and the per-token
-  ``logsumexp`` ``(N,)`` fp32 -- never the logits;
-* **backward**: recompute each chunk's ``z``, turn it in place into ``softmax(z) - onehot(y)``
-  (scaled by the incoming gradient, zero on ignored rows), and accumulate
-  ``grad_hidden[chunk] = g @ W`` ``(c, H)``, and only where the inputs need it (qolora freezes the
-  head, so usually not) ``grad_W += g^T @ h_chunk`` ``(V, H)`` and ``grad_b += g.sum(0)``.
+  fp32; keep ``logsumexp(z) - z[y]`` summed. When autograd needs gradients (training), the same
+  chunk is then turned in place into ``softmax(z) - onehot(y)`` (zero on ignored rows) and
+  ``grad_hidden[chunk] = g @ W`` ``(c, H)`` is computed at once, and only where the inputs need it
+  (qolora freezes the head, so usually not) ``grad_W += g^T @ h_chunk`` ``(V, H)`` and
+  ``grad_b += g.sum(0)``; then the chunk is dropped. Saved for backward: these gradients for a unit
+  incoming gradient -- never the logits, nor the hidden states;
+* **backward**: multiply the saved gradients by the incoming one (``1 / n_labels``, times a
+  GradScaler's scale).
 
 Memory: the loss holds at most one chunk of fp32 logits (plus, under bf16/fp16 autocast, the same
-chunk in the matmul dtype) instead of ``N * V`` values several times over. The default chunk is
-sized so one fp32 chunk is :data:`DEFAULT_CHUNK_BYTES` (128 MiB): ``chunk_tokens = 128 MiB //
-(V * 4 B)``, 261 tokens for V = 128,256. That is big enough for the head's matmul to stay efficient
-(a (261 x H) @ (H x 128256) GEMM keeps a GPU busy; the Python loop over chunks is negligible next to
-it) and small next to the 2+ GiB it replaces. The price is compute: the head's matmul runs three
-times (forward, recomputation, ``grad_hidden``) instead of twice, ~2 * N * H * V extra FLOPs; for
-an 8B Llama-3 that is ~2 % of a training step's FLOPs.
+chunk in the matmul dtype) and the ``(N, H)`` hidden-state gradient, instead of ``N * V`` values
+several times over. The default chunk is sized so one fp32 chunk is :data:`DEFAULT_CHUNK_BYTES`
+(128 MiB): ``chunk_tokens = 128 MiB // (V * 4 B)``, 261 tokens for V = 128,256. That is big enough
+for the head's matmul to stay efficient (a (261 x H) @ (H x 128256) GEMM keeps a GPU busy; the
+Python loop over chunks is negligible next to it) and small next to the 2+ GiB it replaces. Compute:
+the head's matmul runs twice in training (logits, ``grad_hidden``), as with the full logits, and once
+in evaluation (under ``no_grad`` no gradient is computed). (qolora 0.2.0 recomputed the logits in the
+backward pass instead: three head matmuls per step; computing the gradients in the forward pass made
+the CPU step ~5% faster at the cost of holding ``(N, H)`` from forward to backward.)
 
 :func:`causal_lm_loss_sum` applies this to a transformers causal LM: it runs the decoder backbone,
 shifts, keeps only the positions that carry a label (prompt-masked and padded positions never
@@ -43,10 +46,9 @@ Prior art, whose ideas this follows (re-implemented here, nothing copied):
 * Liger Kernel's ``LigerFusedLinearCrossEntropyFunction`` (linkedin/Liger-Kernel,
   ``ops/fused_linear_cross_entropy.py``): chunk the tokens, never keep the ``(N, V)`` logits,
   turn each chunk's logits into their gradient in place, cast the gradient to the input dtype for
-  the ``grad_input`` matmul, accumulate ``grad_weight``/``grad_bias`` only when needed. Liger
-  computes the gradients already in the forward pass (two head matmuls instead of three, but an
-  extra ``(N, H)`` gradient buffer held from forward to backward and wasted work under
-  ``no_grad``); here the backward pass recomputes instead, so evaluation pays for one matmul only.
+  the ``grad_input`` matmul, accumulate ``grad_weight``/``grad_bias`` only when needed, compute the
+  gradients in the forward pass. Here the forward pass skips the gradients when autograd does not
+  need them (evaluation), so it costs one matmul there.
 * torchtune's ``CEWithChunkedOutputLoss`` (``torchtune/modules/loss``): upcast to fp32 only one
   chunk at a time; torchtune still materializes the model-dtype logits of the whole batch, which
   this module avoids by fusing the head's matmul into the loss.
@@ -111,74 +113,74 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return z.float()  # (c, V) fp32: no copy when already fp32
 
 
+def _softmax_minus_onehot(p: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``p - onehot(y)`` in place on a chunk's softmax ``p`` (c, V), rows of ignored tokens zeroed."""
+    rows = torch.arange(p.shape[0], device=p.device)
+    p[rows, y] -= 1.0
+    return p.mul_(valid[:, None])  # (c, V)
+
+
+def _accumulate_chunk_grads(g, h, weight, start, end, grad_hidden, grad_weight, grad_bias) -> None:
+    """Add one chunk's share of the gradients, from ``g = dloss/dlogits`` (c, V) fp32 and ``h`` (c, H)."""
+    if grad_bias is not None:
+        grad_bias += g.sum(dim=0)  # (V,)
+    if grad_weight is not None:
+        if g.dtype == h.dtype:
+            grad_weight.addmm_(g.t(), h)  # (V, H) fp32
+        else:
+            grad_weight += (g.to(h.dtype).t() @ h).float()  # (V, H)
+    if grad_hidden is not None:
+        grad_hidden[start:end] = g.to(weight.dtype) @ weight  # (c, H)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight^T + bias`` against ``labels``, chunked over tokens.
 
     Inputs arrive already in the compute dtype (see :func:`chunked_cross_entropy_sum`); autocast is
-    off inside, so the matmuls run in that dtype and everything after them in fp32.
+    off inside, so the matmuls run in that dtype and everything after them in fp32. ``grads_now``
+    says which of hidden / weight / bias get a gradient: those are computed in the forward pass for a
+    unit incoming gradient, and the backward pass only scales them.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_tokens: int):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_tokens: int, grads_now: tuple):
         n = hidden.shape[0]
+        need_hidden, need_weight, need_bias = grads_now
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (N,)
+        # training: the gradients for a unit incoming gradient, computed while each chunk's logits exist
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, H)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None  # (V,)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk_tokens):
                 end = min(n, start + chunk_tokens)
-                z = _chunk_logits(hidden[start:end], weight, bias)  # (c, V) fp32
+                h = hidden[start:end]  # (c, H)
+                z = _chunk_logits(h, weight, bias)  # (c, V) fp32
                 y = labels[start:end]  # (c,)
                 valid = y != ignore_index  # (c,)
-                target = z.gather(1, torch.where(valid, y, 0)[:, None]).squeeze(1)  # (c,)
-                # logsumexp in place on the chunk (it is dropped afterwards): max, exp, sum, log
+                y0 = torch.where(valid, y, 0)  # (c,)
+                target = z.gather(1, y0[:, None]).squeeze(1)  # (c,)
+                # logsumexp in place on the chunk (it is dropped or turned into the gradient): max, exp, sum, log
                 peak = z.amax(dim=1, keepdim=True)  # (c, 1)
                 peak = torch.where(torch.isfinite(peak), peak, 0.0)
-                chunk_lse = z.sub_(peak).exp_().sum(dim=1).log_().add_(peak.squeeze(1))  # (c,)
-                lse[start:end] = chunk_lse
+                expz = z.sub_(peak).exp_()  # (c, V) exp(z - peak)
+                sums = expz.sum(dim=1)  # (c,)
+                chunk_lse = sums.log().add_(peak.squeeze(1))  # (c,)
                 total += torch.where(valid, chunk_lse - target, 0.0).sum()
-                del z
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.ignore_index = ignore_index
-        ctx.chunk_tokens = chunk_tokens
+                if grad_hidden is not None or grad_weight is not None or grad_bias is not None:
+                    g = _softmax_minus_onehot(expz.div_(sums[:, None]), y0, valid)  # (c, V), in place
+                    _accumulate_chunk_grads(g, h, weight, start, end, grad_hidden, grad_weight, grad_bias)
+                del z, expz
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)  # the backward pass only scales them
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, H)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_bias = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-                     if need_bias and bias is not None else None)  # (V,)
-        if not (need_hidden or need_weight or grad_bias is not None):
-            return None, None, None, None, None, None
         scale = grad_output.to(torch.float32)  # () : 1 / n_labels, times a GradScaler's scale
-        n = hidden.shape[0]
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, n, ctx.chunk_tokens):
-                end = min(n, start + ctx.chunk_tokens)
-                h = hidden[start:end]  # (c, H)
-                y = labels[start:end]  # (c,)
-                valid = y != ctx.ignore_index  # (c,)
-                g = _chunk_logits(h, weight, bias)  # (c, V) fp32, recomputed
-                g.sub_(lse[start:end, None]).exp_()  # (c, V) softmax, in place
-                rows = torch.arange(end - start, device=g.device)
-                g[rows, torch.where(valid, y, 0)] -= 1.0  # softmax - onehot(y)
-                g.mul_(torch.where(valid, scale, 0.0)[:, None])  # ignored rows -> 0
-                if grad_bias is not None:
-                    grad_bias += g.sum(dim=0)  # (V,)
-                if need_weight:
-                    if g.dtype == h.dtype:
-                        grad_weight.addmm_(g.t(), h)  # (V, H) fp32
-                    else:
-                        grad_weight += (g.to(h.dtype).t() @ h).float()  # (V, H)
-                if need_hidden:
-                    grad_hidden[start:end] = g.to(weight.dtype) @ weight  # (c, H)
-                del g
-        return (grad_hidden,
-                grad_weight.to(weight.dtype) if grad_weight is not None else None,
-                grad_bias.to(bias.dtype) if grad_bias is not None else None,
-                None, None, None)
+        grads = [None if t is None else (t.float() * scale).to(dtype)  # the unit gradients, scaled
+                 for t, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, None, None, None, None)
 
 
 def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -219,8 +221,13 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels
     # casts outside the Function, so autograd routes the gradients back to the original dtypes
     hidden, weight = hidden.to(dtype), weight.to(dtype)  # (N, H), (V, H)
     bias = bias.to(dtype) if bias is not None else None  # (V,)
+    # Under autograd the gradients are computed in the forward pass, while each chunk's logits exist
+    # (two head matmuls instead of three); without it (evaluation) the forward pass computes the loss only.
+    grad_on = torch.is_grad_enabled()
+    grads_now = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+                 grad_on and bias is not None and bias.requires_grad)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, int(ignore_index), chunk)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, int(ignore_index), chunk, grads_now)
 
 
 # ----------------------------------------------------------------------------------- model level
