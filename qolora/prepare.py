@@ -45,6 +45,7 @@ from .inits import INITS, refine_factors, residual_
 from .layer import AdapterLinear, mark_only_adapters_trainable, replace_module
 from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
 from .offload import LayerOffload, check_offload, offload_layers_for
+from .offload_checkpointing import OffloadedCheckpointing, checkpointing_mode, install
 from .quant import dequantize_weight, make_base_layer, quantization_kind, quantize_dequantize
 from .threads import cpu_thread_policy
 
@@ -234,7 +235,7 @@ def prepare(
     rank: int = 16,
     *,
     config: AdapterConfig | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | str = False,
     compare_plain: bool = False,
     progress: bool = True,
     offload: str | None = None,
@@ -251,7 +252,8 @@ def prepare(
         bits: 4 (NF4 by default), 8 or 16 (unquantized).
         rank: adapter rank.
         config: a full :class:`AdapterConfig` instead of ``bits``/``rank``/``options``.
-        gradient_checkpointing: enable non-reentrant gradient checkpointing.
+        gradient_checkpointing: enable non-reentrant gradient checkpointing; ``"offload"``: checkpointing whose
+            saved layer inputs wait in pinned host memory (:mod:`qolora.offload_checkpointing`).
         compare_plain: also quantize each targeted weight as plain QLoRA would and report that
             error (one extra quantization per layer: slower, for measurement).
         progress: show a progress bar over layers.
@@ -282,6 +284,10 @@ def prepare(
             larger than the host memory available; all before any weight is read.
     """
     cfg = (config or _option_config(bits, rank, options)).validate()
+    try:
+        gradient_checkpointing = checkpointing_mode(gradient_checkpointing)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     offload = check_offload(offload)
     base = BaseCheckpoint.of(model)
     placement = offload_layers_for(base.hf_config, cfg, offload, gpu_memory=gpu_memory, plan_options=offload_plan,
@@ -310,18 +316,24 @@ def prepare(
     adopt(net, ModelRecord(config=cfg, base=name, base_dir=base.dir, report=report,
                                    offload=placement.streamer if placement is not None else None))
     if gradient_checkpointing:
-        enable_gradient_checkpointing(net)
+        enable_gradient_checkpointing(net, offload=gradient_checkpointing == "offload")
     net.eval()
     logger.info("prepared %s: %s", name, report.summary())
     return net
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant checkpointing: works with a frozen embedding and trainable adapters only."""
+def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> None:
+    """Non-reentrant checkpointing: works with a frozen embedding and trainable adapters only.
+
+    ``offload=True``: each checkpointed layer's saved input waits in host memory until its recompute
+    (:class:`qolora.offload_checkpointing.OffloadedCheckpointing`); False turns that off again.
+    """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if offload:
+        install(model, OffloadedCheckpointing(kwargs))
     if hasattr(model, "config"):
         model.config.use_cache = False
