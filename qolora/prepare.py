@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import host_memory
 from .base_reader import BaseCheckpoint, LinearWeight, layer_shape, linear_layers, select_targets, weight_fingerprint
 from .config import AdapterConfig, ConfigError
 from .hf_compat import attach as attach_hf_compat
@@ -46,7 +47,7 @@ from .layer import AdapterLinear, mark_only_adapters_trainable, replace_module
 from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
 from .offload import LayerOffload, check_offload, offload_layers_for
 from .offload_checkpointing import OffloadedCheckpointing, checkpointing_mode, install
-from .quant import dequantize_weight, make_base_layer, quantization_kind, quantize_dequantize
+from .quant import make_base_layer, quantization_error, quantize_dequantize
 from .threads import cpu_thread_policy
 
 __all__ = ["adopt", "build_model", "enable_gradient_checkpointing", "prepare"]
@@ -130,6 +131,8 @@ def build_model(
                 loaded(f"{item.module}.bias")
             bar.update(1)
             del item
+            if device.type == "cpu":
+                host_memory.trim()  # the freed fp32 weight and its slices leave the RSS now
         elif item.name is None:
             unexpected.append(item.key)
         elif item.name.endswith(".bias") and item.name.rpartition(".")[0] in rebuilt:
@@ -173,21 +176,14 @@ def _adapted_layer(name, weight, factors_for, config, needs_residual, compare_pl
     fingerprint = weight_fingerprint(weight)
     plain_error = None
     if compare_plain:
-        plain = make_base_layer(weight, None, config, weight.device)
-        plain_error = float(torch.linalg.norm(weight - dequantize_weight(plain)))
-        del plain
+        plain_error = quantization_error(make_base_layer(weight, None, config, weight.device), weight)
     a, b = factors_for(name, weight)  # (r, in), (out, r)
     a, b = a.to(weight.device, torch.float32), b.to(weight.device, torch.float32)
     if needs_residual:
         residual_(weight, a, b, config.scale)  # weight := W - s*B@A, in place
     base = make_base_layer(weight, None, config, weight.device)
     # W - (deq(q(W_res)) + s*B@A) == W_res - deq(q(W_res)); for LoRA (no residual) W - deq(q(W)).
-    restored = dequantize_weight(base)
-    if quantization_kind(base.weight) is not None:  # a fresh tensor: subtract in place, no temporary
-        error = float(torch.linalg.norm(restored.sub_(weight)))
-    else:  # a 16-bit base may share its storage with ``weight``
-        error = float(torch.linalg.norm(weight - restored))
-    del restored
+    error = quantization_error(base, weight)
     layer = AdapterLinear(
         base, a, b, config.scale, dropout=config.dropout, adapter_dtype=config.torch_adapter_dtype,
         fan_in_fan_out=not is_linear, init_factors=(a, b) if needs_residual else None, base_fingerprint=fingerprint,
