@@ -73,7 +73,8 @@ def _worker(payload: dict, probe: MemoryProbe) -> dict:
     release_freed_memory()
     probe.start()
     with Timer(device) as prep:
-        model = qolora.prepare(source, bits=4, rank=16, device=device, gradient_checkpointing=True, progress=False)
+        model = qolora.prepare(source, bits=4, rank=16, device=device, progress=False,
+                               gradient_checkpointing=payload.get("checkpointing", True))
     probe.stop("prepare")
     model.train()
     params = [p for _, p in adapter_parameters(model)]
@@ -106,10 +107,12 @@ def _worker(payload: dict, probe: MemoryProbe) -> dict:
             step()
         tracked = tracker.peak
     predicted = plan(config, bits=4, rank=16, seq_len=seq, batch_size=batch, optim="paged_adamw_8bit",
-                     gradient_checkpointing=True, compute_dtype="bf16" if device.startswith("cuda") else "fp32",
+                     gradient_checkpointing=payload.get("checkpointing", True),
+                     compute_dtype="bf16" if device.startswith("cuda") else "fp32",
                      device="cuda" if device.startswith("cuda") else "cpu")
     return {
         "shape": payload["shape"], "layers": payload["layers"], "seq": seq, "batch": batch, "device": device,
+        "gradient_checkpointing": payload.get("checkpointing", True),
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "prepare_s": prep.seconds, "prepare_cpu_s": prep.cpu_seconds,
         "step_s": timed.seconds, "step_cpu_s": timed.cpu_seconds, "tokens_per_s": ids.numel() / timed.seconds,
@@ -128,15 +131,17 @@ def _measured(result: dict) -> dict:
         step_peak = (step["cuda_peak_alloc_mb"] - step["cuda_start_alloc_mb"]) * 2**20
         prepare_peak = prep["cuda_peak_alloc_mb"] * 2**20
         absolute = step["cuda_peak_alloc_mb"] * 2**20
-        allocated_plan = p["total_bytes"] - p["cuda_context_bytes"] - p["margin_bytes"]
+        allocated_plan = p["gpu_bytes"] - p["cuda_context_bytes"] - p["margin_bytes"]
     else:  # the torch tensors' exact peak (what the plan models); the RSS peak beside it
         step_peak = result["tracked_step_peak_bytes"]
         prepare_peak = prep["peak_rss_delta_mb"] * 2**20
         absolute, allocated_plan = None, None
+    # On CUDA the allocator sees the GPU part only: offloaded checkpoints live in pinned host memory.
+    plan_step = p["step_bytes"] - (p.get("checkpoint_host_bytes", 0) if cuda else 0)
     return {
-        "prepare_peak_bytes": prepare_peak, "step_peak_bytes": step_peak, "plan_step_bytes": p["step_bytes"],
+        "prepare_peak_bytes": prepare_peak, "step_peak_bytes": step_peak, "plan_step_bytes": plan_step,
         "step_peak_rss_bytes": None if cuda else step["peak_rss_delta_mb"] * 2**20,
-        "step_peak_over_plan": step_peak / p["step_bytes"],
+        "step_peak_over_plan": step_peak / plan_step,
         "peak_bytes": absolute, "plan_allocated_bytes": allocated_plan,
         "peak_over_plan": None if absolute is None else absolute / allocated_plan,
         "plan_weights_bytes": p["weights_bytes"],
@@ -144,7 +149,8 @@ def _measured(result: dict) -> dict:
 
 
 def _jobs(args) -> list[dict]:
-    base = {"device": args.device, "batch": 1, "threads": args.threads}
+    base = {"device": args.device, "batch": 1, "threads": args.threads,
+            "checkpointing": "offload" if args.gradient_checkpointing == "offload" else True}
     if args.device.startswith("cuda"):
         from qolora.plan import plan
 
@@ -165,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers-8b", type=int, default=2, help="full-width 8B layers on the CPU")
     parser.add_argument("--layers-70b", type=int, default=None, help="70B layers (CPU default 1, CUDA 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the workers")
+    parser.add_argument("--gradient-checkpointing", default="on", choices=["on", "offload"],
+                        help="offload: the layer checkpoints wait in pinned host memory (qolora.offload_checkpointing)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/scale.json)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")

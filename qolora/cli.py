@@ -55,6 +55,7 @@ def _add_finetune(sub) -> None:
     from .data import FORMATS
     from .finetune import finetune
     from .inits import INITS
+    from .plan import checkpointing_arg
     from .train_config import DEFAULT_LR, MIXED_PRECISION, OPTIMIZERS, TrainConfig
 
     d = TrainConfig()
@@ -121,6 +122,10 @@ def _add_finetune(sub) -> None:
     g.add_argument("--optim", default=d.optim, choices=list(OPTIMIZERS), help="optimizer (bitsandbytes or torch AdamW)")
     g.add_argument("--mixed-precision", default=d.mixed_precision, choices=list(MIXED_PRECISION),
                    help="auto: bf16 on GPUs with bf16, fp16 + grad scaler on older GPUs, none on the CPU")
+    g.add_argument("--gradient-checkpointing", nargs="?", const=True, default=d.gradient_checkpointing,
+                   type=checkpointing_arg, metavar="{on,off,offload}",
+                   help="recompute activations in the backward pass (default: on); offload: also keep each layer's "
+                        "checkpoint in pinned host memory until its recompute (least GPU memory, a little slower)")
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                    help="keep activations instead of recomputing them (faster, more memory)")
     g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",

@@ -137,9 +137,12 @@ def adapted_kinds(names: list[str], family: str) -> set[str]:
 
 
 def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
-          bits: int, padded: bool, checkpointing: bool, chunked: bool, chunk_bytes: int, max_linear: int,
+          bits: int, padded: bool, checkpointing: bool | str, chunked: bool, chunk_bytes: int, max_linear: int,
           grads: int, states: int) -> tuple[int, int, str, dict]:
-    """(activation bytes, loss bytes, moment, details) at the predicted peak of one step."""
+    """(activation bytes on the compute device, loss bytes, moment, details) at the predicted peak of one step.
+
+    ``checkpointing="offload"``: the layer checkpoints held in host memory are ``details["checkpoint_host_bytes"]``.
+    """
     N = B * T
     layer_fn = gpt2_layer if d.family == "gpt2" else llama_layer
     per_layer = layer_fn(d, B, T, adapted, r, a, adapter_b, autocast, bits, padded)
@@ -150,11 +153,20 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
     # through the fp32 <-> 16-bit casts, which doubles the temporaries.
     work = N * (d.i + d.h) * a * (2 if autocast else 1)
     dequant = max_linear * a
+    host = 0
     if checkpointing:
         # The recomputed layer's norm keeps the checkpointed input itself when it is already fp32.
         recomputed = per_layer - (layer_input if a == 4 and d.family == "llama" else 0)
-        kept_at_loss = d.L * layer_input + top
-        kept_in_layer = d.L * layer_input + rope + recomputed + work + dequant
+        if checkpointing == "offload":
+            # Every layer's checkpoint waits in host memory. On the device: the first layer's input (the
+            # embedding output, a leaf that requires grad, held by autograd anyway) and, in the backward
+            # pass, the one checkpoint brought back for its layer's recompute.
+            host = d.L * layer_input
+            kept_at_loss = layer_input + top
+            kept_in_layer = 2 * layer_input + rope + recomputed + work + dequant
+        else:
+            kept_at_loss = d.L * layer_input + top
+            kept_in_layer = d.L * layer_input + rope + recomputed + work + dequant
     else:
         kept_at_loss = d.L * per_layer + top
         kept_in_layer = d.L * per_layer + rope + work + dequant
@@ -169,7 +181,7 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
     at_loss, in_layer = kept_at_loss + loss, kept_in_layer
     details = {"per_layer_activation_bytes": per_layer, "checkpointed_input_bytes": layer_input,
                "working_grad_bytes": work, "dequantized_weight_bytes": dequant,
-               "peak_at_loss_bytes": at_loss, "peak_in_layer_bytes": in_layer}
+               "peak_at_loss_bytes": at_loss, "peak_in_layer_bytes": in_layer, "checkpoint_host_bytes": host}
     if at_loss >= in_layer:
         return kept_at_loss, loss, "loss", details
     return in_layer, 0, "layer", details

@@ -38,7 +38,11 @@ without repeated K/V)::
 
 GPT-2 style layers (LayerNorm, fused ``c_attn``, GELU MLP) use the same terms with their own list
 (see :func:`gpt2_layer`). Without gradient checkpointing all ``L`` layers are kept; with it, only
-each layer's input (``a*N*h`` each) plus one recomputed layer. On top: the backward pass's working
+each layer's input (``a*N*h`` each) plus one recomputed layer. Offloaded checkpointing
+(``gradient_checkpointing="offload"``, :mod:`qolora.offload_checkpointing`) keeps those ``L`` inputs in
+pinned host memory (``checkpoint_host_bytes``); the GPU holds the first layer's input (the embedding
+output, which autograd keeps as a leaf) and, in the backward pass, the one input brought back for its
+layer's recompute. On a CPU device nothing moves (host and device are one memory). On top: the backward pass's working
 gradients of one layer (``a*N*(i + h)``, doubled under autocast, where every adapted input's
 gradient also passes through the fp32 <-> 16-bit casts), the rotary tables, the final norm, and one dequantized
 weight (the largest, in the compute dtype: bitsandbytes dequantizes a whole weight per matmul when
@@ -84,6 +88,7 @@ from .config import DTYPES, AdapterConfig, ConfigError, parse_size
 from .loss import DEFAULT_CHUNK_BYTES
 from .memory_model import adapted_kinds, model_dims, optimizer_bytes, quantized_bytes, step_memory
 from .offload import check_offload, decoder_layers, spread
+from .offload_checkpointing import checkpointing_mode
 
 __all__ = ["MemoryPlan", "plan", "load_hf_config", "builtin_configs", "add_parser", "run"]
 
@@ -179,10 +184,13 @@ class MemoryPlan:
             gradients + optimizer states).
         cuda_context_bytes / margin_bytes: CUDA context and allocator margin (0 on the CPU).
         total_bytes: predicted peak of everything (GPU and host).
+        checkpoint_host_bytes: with offloaded checkpointing, the decoder layers' checkpointed inputs held in
+            pinned host memory (``activation_bytes`` is then what stays on the GPU).
         offload / offloaded_layers: the offload setting and the decoder layers whose frozen base lives in host memory.
         offloaded_bytes: those layers' frozen bytes (quantized weights, statistics, norms, biases).
         in_flight_bytes: the largest two offloaded layers: on the GPU at once (computing + prefetched).
-        gpu_bytes: ``total_bytes - offloaded_bytes + in_flight_bytes``; host_bytes: ``offloaded_bytes`` (pinned).
+        gpu_bytes: ``total_bytes - host_bytes + in_flight_bytes``; host_bytes: ``offloaded_bytes +
+            checkpoint_host_bytes`` (pinned).
         host_memory: host memory to check ``host_bytes`` against (None: not checked).
         fits: ``gpu_bytes <= gpu_memory`` (and ``host_bytes <= host_memory`` when given) when ``gpu_memory`` was given.
         max_seq_len / max_batch_size: the longest sequence (at ``batch_size``) and the largest batch (at
@@ -217,6 +225,7 @@ class MemoryPlan:
     offloaded_bytes: int = 0
     in_flight_bytes: int = 0
     host_memory: int | None = None
+    checkpoint_host_bytes: int = 0
 
     @property
     def num_offloaded_layers(self) -> int:
@@ -228,7 +237,8 @@ class MemoryPlan:
 
     @property
     def step_bytes(self) -> int:
-        return self.activation_bytes + self.loss_bytes + self.adapter_grad_bytes + self.optimizer_bytes
+        return (self.activation_bytes + self.checkpoint_host_bytes + self.loss_bytes + self.adapter_grad_bytes
+                + self.optimizer_bytes)
 
     @property
     def total_bytes(self) -> int:
@@ -236,11 +246,11 @@ class MemoryPlan:
 
     @property
     def gpu_bytes(self) -> int:
-        return self.total_bytes - self.offloaded_bytes + self.in_flight_bytes
+        return self.total_bytes - self.host_bytes + self.in_flight_bytes
 
     @property
     def host_bytes(self) -> int:
-        return self.offloaded_bytes
+        return self.offloaded_bytes + self.checkpoint_host_bytes
 
     @property
     def host_fits(self) -> bool | None:
@@ -276,13 +286,17 @@ class MemoryPlan:
             ("optimizer states", self.optimizer_bytes, s["optim"]),
             ("activations", self.activation_bytes,
              f"seq {s['seq_len']} x batch {s['batch_size']}, "
-             f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"),
+             f"checkpointing {_checkpointing_text(s['gradient_checkpointing'])}"
+             + (" (on the GPU)" if self.checkpoint_host_bytes else "")),
+            ("layer checkpoints (host)", self.checkpoint_host_bytes,
+             f"{self.num_layers} x seq x hidden in pinned host memory" if self.checkpoint_host_bytes else ""),
             ("loss", self.loss_bytes, ("chunked" if s["chunked_loss"] else "full fp32 logits")
              + ("" if self.loss_bytes or self.peak_moment == "loss" else " (peak is inside the layers)")),
             ("CUDA context", self.cuda_context_bytes, ""),
             ("allocator margin", self.margin_bytes,
              f"max(256 MiB, {MARGIN_FRACTION:.0%})" if self.margin_bytes else ""),
         ]
+        rows = [r for r in rows if r[0] != "layer checkpoints (host)" or r[1]]
         width = max(len(r[0]) for r in rows)
         gpus = s.get("num_gpus", 1)
         per_gpu = (f", per GPU of {gpus} ({'FSDP' if s.get('fsdp') else 'data parallel'}, batch per GPU)"
@@ -293,13 +307,18 @@ class MemoryPlan:
         lines.append("-" * (width + 40))
         lines.append(f"{'total (predicted peak)':<{width}}  {_gib(self.total_bytes):>8}  "
                      f"weights {_gib(self.weights_bytes)}, peak at the {self.peak_moment}")
+        if self.offload is not None or self.checkpoint_host_bytes:
+            lines.append(f"{'host memory':<{width}}  {_gib(self.host_bytes):>8}  layer checkpoints + offloaded layers"
+                         + ("" if self.host_memory is None else
+                            f"; host has {_gib(self.host_memory)} GiB" + ("" if self.host_fits else ": NOT enough")))
         if self.offload is not None:
             lines.append(f"{'offloaded to host':<{width}}  {_gib(self.host_bytes):>8}  {self.num_offloaded_layers} of "
                          f"{self.num_layers} decoder layers in pinned host memory (offload={self.offload!r})"
                          + ("" if self.host_memory is None else
                             f"; host has {_gib(self.host_memory)} GiB" + ("" if self.host_fits else ": NOT enough")))
-            lines.append(f"{'GPU part':<{width}}  {_gib(self.gpu_bytes):>8}  total - offloaded + "
-                         f"{_gib(self.in_flight_bytes)} GiB in flight (2 layers)")
+        if self.offload is not None or self.checkpoint_host_bytes:
+            lines.append(f"{'GPU part':<{width}}  {_gib(self.gpu_bytes):>8}  total - host memory"
+                         + (f" + {_gib(self.in_flight_bytes)} GiB in flight (2 layers)" if self.offload else ""))
         if self.gpu_memory is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"{'GPU memory':<{width}}  {_gib(self.gpu_memory):>8}  {verdict} "
@@ -323,7 +342,7 @@ def plan(
     batch_size: int = 1,
     grad_accum: int = 1,
     optim: str = "paged_adamw_8bit",
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing: bool | str = True,
     gpu_memory: int | str | None = None,
     quant_type: str = "nf4",
     blocksize: int = 64,
@@ -350,7 +369,9 @@ def plan(
         seq_len, batch_size: tokens per example and examples per micro-batch.
         grad_accum: micro-batches per step (does not change the peak: one micro-batch lives at a time).
         optim: one of :data:`qolora.train.OPTIMIZERS`.
-        gradient_checkpointing: recompute each layer in the backward pass.
+        gradient_checkpointing: recompute each layer in the backward pass; ``"offload"``: and keep the
+            checkpointed layer inputs in host memory (:mod:`qolora.offload_checkpointing`; CUDA only: on
+            ``device="cpu"`` it is ordinary checkpointing).
         gpu_memory: bytes or a size (``"24GiB"``): then ``fits``, the longest ``seq_len``, the largest
             ``batch_size`` and suggestions are filled in.
         compute_dtype: dtype of the unquantized weights and of activations. 16-bit means qolora's GPU
@@ -388,6 +409,10 @@ def plan(
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("grad_accum", grad_accum)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"{name}={value!r} must be an integer >= 1")
+    try:
+        gradient_checkpointing = checkpointing_mode(gradient_checkpointing)
+    except ValueError as exc:
+        problems.append(str(exc))
     if device not in ("cuda", "cpu"):
         problems.append(f"device={device!r} is not supported; allowed: 'cuda', 'cpu'")
     try:
@@ -455,9 +480,12 @@ def plan(
     d = model_dims(hf_config)
     adapted = adapted_kinds(targets, d.family)
 
+    # Offloaded checkpointing copies nothing when the compute device is the host.
+    checkpointing = True if gradient_checkpointing == "offload" and device != "cuda" else gradient_checkpointing
+
     def step(T: int, B: int):
         return step_memory(d, B, T, adapted=adapted, r=rank, a=a, adapter_b=adapter_b, autocast=autocast, bits=bits,
-                     padded=(B > 1) if padded is None else padded, checkpointing=gradient_checkpointing,
+                     padded=(B > 1) if padded is None else padded, checkpointing=checkpointing,
                      chunked=chunked_loss, chunk_bytes=loss_chunk_bytes, max_linear=max_linear,
                      grads=adapters, states=states)
 
@@ -509,6 +537,7 @@ def plan(
         peak_moment=moment, cuda_context_bytes=ctx, margin_bytes=margin, n_adapted_layers=len(targets),
         trainable_params=trainable, details=details, gpu_memory=gpu, offload=offload, offloaded_layers=chosen,
         offloaded_bytes=off_bytes, in_flight_bytes=flight_bytes, host_memory=host,
+        checkpoint_host_bytes=details["checkpoint_host_bytes"],
     )
     if gpu is not None and _search:
         limit = int(getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", 0)
@@ -547,6 +576,9 @@ def _suggest(model, current: MemoryPlan, options: dict, hf_config) -> list[dict]
         changes.append(("bits=4", {"bits": 4}))
     if not options["gradient_checkpointing"]:
         changes.append(("gradient checkpointing on", {"gradient_checkpointing": True}))
+    if options["gradient_checkpointing"] != "offload" and options["device"] == "cuda":
+        changes.append(("gradient checkpointing offloaded to host memory (--gradient-checkpointing offload)",
+                        {"gradient_checkpointing": "offload"}))
     if options["optim"] not in ("paged_adamw_8bit", "adamw_8bit"):
         changes.append(("optim=paged_adamw_8bit", {"optim": "paged_adamw_8bit"}))
     if not options["chunked_loss"]:
@@ -599,7 +631,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--optim", default=OPTIMIZERS[0], choices=list(OPTIMIZERS))
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--gradient-checkpointing", nargs="?", const=True, default=True, type=checkpointing_arg,
+                   metavar="{on,off,offload}",
+                   help="recompute activations in the backward pass; offload: also keep the layer checkpoints in "
+                        "pinned host memory")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="assume the chunked loss (no full fp32 logits)")
     p.add_argument("--gpu-memory", default=None, help="GPU memory to fit, e.g. 24GiB, 24GB, 80G")
@@ -625,6 +661,18 @@ def run(args) -> int:
                   num_gpus=args.num_gpus, fsdp=args.fsdp)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
     return 0 if result.fits in (None, True) else 1
+
+
+def checkpointing_arg(text: str) -> bool | str:
+    """argparse type of ``--gradient-checkpointing``: on, off or offload."""
+    try:
+        return checkpointing_mode(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose on, off or offload") from None
+
+
+def _checkpointing_text(mode) -> str:
+    return "offloaded to host" if mode == "offload" else "on" if mode else "off"
 
 
 def _host_memory(value: str | None) -> int | str | None:

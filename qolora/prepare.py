@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import host_memory
 from .base_reader import BaseCheckpoint, LinearWeight, layer_shape, linear_layers, select_targets, weight_fingerprint
 from .config import AdapterConfig, ConfigError
 from .hf_compat import attach as attach_hf_compat
@@ -45,7 +46,8 @@ from .inits import INITS, refine_factors, residual_
 from .layer import AdapterLinear, mark_only_adapters_trainable, replace_module
 from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
 from .offload import LayerOffload, check_offload, offload_layers_for
-from .quant import dequantize_weight, make_base_layer, quantization_kind, quantize_dequantize
+from .offload_checkpointing import OffloadedCheckpointing, checkpointing_mode, install
+from .quant import make_base_layer, quantization_error, quantize_dequantize
 from .threads import cpu_thread_policy
 
 __all__ = ["adopt", "build_model", "enable_gradient_checkpointing", "prepare"]
@@ -129,6 +131,8 @@ def build_model(
                 loaded(f"{item.module}.bias")
             bar.update(1)
             del item
+            if device.type == "cpu":
+                host_memory.trim()  # the freed fp32 weight and its slices leave the RSS now
         elif item.name is None:
             unexpected.append(item.key)
         elif item.name.endswith(".bias") and item.name.rpartition(".")[0] in rebuilt:
@@ -172,21 +176,14 @@ def _adapted_layer(name, weight, factors_for, config, needs_residual, compare_pl
     fingerprint = weight_fingerprint(weight)
     plain_error = None
     if compare_plain:
-        plain = make_base_layer(weight, None, config, weight.device)
-        plain_error = float(torch.linalg.norm(weight - dequantize_weight(plain)))
-        del plain
+        plain_error = quantization_error(make_base_layer(weight, None, config, weight.device), weight)
     a, b = factors_for(name, weight)  # (r, in), (out, r)
     a, b = a.to(weight.device, torch.float32), b.to(weight.device, torch.float32)
     if needs_residual:
         residual_(weight, a, b, config.scale)  # weight := W - s*B@A, in place
     base = make_base_layer(weight, None, config, weight.device)
     # W - (deq(q(W_res)) + s*B@A) == W_res - deq(q(W_res)); for LoRA (no residual) W - deq(q(W)).
-    restored = dequantize_weight(base)
-    if quantization_kind(base.weight) is not None:  # a fresh tensor: subtract in place, no temporary
-        error = float(torch.linalg.norm(restored.sub_(weight)))
-    else:  # a 16-bit base may share its storage with ``weight``
-        error = float(torch.linalg.norm(weight - restored))
-    del restored
+    error = quantization_error(base, weight)
     layer = AdapterLinear(
         base, a, b, config.scale, dropout=config.dropout, adapter_dtype=config.torch_adapter_dtype,
         fan_in_fan_out=not is_linear, init_factors=(a, b) if needs_residual else None, base_fingerprint=fingerprint,
@@ -234,7 +231,7 @@ def prepare(
     rank: int = 16,
     *,
     config: AdapterConfig | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | str = False,
     compare_plain: bool = False,
     progress: bool = True,
     offload: str | None = None,
@@ -251,7 +248,8 @@ def prepare(
         bits: 4 (NF4 by default), 8 or 16 (unquantized).
         rank: adapter rank.
         config: a full :class:`AdapterConfig` instead of ``bits``/``rank``/``options``.
-        gradient_checkpointing: enable non-reentrant gradient checkpointing.
+        gradient_checkpointing: enable non-reentrant gradient checkpointing; ``"offload"``: checkpointing whose
+            saved layer inputs wait in pinned host memory (:mod:`qolora.offload_checkpointing`).
         compare_plain: also quantize each targeted weight as plain QLoRA would and report that
             error (one extra quantization per layer: slower, for measurement).
         progress: show a progress bar over layers.
@@ -282,6 +280,10 @@ def prepare(
             larger than the host memory available; all before any weight is read.
     """
     cfg = (config or _option_config(bits, rank, options)).validate()
+    try:
+        gradient_checkpointing = checkpointing_mode(gradient_checkpointing)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     offload = check_offload(offload)
     base = BaseCheckpoint.of(model)
     placement = offload_layers_for(base.hf_config, cfg, offload, gpu_memory=gpu_memory, plan_options=offload_plan,
@@ -310,18 +312,24 @@ def prepare(
     adopt(net, ModelRecord(config=cfg, base=name, base_dir=base.dir, report=report,
                                    offload=placement.streamer if placement is not None else None))
     if gradient_checkpointing:
-        enable_gradient_checkpointing(net)
+        enable_gradient_checkpointing(net, offload=gradient_checkpointing == "offload")
     net.eval()
     logger.info("prepared %s: %s", name, report.summary())
     return net
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant checkpointing: works with a frozen embedding and trainable adapters only."""
+def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> None:
+    """Non-reentrant checkpointing: works with a frozen embedding and trainable adapters only.
+
+    ``offload=True``: each checkpointed layer's saved input waits in host memory until its recompute
+    (:class:`qolora.offload_checkpointing.OffloadedCheckpointing`); False turns that off again.
+    """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if offload:
+        install(model, OffloadedCheckpointing(kwargs))
     if hasattr(model, "config"):
         model.config.use_cache = False

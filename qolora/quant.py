@@ -6,6 +6,10 @@ bitsandbytes internals:
 * :func:`make_base_layer` turns a full-precision weight (already the OLoRA residual, fp32, on the
   compute device) into the frozen base layer: ``nn.Linear`` (bits=16), ``Linear4bit`` or
   ``Linear8bitLt``, quantized once, on that device.
+* On the CPU a 4-bit weight is quantized in slices of :data:`QUANT_SLICE_ELEMENTS` (whole blocks), the
+  same bytes as one call: bitsandbytes' CPU kernel makes temporaries of ~2.5x its fp32 input, which
+  made the quantization of the largest weight prepare's memory peak. :func:`quantization_error` measures
+  ``||W - deq(q(W))||`` slice by slice for the same reason (no full dequantized copy).
 * :func:`dequantize_weight` gives back the weight a base layer actually computes with, fp32.
 * :func:`quantize_dequantize` is the two together on a temporary layer: what a weight would become as
   a base layer (used by the quantization-aware refinement, ``refine=K``).
@@ -17,13 +21,18 @@ bitsandbytes is imported lazily: a bits=16 model needs none of it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .config import AdapterConfig
 
-__all__ = ["make_base_layer", "dequantize_weight", "quantize_dequantize", "dequantize_stored", "stored_group_complete",
-           "stored_part", "quantization_kind", "quant_settings"]
+__all__ = ["make_base_layer", "dequantize_weight", "quantization_error", "quantize_dequantize", "dequantize_stored",
+           "stored_group_complete", "stored_part", "quantization_kind", "quant_settings"]
+
+
+QUANT_SLICE_ELEMENTS = 1 << 20  # 4 MiB of fp32 per slice: bitsandbytes' CPU temporaries stay ~10 MiB
 
 
 def _bnb():
@@ -74,7 +83,12 @@ def make_base_layer(
             blocksize=config.blocksize, compress_statistics=config.double_quant,
             quant_type=config.quant_type, quant_storage=config.torch_quant_storage, module=layer,
         )
-        layer.weight = param._quantize(device)
+        if torch.device(device).type == "cpu":
+            param.data, param.quant_state = _quantize_4bit_sliced(param.data, config)
+            layer.quant_state, param.bnb_quantized = param.quant_state, True  # as Params4bit._quantize
+            layer.weight = param
+        else:
+            layer.weight = param._quantize(device)
         # Quantized from fp32 (no bf16 rounding first); dequantize straight into the compute dtype.
         layer.weight.quant_state.dtype = config.torch_compute_dtype
         # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time it
@@ -93,6 +107,75 @@ def make_base_layer(
     layer.bias = bias_param
     layer.requires_grad_(False)
     return layer
+
+
+def _quantize_4bit_sliced(weight: torch.Tensor, config: AdapterConfig):
+    """``bitsandbytes.functional.quantize_4bit`` of a CPU fp32 weight, slice by slice of whole blocks.
+
+    4-bit blocks run along the flattened weight, so slices of a multiple of ``blocksize`` elements give
+    the same packed bytes and absmax as one call; double quantization then runs once on the whole absmax,
+    as bitsandbytes does it. Returns ``(packed (bytes, 1) in quant_storage, QuantState)``.
+    """
+    functional = _bnb().functional
+    weight = weight.contiguous()
+    n, blocksize = weight.numel(), config.blocksize
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    for rows in _row_slices(weight.shape, blocksize):
+        start = rows.start * weight.shape[1]
+        out, part_absmax = torch.ops.bitsandbytes.quantize_4bit.default(weight[rows], blocksize, config.quant_type,
+                                                                        torch.uint8)
+        packed[start // 2:start // 2 + out.numel()] = out.reshape(-1)
+        absmax[start // blocksize:start // blocksize + part_absmax.numel()] = part_absmax
+    storage = config.torch_quant_storage
+    packed = packed[:(n + 1) // (storage.itemsize * 2) * storage.itemsize].view(storage).reshape(-1, 1)
+    code = functional.get_4bit_type(config.quant_type, device=weight.device)
+    common = dict(shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, code=code, quant_type=config.quant_type)
+    if config.double_quant:
+        offset = absmax.mean()
+        qabsmax, state2 = functional.quantize_blockwise(absmax - offset, blocksize=256)
+        return packed, functional.QuantState(absmax=qabsmax, offset=offset, state2=state2, **common)
+    return packed, functional.QuantState(absmax=absmax, **common)
+
+
+def _row_slices(shape, blocksize: int) -> list[slice]:
+    """Row ranges of about :data:`QUANT_SLICE_ELEMENTS` elements, each starting on a whole 4-bit block (and byte)."""
+    out_f, in_f = shape
+    unit = blocksize // math.gcd(in_f, blocksize)  # rows per whole number of blocks
+    step = max(1, QUANT_SLICE_ELEMENTS // (in_f * unit)) * unit
+    return [slice(r, min(r + step, out_f)) for r in range(0, out_f, step)]
+
+
+def quantization_error(layer: nn.Module, weight: torch.Tensor) -> float:
+    """``||weight - W_layer||`` (Frobenius), ``W_layer`` what the base layer computes with (fp32).
+
+    A CPU 4-bit layer is dequantized slice by slice (no full fp32 copy); otherwise the whole weight
+    is dequantized once.
+    """
+    param = layer.weight
+    state = getattr(param, "quant_state", None)
+    if (quantization_kind(param) != "4bit" or param.device.type != "cpu"
+            or getattr(state, "packing_format_for_cpu", False)):
+        restored = dequantize_weight(layer)
+        if quantization_kind(param) is not None:  # a fresh tensor: subtract in place, no temporary
+            return float(torch.linalg.norm(restored.sub_(weight)))
+        return float(torch.linalg.norm(weight - restored))  # a 16-bit base may share its storage with ``weight``
+    functional = _bnb().functional
+    absmax = state.absmax
+    if state.nested:
+        absmax = functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    absmax = absmax.float()
+    packed = param.data.reshape(-1).view(torch.uint8)
+    blocksize = state.blocksize
+    squares = torch.zeros((), dtype=torch.float64)
+    for rows in _row_slices(weight.shape, blocksize):
+        part = weight[rows]  # (rows, in): the kernel reads blocks as the whole weight's only in 2-D
+        start, end = rows.start * weight.shape[1], rows.stop * weight.shape[1]
+        restored = torch.ops.bitsandbytes.dequantize_4bit.default(
+            packed[start // 2:(end + 1) // 2].reshape(-1, 1), absmax[start // blocksize:-(-end // blocksize)],
+            blocksize, state.quant_type, list(part.shape), state.dtype).to(torch.float32)  # as the layer computes
+        squares += torch.linalg.vector_norm(restored.sub_(part), dtype=torch.float64).square()
+    return float(squares.sqrt())
 
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:

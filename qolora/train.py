@@ -69,6 +69,7 @@ from .files import folder_lock
 from .layer import adapter_parameters, adapter_state_dict
 from .loss import causal_lm_loss_sum
 from .model_record import record_of
+from .offload_checkpointing import find_offloaded_checkpointing
 from .optim import lr_factor, make_optimizer, resolve_precision
 from .run_folder import METRICS_FILE, check_output_dir, clear_run, refuse_resume, resume_problems, trajectory
 from .train_config import DEFAULT_LR, MIXED_PRECISION, OPTIMIZERS, TrainConfig, TrainingError, TrainResult, default_lr
@@ -415,16 +416,18 @@ class _Run:
         reporting.write_samples(self.out, self.samples, steps=self.step if stage == "after" else None)
 
 
-def _set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
+def _set_gradient_checkpointing(model: nn.Module, on: bool | str) -> None:
+    """True: checkpointing on (offloaded if the model was prepared so); ``"offload"``: on and offloaded; False: off."""
     active = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x name
     active = bool(getattr(model, "is_gradient_checkpointing", False) if active is None else active)
-    if on and not active:
+    offloaded = active and find_offloaded_checkpointing(model) is not None
+    if (on and not active) or (on == "offload" and not offloaded):
         if not hasattr(model, "gradient_checkpointing_enable"):
             logger.warning("%s does not support gradient checkpointing; training without it", type(model).__name__)
             return
         from .prepare import enable_gradient_checkpointing  # the loop does not need prepare otherwise
 
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, offload=on == "offload")
     elif not on and active:
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 

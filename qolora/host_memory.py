@@ -1,0 +1,41 @@
+"""Hand freed heap memory back to the operating system (glibc ``malloc_trim``).
+
+torch's CPU tensors come from the C heap. glibc serves allocations under its (dynamic, up to 32 MiB)
+mmap threshold from heap arenas and keeps what is freed there for reuse, so a process that frees a
+stream of large temporaries, as :func:`qolora.prepare` does (one full-precision weight and its
+quantization slices per layer), carries their freed pages in its resident memory: measured on a
+4-layer TinyLlama-sized prepare, 180 MiB of freed heap still resident at the end (transformers' own
+4-bit load: 70 MiB), which raised prepare's RSS peak above the plain load's. :func:`trim` returns
+those pages after each layer; it touches no live tensor. Elsewhere than glibc it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import logging
+
+__all__ = ["trim"]
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+def trim() -> bool:
+    """Return the C heap's free pages to the OS; True if glibc did it (False: not available)."""
+    fn = _malloc_trim()
+    if fn is None:
+        return False
+    fn(0)
+    return True
