@@ -105,6 +105,9 @@ def _add_finetune(sub) -> None:
                         "auto (only as many layers as needed to fit the GPU), cpu (all layers)")
     g.add_argument("--gpu-memory", default=None, help="with --offload auto: GPU memory to fit, e.g. 24GiB "
                                                       "(default: the free memory)")
+    g.add_argument("--kernels", default="auto", choices=["auto", "off"],
+                   help="auto: the fused base + adapter training step wherever it applies (logged where not); "
+                        "off: the plain PEFT-style path")
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
@@ -123,9 +126,10 @@ def _add_finetune(sub) -> None:
     g.add_argument("--mixed-precision", default=d.mixed_precision, choices=list(MIXED_PRECISION),
                    help="auto: bf16 on GPUs with bf16, fp16 + grad scaler on older GPUs, none on the CPU")
     g.add_argument("--gradient-checkpointing", nargs="?", const=True, default=d.gradient_checkpointing,
-                   type=checkpointing_arg, metavar="{on,off,offload}",
+                   type=checkpointing_arg, metavar="{on,off,offload,N}",
                    help="recompute activations in the backward pass (default: on); offload: also keep each layer's "
-                        "checkpoint in pinned host memory until its recompute (least GPU memory, a little slower)")
+                        "checkpoint in pinned host memory until its recompute (least GPU memory, a little slower); "
+                        "N: checkpoint only the first N decoder layers (faster, more memory: see qolora plan)")
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                    help="keep activations instead of recomputing them (faster, more memory)")
     g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
@@ -243,7 +247,8 @@ def _finetune(args) -> int:
         args.model, args.data, output_dir=args.output_dir, bits=args.bits, rank=args.rank, init=args.init,
         alpha=args.alpha, target_modules=args.target_modules, format=args.format, max_length=args.max_length,
         packing=args.packing, mask_prompt=args.mask_prompt, eval_fraction=args.eval_fraction, resume=args.resume,
-        offload=args.offload, gpu_memory=args.gpu_memory, adapter_options=adapter_options, **train_options,
+        offload=args.offload, gpu_memory=args.gpu_memory, kernels=args.kernels, adapter_options=adapter_options,
+        **train_options,
     )
     from .distributed import world
 

@@ -23,6 +23,7 @@ from .config import AdapterConfig, ConfigError
 from .data import DataError, detect_format, load_records, split_train_eval, tokenize_dataset
 from .files import folder_lock
 from .fsdp import full_adapter_state, with_trained_weights
+from .kernels import check_kernels
 from .offload import check_offload
 from .optim import resolve_precision
 from .prepare import prepare
@@ -53,6 +54,7 @@ def finetune(
     resume: bool = False,
     offload: str | None = None,
     gpu_memory: int | str | None = None,
+    kernels: str = "auto",
     adapter_options: dict | None = None,
     config: TrainConfig | None = None,
     **train_options,
@@ -80,6 +82,7 @@ def finetune(
             memory (:func:`qolora.prepare`); ``"auto"`` plans for this job's ``max_length``, batch size,
             optimizer and checkpointing against ``gpu_memory`` (default: the free GPU memory).
         gpu_memory: for ``offload="auto"``: the GPU memory to fit (bytes or ``"24GiB"``).
+        kernels: the adapter layers' training step, as in :func:`qolora.prepare` (``"auto"`` / ``"off"``).
         adapter_options: further :class:`qolora.AdapterConfig` fields (``dropout``, ``quant_type``,
             ``device``, ``refine``, ...).
         config: a whole :class:`TrainConfig` instead of ``output_dir`` and ``**train_options``.
@@ -95,6 +98,10 @@ def finetune(
     tcfg, acfg = _checked_configs(config, output_dir, train_options, bits, rank, init, alpha, target_modules,
                                   adapter_options, eval_fraction, max_length)
     offload = check_offload(offload)
+    try:
+        check_kernels(kernels)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (--kernels)") from None
     if tcfg.fsdp and offload is not None:
         raise ConfigError(f"fsdp=True and offload={offload!r}: FSDP shards the base instead of offloading it; "
                           "use one of them")
@@ -113,6 +120,7 @@ def finetune(
                 dist.on_main(lambda: check_resume(tcfg, train_ds, acfg, world_size=world.size))
             net = prepare(base, config=acfg, gradient_checkpointing=tcfg.gradient_checkpointing,
                           progress=tcfg.progress and world.is_main, offload=offload, gpu_memory=gpu_memory,
+                          kernels=kernels,
                           offload_plan={"seq_len": max_length, "batch_size": tcfg.batch_size, "optim": tcfg.optim})
             # FSDP: the base layers' quantization settings are read before sharding, the weights after training
             template = adapter_from_model(net) if tcfg.fsdp else None

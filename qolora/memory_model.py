@@ -77,15 +77,22 @@ def optimizer_bytes(optim: str, numels: list[int], adapter_bytes: int) -> int:
 
 
 def inputs_bytes(N: int, widths_consumers: list[tuple[int, list[str]]], adapted: set[str], a: int,
-                  adapter_b: int, autocast: bool, bits: int) -> int:
-    """Bytes kept for the inputs of a layer's linear layers: each input tensor (width w) read by consumers."""
+                  adapter_b: int, autocast: bool, bits: int, fused: bool = False) -> int:
+    """Bytes kept for the inputs of a layer's linear layers: each input tensor (width w) read by consumers.
+
+    ``fused``: the adapted layers run :mod:`qolora.kernels`' fused step, which keeps the input itself
+    (one tensor however many layers read it) when the adapter computes in the activations' dtype
+    (autocast, or factors in that dtype), else its own cast per layer as the plain path does.
+    """
     total = 0
     for w, consumers in widths_consumers:
         shared = bits == 16  # an unquantized base keeps its input; bitsandbytes keeps only its weight
         for c in consumers:
             if c not in adapted:
                 continue
-            if autocast:
+            if fused and (autocast or adapter_b == a):
+                shared = True
+            elif autocast:
                 total += N * w * a  # fp32 adapter: x -> fp32 -> autocast's own 16-bit copy, one per layer
             elif adapter_b == a:
                 shared = True
@@ -96,7 +103,7 @@ def inputs_bytes(N: int, widths_consumers: list[tuple[int, list[str]]], adapted:
 
 
 def llama_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
-                 bits: int, padded: bool) -> int:
+                 bits: int, padded: bool, fused: bool = False) -> int:
     N = B * T
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
     norms = 2 * (4 * N * d.h + 4 * N)
@@ -106,13 +113,13 @@ def llama_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adap
         attn += B * d.heads * T * T * (a + 1)
     mlp = 3 * N * d.i * a
     inputs = inputs_bytes(N, [(d.h, ["q_proj", "k_proj", "v_proj"]), (q, ["o_proj"]), (d.h, ["gate_proj", "up_proj"]),
-                               (d.i, ["down_proj"])], adapted, a, adapter_b, autocast, bits)
+                               (d.i, ["down_proj"])], adapted, a, adapter_b, autocast, bits, fused)
     lora = N * r * (a if autocast else adapter_b) * len(adapted)
     return norms + attn + mlp + inputs + lora
 
 
 def gpt2_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
-                bits: int, padded: bool) -> int:
+                bits: int, padded: bool, fused: bool = False) -> int:
     N = B * T
     ln_b = 4 if autocast else a  # LayerNorm runs in fp32 under autocast
     norms = 2 * (N * d.h * ln_b + 2 * 4 * N)  # input, mean, rstd
@@ -123,7 +130,7 @@ def gpt2_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adapt
     gelu = 4 if d.activation == "gelu_new" else 1  # python tanh-GELU keeps 4 tensors of N*i, torch's GELU 1
     mlp = gelu * N * d.i * a
     inputs = inputs_bytes(N, [(d.h, ["c_attn"]), (d.h, ["c_proj"]), (d.h, ["c_fc"]), (d.i, ["mlp.c_proj"])],
-                           adapted, a, adapter_b, autocast, bits)
+                           adapted, a, adapter_b, autocast, bits, fused)
     lora = N * r * (a if autocast else adapter_b) * len(adapted)
     return norms + attn + drop + mlp + inputs + lora
 
@@ -137,45 +144,61 @@ def adapted_kinds(names: list[str], family: str) -> set[str]:
 
 
 def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
-          bits: int, padded: bool, checkpointing: bool | str, chunked: bool, chunk_bytes: int, max_linear: int,
-          grads: int, states: int) -> tuple[int, int, str, dict]:
+          bits: int, padded: bool, checkpointing: bool | str | int, chunked: bool, chunk_bytes: int, max_linear: int,
+          grads: int, states: int, fused: bool = False) -> tuple[int, int, str, dict]:
     """(activation bytes on the compute device, loss bytes, moment, details) at the predicted peak of one step.
 
-    ``checkpointing="offload"``: the layer checkpoints held in host memory are ``details["checkpoint_host_bytes"]``.
+    ``checkpointing="offload"``: the layer checkpoints held in host memory are ``details["checkpoint_host_bytes"]``;
+    an integer ``k``: only the first ``k`` layers are checkpointed.
+    ``fused``: the adapted layers run :mod:`qolora.kernels`' fused step (no fp32 <-> 16-bit casts).
     """
     N = B * T
     layer_fn = gpt2_layer if d.family == "gpt2" else llama_layer
-    per_layer = layer_fn(d, B, T, adapted, r, a, adapter_b, autocast, bits, padded)
+    per_layer = layer_fn(d, B, T, adapted, r, a, adapter_b, autocast, bits, padded, fused)
     layer_input = N * d.h * a
     rope = 2 * N * d.head_dim * a if d.family == "llama" else 0
     top = 4 * N * d.h + 4 * N + rope  # final norm keeps its fp32 input and 1/rms
     # Working gradients of one layer (output, MLP): under autocast each adapted input's gradient also passes
-    # through the fp32 <-> 16-bit casts, which doubles the temporaries.
-    work = N * (d.i + d.h) * a * (2 if autocast else 1)
+    # through the fp32 <-> 16-bit casts on the plain path, which doubles the temporaries.
+    work = N * (d.i + d.h) * a * (2 if autocast and not fused else 1)
     dequant = max_linear * a
+    # The fused step frees its dequantized weight before it makes the adapter's gradients, so within one
+    # layer's backward pass the two peak one after the other (measured: tests/test_plan.py); on the plain
+    # path bitsandbytes' dequantized weight coexists with the adapter branch's temporaries.
+    transient = max(work, dequant) if fused else work + dequant
     host = 0
-    if checkpointing:
-        # The recomputed layer's norm keeps the checkpointed input itself when it is already fp32.
-        recomputed = per_layer - (layer_input if a == 4 and d.family == "llama" else 0)
+    # The recomputed layer's norm keeps the checkpointed input itself when it is already fp32.
+    recomputed = per_layer - (layer_input if a == 4 and d.family == "llama" else 0)
+    partial = type(checkpointing) is int and 0 < checkpointing < d.L
+    if partial:
+        # The first k layers keep their input, the others all their activations. The backward pass meets
+        # the un-checkpointed layers first (everything still held), then recomputes the checkpointed ones
+        # (the others' activations freed by then): the layer peak is the larger of the two.
+        k = checkpointing
+        kept = k * layer_input + (d.L - k) * per_layer
+        kept_at_loss = kept + top
+        kept_in_layer = max(kept + rope + transient, k * layer_input + rope + recomputed + transient)
+    elif checkpointing:
         if checkpointing == "offload":
             # Every layer's checkpoint waits in host memory. On the device: the first layer's input (the
             # embedding output, a leaf that requires grad, held by autograd anyway) and, in the backward
             # pass, the one checkpoint brought back for its layer's recompute.
             host = d.L * layer_input
             kept_at_loss = layer_input + top
-            kept_in_layer = 2 * layer_input + rope + recomputed + work + dequant
+            kept_in_layer = 2 * layer_input + rope + recomputed + transient
         else:
             kept_at_loss = d.L * layer_input + top
-            kept_in_layer = d.L * layer_input + rope + recomputed + work + dequant
+            kept_in_layer = d.L * layer_input + rope + recomputed + transient
     else:
         kept_at_loss = d.L * per_layer + top
-        kept_in_layer = d.L * per_layer + rope + work + dequant
+        kept_in_layer = d.L * per_layer + rope + transient
     n_loss = B * max(T - 1, 1)
     if chunked:
-        # One chunk's fp32 logits at a time (turned into their gradient in place in the backward), plus
-        # the chunk in the matmul dtype under 16-bit autocast, plus one fp32 logsumexp per token.
+        # One chunk's fp32 logits at a time (turned into their gradient in place), plus the chunk in the
+        # matmul dtype under 16-bit autocast, plus the hidden states' gradient (N, h), computed in the
+        # forward pass and held until the backward pass.
         chunk_tokens = max(1, min(n_loss, chunk_bytes // (4 * d.vocab)))
-        loss = (4 + (a if a != 4 else 0)) * chunk_tokens * d.vocab + 4 * n_loss
+        loss = (4 + (a if a != 4 else 0)) * chunk_tokens * d.vocab + n_loss * d.h * a
     else:
         loss = 3 * 4 * n_loss * d.vocab
     at_loss, in_layer = kept_at_loss + loss, kept_in_layer

@@ -40,8 +40,9 @@ __all__ = ["OffloadedCheckpointing", "checkpointing_mode", "find_offloaded_check
 
 logger = logging.getLogger(__name__)
 
-def checkpointing_mode(value) -> bool | str:
-    """Normalize a ``gradient_checkpointing`` option: True, False or ``"offload"`` (also ``"on"``/``"off"``).
+def checkpointing_mode(value) -> bool | str | int:
+    """Normalize a ``gradient_checkpointing`` option: True, False, ``"offload"`` (also ``"on"``/``"off"``),
+    or an integer ``n >= 0``: checkpoint only the first ``n`` decoder layers (``"12"`` is read as 12).
 
     Raises:
         ValueError: anything else, naming what is allowed.
@@ -51,9 +52,14 @@ def checkpointing_mode(value) -> bool | str:
         table = {"on": True, "true": True, "off": False, "false": False, "none": False, "offload": "offload"}
         if text in table:
             return table[text]
+        if text.isdigit():
+            return int(text)
     elif isinstance(value, bool):
         return value
-    raise ValueError(f"gradient_checkpointing={value!r} is not supported; allowed: True, False, 'offload'")
+    elif isinstance(value, int) and value >= 0:
+        return value
+    raise ValueError(f"gradient_checkpointing={value!r} is not supported; allowed: True, False, 'offload', or a "
+                     "number of decoder layers to checkpoint (an integer >= 0)")
 
 
 class OffloadedCheckpointing:

@@ -51,10 +51,10 @@ training).
 The loss: the plain loss computes full logits and ``cross_entropy`` in fp32: at the start of the
 backward pass the log-softmax output, the gradient from NLL and the log-softmax gradient coexist,
 ``3*4*N*V`` bytes. The loop's loss (:func:`qolora.loss.causal_lm_loss_sum`, ``chunked_loss=True``)
-holds one chunk of fp32 logits at a time, turned into its gradient in place in the backward pass,
-plus the same chunk in the matmul dtype under 16-bit autocast and one fp32 logsumexp per token:
-``(4 + a16)*chunk_tokens*V + 4*N`` with ``chunk_tokens = loss_chunk_bytes / (4*V)``
-(:data:`qolora.loss.DEFAULT_CHUNK_BYTES`); prompt-masked tokens never reach the head. Validated
+holds one chunk of fp32 logits at a time, turned into its gradient in place, plus the same chunk in
+the matmul dtype under 16-bit autocast and the hidden states' gradient, computed in the forward pass
+and held until the backward pass: ``(4 + a16)*chunk_tokens*V + a*N*h`` with
+``chunk_tokens = loss_chunk_bytes / (4*V)`` (:data:`qolora.loss.DEFAULT_CHUNK_BYTES`); prompt-masked tokens never reach the head. Validated
 with the rest of the step in ``tests/test_plan.py``.
 
 The peak of one step is the larger of two moments: the start of the backward pass (all kept
@@ -342,7 +342,7 @@ def plan(
     batch_size: int = 1,
     grad_accum: int = 1,
     optim: str = "paged_adamw_8bit",
-    gradient_checkpointing: bool | str = True,
+    gradient_checkpointing: bool | str | int = True,
     gpu_memory: int | str | None = None,
     quant_type: str = "nf4",
     blocksize: int = 64,
@@ -351,6 +351,7 @@ def plan(
     adapter_dtype: str = "fp32",
     chunked_loss: bool = True,
     loss_chunk_bytes: int = LOSS_CHUNK_BYTES,
+    kernels: str = "auto",
     device: str = "cuda",
     padded: bool | None = None,
     offload: str | None = None,
@@ -371,13 +372,16 @@ def plan(
         optim: one of :data:`qolora.train.OPTIMIZERS`.
         gradient_checkpointing: recompute each layer in the backward pass; ``"offload"``: and keep the
             checkpointed layer inputs in host memory (:mod:`qolora.offload_checkpointing`; CUDA only: on
-            ``device="cpu"`` it is ordinary checkpointing).
+            ``device="cpu"`` it is ordinary checkpointing); an integer ``k``: only the first ``k`` decoder
+            layers are checkpointed, the others keep all their activations.
         gpu_memory: bytes or a size (``"24GiB"``): then ``fits``, the longest ``seq_len``, the largest
             ``batch_size`` and suggestions are filled in.
         compute_dtype: dtype of the unquantized weights and of activations. 16-bit means qolora's GPU
             setting (16-bit base, 16-bit autocast, adapters in ``adapter_dtype``); ``"fp32"`` the CPU one
             (no autocast).
         chunked_loss: assume the loop's chunked loss (at most ``loss_chunk_bytes`` of fp32 logits per chunk).
+        kernels: as in :func:`qolora.prepare`: ``"auto"`` (the fused adapter step on 4-bit and 16-bit
+            bases) or ``"off"`` (the plain path).
         device: ``"cuda"`` adds the CUDA context and allocator margin; ``"cpu"`` does not (used to validate
             the formulas against exact CPU allocation counts). bitsandbytes keeps the same tensors on both.
         padded: whether batches carry a padding mask (then SDPA materialises repeated K/V heads);
@@ -487,7 +491,7 @@ def plan(
         return step_memory(d, B, T, adapted=adapted, r=rank, a=a, adapter_b=adapter_b, autocast=autocast, bits=bits,
                      padded=(B > 1) if padded is None else padded, checkpointing=checkpointing,
                      chunked=chunked_loss, chunk_bytes=loss_chunk_bytes, max_linear=max_linear,
-                     grads=adapters, states=states)
+                     grads=adapters, states=states, fused=kernels == "auto" and bits != 8)
 
     def overhead(rest: int) -> tuple[int, int]:
         if device != "cuda":
@@ -526,7 +530,8 @@ def plan(
                 "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum, "optim": optim,
                 "gradient_checkpointing": gradient_checkpointing, "quant_type": quant_type, "blocksize": blocksize,
                 "double_quant": double_quant, "compute_dtype": compute_dtype, "adapter_dtype": adapter_dtype,
-                "chunked_loss": chunked_loss, "loss_chunk_bytes": loss_chunk_bytes, "device": device,
+                "chunked_loss": chunked_loss, "loss_chunk_bytes": loss_chunk_bytes, "kernels": kernels,
+                "device": device,
                 "padded": (batch_size > 1) if padded is None else padded, "offload": offload, "num_gpus": num_gpus,
                 "fsdp": fsdp}
     name = model if isinstance(model, (str, os.PathLike)) else getattr(hf_config, "_name_or_path", "") or d.family
@@ -551,7 +556,7 @@ def plan(
                 gradient_checkpointing=gradient_checkpointing,
                 gpu_memory=gpu, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                 compute_dtype=compute_dtype, adapter_dtype=adapter_dtype, chunked_loss=chunked_loss,
-                loss_chunk_bytes=loss_chunk_bytes, device=device, padded=padded, offload=offload,
+                loss_chunk_bytes=loss_chunk_bytes, kernels=kernels, device=device, padded=padded, offload=offload,
                 host_memory=host, num_gpus=num_gpus, fsdp=fsdp), hf_config)
     return result
 
@@ -632,9 +637,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--optim", default=OPTIMIZERS[0], choices=list(OPTIMIZERS))
     p.add_argument("--gradient-checkpointing", nargs="?", const=True, default=True, type=checkpointing_arg,
-                   metavar="{on,off,offload}",
+                   metavar="{on,off,offload,N}",
                    help="recompute activations in the backward pass; offload: also keep the layer checkpoints in "
-                        "pinned host memory")
+                        "pinned host memory; N: checkpoint only the first N decoder layers")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="assume the chunked loss (no full fp32 logits)")
@@ -663,16 +668,21 @@ def run(args) -> int:
     return 0 if result.fits in (None, True) else 1
 
 
-def checkpointing_arg(text: str) -> bool | str:
-    """argparse type of ``--gradient-checkpointing``: on, off or offload."""
+def checkpointing_arg(text: str) -> bool | str | int:
+    """argparse type of ``--gradient-checkpointing``: on, off, offload, or a number of layers N."""
     try:
         return checkpointing_mode(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: choose on, off or offload") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: choose on, off, offload, or a number of layers N >= 0 "
+                                         "(checkpoint the first N)") from None
 
 
 def _checkpointing_text(mode) -> str:
-    return "offloaded to host" if mode == "offload" else "on" if mode else "off"
+    if mode == "offload":
+        return "offloaded to host"
+    if not isinstance(mode, bool):
+        return f"first {mode} layers"
+    return "on" if mode else "off"
 
 
 def _host_memory(value: str | None) -> int | str | None:

@@ -43,9 +43,10 @@ from .base_reader import BaseCheckpoint, LinearWeight, layer_shape, linear_layer
 from .config import AdapterConfig, ConfigError
 from .hf_compat import attach as attach_hf_compat
 from .inits import INITS, refine_factors, residual_
-from .layer import AdapterLinear, mark_only_adapters_trainable, replace_module
+from .kernels import check_kernels
+from .layer import AdapterLinear, mark_only_adapters_trainable, replace_module, set_kernels
 from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
-from .offload import LayerOffload, check_offload, offload_layers_for
+from .offload import LayerOffload, check_offload, decoder_layers, offload_layers_for
 from .offload_checkpointing import OffloadedCheckpointing, checkpointing_mode, install
 from .quant import make_base_layer, quantization_error, quantize_dequantize
 from .threads import cpu_thread_policy
@@ -231,12 +232,13 @@ def prepare(
     rank: int = 16,
     *,
     config: AdapterConfig | None = None,
-    gradient_checkpointing: bool | str = False,
+    gradient_checkpointing: bool | str | int = False,
     compare_plain: bool = False,
     progress: bool = True,
     offload: str | None = None,
     gpu_memory: int | str | None = None,
     offload_plan: dict | None = None,
+    kernels: str = "auto",
     **options,
 ):
     """Load a causal LM with a 4/8-bit (or 16-bit) base and OLoRA (or PiSSA / LoRA) adapters.
@@ -249,7 +251,9 @@ def prepare(
         rank: adapter rank.
         config: a full :class:`AdapterConfig` instead of ``bits``/``rank``/``options``.
         gradient_checkpointing: enable non-reentrant gradient checkpointing; ``"offload"``: checkpointing whose
-            saved layer inputs wait in pinned host memory (:mod:`qolora.offload_checkpointing`).
+            saved layer inputs wait in pinned host memory (:mod:`qolora.offload_checkpointing`); an integer
+            ``n``: checkpoint only the first ``n`` decoder layers and keep the activations of the others
+            (faster: no recompute for them; ``qolora plan --gradient-checkpointing n`` gives the memory).
         compare_plain: also quantize each targeted weight as plain QLoRA would and report that
             error (one extra quantization per layer: slower, for measurement).
         progress: show a progress bar over layers.
@@ -263,6 +267,9 @@ def prepare(
         offload_plan: for ``offload="auto"``: the training shape the plan assumes, any
             :func:`qolora.plan.plan` option (``seq_len``, ``batch_size``, ``optim``,
             ``gradient_checkpointing``, ...); default: the planner's (seq 2048, batch 1).
+        kernels: the adapter layers' training step (:mod:`qolora.kernels`): ``"auto"``: the fused
+            base + adapter step wherever it applies (4-bit and 16-bit bases; others take the plain
+            path, logged once); ``"off"``: always the plain (PEFT-style) path.
         **options: any other :class:`AdapterConfig` field (``alpha``, ``init``, ``target_modules``,
             ``use_rslora``, ``dropout``, ``quant_type``, ``blocksize``, ``double_quant``,
             ``quant_storage``, ``compute_dtype``, ``dtype``, ``adapter_dtype``, ``device``, ``seed``,
@@ -282,10 +289,12 @@ def prepare(
     cfg = (config or _option_config(bits, rank, options)).validate()
     try:
         gradient_checkpointing = checkpointing_mode(gradient_checkpointing)
+        check_kernels(kernels)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     offload = check_offload(offload)
     base = BaseCheckpoint.of(model)
+    _check_checkpointed_layers(gradient_checkpointing, base.hf_config)
     placement = offload_layers_for(base.hf_config, cfg, offload, gpu_memory=gpu_memory, plan_options=offload_plan,
                                    gradient_checkpointing=gradient_checkpointing)
     init = INITS[cfg.init]
@@ -311,19 +320,47 @@ def prepare(
     name = str(model) if isinstance(model, (str, os.PathLike)) else str(base.dir)
     adopt(net, ModelRecord(config=cfg, base=name, base_dir=base.dir, report=report,
                                    offload=placement.streamer if placement is not None else None))
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(net, offload=gradient_checkpointing == "offload")
+    set_kernels(net, kernels)
+    if gradient_checkpointing is not False:
+        enable_gradient_checkpointing(net, offload=gradient_checkpointing == "offload",
+                                      layers=None if isinstance(gradient_checkpointing, (bool, str))
+                                      else gradient_checkpointing)
     net.eval()
     logger.info("prepared %s: %s", name, report.summary())
     return net
 
 
-def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> None:
+def _check_checkpointed_layers(gradient_checkpointing, hf_config) -> None:
+    """A number of checkpointed layers must be at most the model's layer count (checked before any weight is read)."""
+    if isinstance(gradient_checkpointing, (bool, str)):
+        return
+    text = getattr(hf_config, "text_config", None) or hf_config
+    count = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    if count is not None and gradient_checkpointing > count:
+        raise ConfigError(f"gradient_checkpointing={gradient_checkpointing} layers, but the model has {count} decoder "
+                          f"layers: use 0..{count} (or True for all)")
+
+
+def enable_gradient_checkpointing(model: nn.Module, offload: bool = False, layers: int | None = None) -> None:
     """Non-reentrant checkpointing: works with a frozen embedding and trainable adapters only.
 
     ``offload=True``: each checkpointed layer's saved input waits in host memory until its recompute
     (:class:`qolora.offload_checkpointing.OffloadedCheckpointing`); False turns that off again.
+    ``layers=n``: only the first ``n`` decoder layers are checkpointed; the others keep their
+    activations (no recompute). The backward pass reaches the last layers first, so theirs are the
+    activations freed first. None: every layer.
+
+    Raises:
+        ConfigError: ``layers`` is more than the model has.
     """
+    if layers is not None:
+        _, decoder = decoder_layers(model)
+        if not 0 <= layers <= len(decoder):
+            raise ConfigError(f"gradient_checkpointing={layers} layers, but the model has {len(decoder)} decoder "
+                              f"layers: use 0..{len(decoder)} (or True for all)")
+        if offload:
+            raise ConfigError("offloaded checkpointing applies to every layer; give 'offload' or a number of "
+                              "layers, not both")
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -331,5 +368,9 @@ def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> No
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if offload:
         install(model, OffloadedCheckpointing(kwargs))
+    if layers is not None:
+        for index, layer in enumerate(decoder):
+            if hasattr(layer, "gradient_checkpointing"):  # transformers' GradientCheckpointingLayer
+                layer.gradient_checkpointing = index < layers
     if hasattr(model, "config"):
         model.config.use_cache = False

@@ -416,8 +416,14 @@ class _Run:
         reporting.write_samples(self.out, self.samples, steps=self.step if stage == "after" else None)
 
 
-def _set_gradient_checkpointing(model: nn.Module, on: bool | str) -> None:
-    """True: checkpointing on (offloaded if the model was prepared so); ``"offload"``: on and offloaded; False: off."""
+def _set_gradient_checkpointing(model: nn.Module, on: bool | str | int) -> None:
+    """True: checkpointing on (offloaded if the model was prepared so); ``"offload"``: on and offloaded; an integer
+    ``n``: only the first ``n`` decoder layers; False: off."""
+    if not isinstance(on, (bool, str)):  # a layer count: set exactly as asked
+        from .prepare import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model, layers=on)
+        return
     active = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x name
     active = bool(getattr(model, "is_gradient_checkpointing", False) if active is None else active)
     offloaded = active and find_offloaded_checkpointing(model) is not None

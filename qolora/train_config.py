@@ -61,7 +61,8 @@ class TrainConfig:
             scaler on older GPUs, none on the CPU), ``"bf16"``, ``"fp16"`` (CUDA only) or ``"no"``.
         gradient_checkpointing: recompute activations in the backward pass (less memory); ``"offload"``: also
             keep each layer's checkpointed input in host memory until its recompute (least GPU memory; True
-            keeps a model prepared with ``"offload"`` offloading).
+            keeps a model prepared with ``"offload"`` offloading); an integer ``n``: checkpoint only the first
+            ``n`` decoder layers (the others keep their activations: faster, more memory).
         group_by_length: form batches of similar length inside windows of 8 effective batches of the
             seeded shuffle (see :class:`DataOrder`): little padding, a third less compute on short
             chat data; False = a plain shuffle.
@@ -94,7 +95,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     optim: str = "paged_adamw_8bit"
     mixed_precision: str = "auto"
-    gradient_checkpointing: bool | str = True
+    gradient_checkpointing: bool | str | int = True
     group_by_length: bool = True
     eval_every: int = 20
     max_eval_examples: int | None = 32
@@ -144,9 +145,10 @@ class TrainConfig:
         integer("keep_last", 1, allow_none=True)
         integer("max_new_tokens", 1)
         number("lr", 0.0, low_open=True, allow_none=True)
-        if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "offload"):
-            p.append(f"gradient_checkpointing={self.gradient_checkpointing!r} is not supported; allowed: True, False, "
-                     "'offload'")
+        gc = self.gradient_checkpointing
+        if not (isinstance(gc, bool) or gc == "offload" or (type(gc) is int and gc >= 0)):
+            p.append(f"gradient_checkpointing={gc!r} is not supported; allowed: True, False, 'offload', or a number "
+                     "of decoder layers to checkpoint (an integer >= 0)")
         if not isinstance(self.fsdp, bool):
             p.append(f"fsdp={self.fsdp!r} must be True or False")
         number("warmup_ratio", 0.0, 1.0)

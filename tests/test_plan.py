@@ -85,7 +85,7 @@ def _configs():
     }
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+@pytest.mark.parametrize("checkpointing", [False, True, 1], ids=["no-ckpt", "ckpt", "ckpt-1-of-2"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
 def test_predicted_step_peak_within_10_percent(tmp_path, arch, bf16, checkpointing):
