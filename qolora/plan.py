@@ -54,8 +54,8 @@ backward pass the log-softmax output, the gradient from NLL and the log-softmax 
 holds one chunk of fp32 logits at a time, turned into its gradient in place, plus the same chunk in
 the matmul dtype under 16-bit autocast and the hidden states' gradient, computed in the forward pass
 and held until the backward pass: ``(4 + a16)*chunk_tokens*V + a*N*h`` with
-``chunk_tokens = loss_chunk_bytes / (4*V)`` (:data:`qolora.loss.DEFAULT_CHUNK_BYTES`); prompt-masked tokens never reach the head. Validated
-with the rest of the step in ``tests/test_plan.py``.
+``chunk_tokens = loss_chunk_bytes / (4*V)`` (:data:`qolora.loss.DEFAULT_CHUNK_BYTES`); prompt-masked
+tokens never reach the head. Validated with the rest of the step in ``tests/test_plan.py``.
 
 The peak of one step is the larger of two moments: the start of the backward pass (all kept
 activations + the loss) and the backward pass of the most loaded layer (kept activations, the
