@@ -107,6 +107,12 @@ def worker_main(fn: Callable[[dict, MemoryProbe], dict], argv: list[str] | None 
         import torch
 
         torch.set_num_threads(int(payload["threads"]))
+        try:  # an explicit choice: qolora's busy-CPU policy (1 thread under load) must not override it
+            from qolora.threads import set_threads
+
+            set_threads(int(payload["threads"]))
+        except ImportError:
+            pass
     probe = MemoryProbe(payload.get("device", "cpu"))
     try:
         result = fn(payload, probe)
