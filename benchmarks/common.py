@@ -433,6 +433,9 @@ SIZES: dict[str, dict] = {
     # Llama-2-7B's shapes
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                vocab_size=32000, max_position_embeddings=4096),
+    # Llama-3-8B's shapes (qolora/configs/llama-3-8b.json): GQA, 128,256-token vocabulary
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, max_position_embeddings=8192),
 }
 
 

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a time-limited H100/H200 session (runs in well under 8 minutes):
+# One prepared GPU check for a time-limited H100/H200 session (runs in under 9 minutes):
 #
-#   1. init benchmark, 4 Llama-2-7B-sized layers, CUDA: qolora olora vs qolora 4-bit vs
-#      transformers+PEFT olora vs transformers 4-bit (target: qolora >= 30x faster than PEFT's path);
-#   2. train-step benchmark, 4 Llama-2-7B-sized layers, batch 4 x seq 512, PagedAdamW8bit, bf16 autocast;
+#   1. train-step benchmark (issue 15), 8 Llama-3-8B-sized layers (full vocabulary), batch 1 x seq 2048,
+#      PagedAdamW8bit, bf16 autocast: PEFT vs qolora's stages (0.2.0 path, chunked loss, fused step,
+#      half the layers checkpointed), one process each;
+#   2. scale benchmark (issue 10): the plan's prediction vs torch.cuda.max_memory_allocated for the 8B
+#      shape in full and 8 layers of the 70B shape;
 #   3. the GPU tests: python -m pytest -m gpu -x -q.
+#   (INIT=1 adds the init benchmark of 4 Llama-2-7B-sized layers first, as measured for 0.1.0.)
 #
 # Every part runs under its own `timeout` and the script goes on when one fails. Results (at most 8
 # files: the device tool brings back no more) go to $OUT:
-#   init_cuda_7b.{json,png}  train_step_cuda_7b.{json,png}  gpu_check.log  pytest_gpu.log  summary.txt
+#   train_step_cuda_8b.{json,png}  scale.json  gpu_check.log  pytest_gpu.log  summary.txt
 #
 # Usage, from the repository root on the GPU machine (bitsandbytes is not installed there; carry its
 # wheel in .whl/, see benchmarks/README.md):
@@ -47,11 +50,11 @@ part() {  # part NAME SECONDS CMD...: run under timeout (the whole process group
 }
 
 if [ "${GPU_CHECK_SMOKE:-0}" = "1" ]; then
-    DEVICE=cpu; SIZE=tiny; SEQ=64; EXTRA_INIT="--skip-real"; EXTRA_TRAIN="--steps 2 --warmup 1"
-    INIT_LIMIT=240; TRAIN_LIMIT=240; TEST_LIMIT=60
+    DEVICE=cpu; SIZE=tiny; TRAIN_SIZE=tiny; SEQ=64; EXTRA_INIT="--skip-real"; EXTRA_TRAIN="--steps 2 --warmup 1"
+    INIT_LIMIT=240; TRAIN_LIMIT=300; SCALE_LIMIT=0; TEST_LIMIT=60
 else
-    DEVICE=cuda; SIZE=7b; SEQ=512; EXTRA_INIT="--skip-real"; EXTRA_TRAIN="--steps 8 --warmup 2"
-    INIT_LIMIT=200; TRAIN_LIMIT=130; TEST_LIMIT=75   # + ~20 s set-up: at most ~7 min, typically ~4-5
+    DEVICE=cuda; SIZE=7b; TRAIN_SIZE=8b; SEQ=2048; EXTRA_INIT="--skip-real"; EXTRA_TRAIN="--steps 6 --warmup 2"
+    INIT_LIMIT=200; TRAIN_LIMIT=270; SCALE_LIMIT=180; TEST_LIMIT=75   # + ~20 s set-up: at most ~9 min
 fi
 
 # ---------------------------------------------------------------------------------------- setup
@@ -80,15 +83,21 @@ EOF
 # ------------------------------------------------------------------------------------- benchmarks
 # The checkpoint is built once (random bf16, ~2.1 GB for 4 7B-sized layers) and shared by both benchmarks.
 INIT_LAYERS=${INIT_LAYERS:-4}
-TRAIN_LAYERS=${TRAIN_LAYERS:-4}
-part "init ($INIT_LAYERS x $SIZE, $DEVICE)" "$INIT_LIMIT" \
-    $PY -m benchmarks.init --device "$DEVICE" --size "$SIZE" --layers "$INIT_LAYERS" \
-    --repeats "${INIT_REPEATS:-2}" --budget-s $(( INIT_LIMIT - 50 )) --timeout $(( INIT_LIMIT - 20 )) \
-    $EXTRA_INIT --out "$OUT"
-part "train_step ($TRAIN_LAYERS x $SIZE, $DEVICE, 4 x $SEQ)" "$TRAIN_LIMIT" \
-    $PY -m benchmarks.train_step --device "$DEVICE" --size "$SIZE" --layers "$TRAIN_LAYERS" --batch 4 \
-    --seq "$SEQ" --rounds "${TRAIN_ROUNDS:-2}" --budget-s $(( TRAIN_LIMIT - 40 )) --timeout $(( TRAIN_LIMIT - 15 )) \
-    $EXTRA_TRAIN --out "$OUT"
+TRAIN_LAYERS=${TRAIN_LAYERS:-8}
+if [ "${INIT:-0}" = "1" ]; then
+    part "init ($INIT_LAYERS x $SIZE, $DEVICE)" "$INIT_LIMIT" \
+        $PY -m benchmarks.init --device "$DEVICE" --size "$SIZE" --layers "$INIT_LAYERS" \
+        --repeats "${INIT_REPEATS:-2}" --budget-s $(( INIT_LIMIT - 50 )) --timeout $(( INIT_LIMIT - 20 )) \
+        $EXTRA_INIT --out "$OUT"
+fi
+part "train_step ($TRAIN_LAYERS x $TRAIN_SIZE, $DEVICE, 1 x $SEQ)" "$TRAIN_LIMIT" \
+    $PY -m benchmarks.train_step --device "$DEVICE" --size "$TRAIN_SIZE" --layers "$TRAIN_LAYERS" --batch 1 \
+    --seq "$SEQ" --rounds "${TRAIN_ROUNDS:-1}" --partial-layers $(( TRAIN_LAYERS / 2 )) \
+    --budget-s $(( TRAIN_LIMIT - 40 )) --timeout $(( TRAIN_LIMIT - 15 )) $EXTRA_TRAIN --out "$OUT"
+if [ "$SCALE_LIMIT" -gt 0 ]; then
+    part "scale (8B in full, 8 layers of 70B, $DEVICE)" "$SCALE_LIMIT" \
+        $PY -m benchmarks.scale --device "$DEVICE" --out "$OUT/scale.json"
+fi
 
 # ------------------------------------------------------------------------------------------ tests
 # Collect everything (as CI would); if collection itself breaks on this machine (e.g. `datasets`
@@ -139,8 +148,10 @@ for path in sorted(out.glob("train_step_*.json")):
     d = json.loads(path.read_text())
     print(f"\n{path.name}: {d['machine'].get('device_name')}, {d['model_desc']}")
     for c, s in d["summary"].items():
-        print(f"  {c:7s} {f(s['tokens_per_s']['median'], '9.1f')} tok/s  train peak {f(s['peak_train_mb']['median'], '8.0f')} MiB"
-              f"  load peak {f(s['peak_load_mb']['median'], '8.0f')} MiB  step={s.get('step_impl')}")
+        r = d["ratios"].get(c, {})
+        print(f"  {c:15s} {f(s['tokens_per_s']['median'], '9.1f')} tok/s (x{f(r.get('tokens_per_s_vs_peft'))})"
+              f"  train peak {f(s['peak_train_mb']['median'], '8.0f')} MiB (x{f(r.get('peak_train_vs_peft'))})"
+              f"  load peak {f(s['peak_load_mb']['median'], '8.0f')} MiB")
     for k, v in d["verdicts"].items():
         print(f"  {k}: {f(v['value'])} (target {v['target']}) {'MET' if v['met'] else 'MISSED' if v['met'] is False else 'n/a'}")
 EOF

@@ -6,7 +6,10 @@ parameter names are PEFT's (``...q_proj.base_layer.weight``, ``...q_proj.lora_A.
     y = base_layer(x) + s * lora_B(lora_A(dropout(x)))        # (..., out)
 
 The base computes with its own (possibly quantized) weight; the adapter runs in ``adapter dtype``
-(fp32 by default) and its output is cast back to the base's output dtype. Nothing here knows about
+(fp32 by default) and its output is cast back to the base's output dtype. That is the plain path
+(PEFT's); when autograd records (training), a 4-bit or 16-bit base with ``kernels="auto"`` runs the
+same sum as one fused autograd node instead (:mod:`qolora.kernels`: no ``(N, out)`` temporaries, no
+casts of the input), falling back to the plain path, logged once, where that does not apply. Nothing here knows about
 initialisation or checkpoints: the loader builds the base (:mod:`qolora.quant`) and hands over the
 factors.
 

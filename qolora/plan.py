@@ -197,6 +197,9 @@ class MemoryPlan:
             ``seq_len``) that fit ``gpu_memory`` (None without it, 0 when nothing fits); with ``offload="auto"``
             as many layers offloaded as that takes.
         suggestions: changes that make it fit, each with its predicted total.
+        fewest_checkpointed_layers: when it fits with every layer checkpointed, the fewest decoder layers
+            that still need checkpointing to fit (``gradient_checkpointing=N``: the others keep their
+            activations and skip the recompute, a faster step); 0 means it fits without checkpointing.
     """
 
     model: str
@@ -226,6 +229,7 @@ class MemoryPlan:
     in_flight_bytes: int = 0
     host_memory: int | None = None
     checkpoint_host_bytes: int = 0
+    fewest_checkpointed_layers: int | None = None
 
     @property
     def num_offloaded_layers(self) -> int:
@@ -325,6 +329,11 @@ class MemoryPlan:
                          f"({_gib(self.gpu_memory - self.gpu_bytes)} GiB left)")
             lines.append(f"longest seq_len at batch {s['batch_size']}: {self.max_seq_len}; "
                          f"largest batch at seq_len {s['seq_len']}: {self.max_batch_size}")
+            if self.fewest_checkpointed_layers is not None:
+                k = self.fewest_checkpointed_layers
+                lines.append(f"faster, still fits: --gradient-checkpointing {k} (checkpoint the first {k} of "
+                             f"{self.num_layers} layers; the others skip the recompute)" if k else
+                             "faster, still fits: --gradient-checkpointing off (no layer needs checkpointing)")
             for sug in self.suggestions:
                 lines.append(f"  suggestion: {sug['change']}: {_gib(sug.get('gpu_bytes', sug['total_bytes']))} GiB"
                              + (" (fits)" if sug["fits"] else " (still too big)"))
@@ -549,6 +558,17 @@ def plan(
                     or 131072)
         result.max_seq_len = _largest(lambda T: total_for(T, batch_size) <= gpu, limit)
         result.max_batch_size = _largest(lambda B: total_for(seq_len, B) <= gpu, 4096)
+        if result.fits and gradient_checkpointing is True and device == "cuda":
+            def gpu_checkpointing(k: int) -> int:  # the GPU part with only the first k layers checkpointed
+                act_k, loss_k, _, _ = step_memory(
+                    d, batch_size, seq_len, adapted=adapted, r=rank, a=a, adapter_b=adapter_b, autocast=autocast,
+                    bits=bits, padded=(batch_size > 1) if padded is None else padded,
+                    checkpointing=k if k < d.L else True, chunked=chunked_loss, chunk_bytes=loss_chunk_bytes,
+                    max_linear=max_linear, grads=adapters, states=states, fused=kernels == "auto" and bits != 8)
+                rest = quantized + other + 2 * adapters + states + act_k + loss_k - off_bytes + flight_bytes
+                return rest + sum(overhead(rest))
+
+            result.fewest_checkpointed_layers = next(k for k in range(d.L + 1) if gpu_checkpointing(k) <= gpu)
         if not result.fits:
             result.suggestions = _suggest(model, result, dict(
                 bits=bits, rank=rank, alpha=alpha, target_modules=target_modules, seq_len=seq_len,

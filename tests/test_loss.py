@@ -238,3 +238,23 @@ def test_no_full_logits_allocation():
     # largest: one chunk of fp32 logits (chunk * v * 4 = 512 KiB), or the weight-sized grad buffers
     assert chunked.largest <= max(chunk * v * 4, v * h * 4, n * h * 4)
     assert chunked.largest * 4 <= full_logits
+
+
+def test_gradients_made_in_the_forward_pass_only_when_needed(monkeypatch):
+    """Training: the chunk's gradient is made while its logits exist (two head matmuls per chunk, none
+    recomputed in the backward pass); evaluation (no grad) makes none."""
+    import qolora.loss as loss_module
+
+    calls = []
+    accumulate = loss_module._accumulate_chunk_grads
+    monkeypatch.setattr(loss_module, "_accumulate_chunk_grads", lambda *a: calls.append(1) or accumulate(*a))
+    hidden, weight, b, labels = _problem(n=40, h=16, v=64)
+    weight.requires_grad_(False)
+    b.requires_grad_(False)
+    with torch.no_grad():
+        chunked_cross_entropy_sum(hidden, weight, labels, bias=b, chunk_tokens=8)
+    assert calls == []
+    got = chunked_cross_entropy_sum(hidden, weight, labels, bias=b, chunk_tokens=8)
+    assert len(calls) == 5  # one per chunk, in the forward pass
+    got.backward()
+    assert len(calls) == 5  # the backward pass only scales

@@ -220,3 +220,21 @@ def _quantized_layer_bytes(model: str) -> int:
 def test_cli_num_gpus(capsys):
     assert main(["plan", "llama-3-70b", "--gpu-memory", "24GiB", "--num-gpus", "4", "--fsdp"]) == 0
     assert "per GPU of 4 (FSDP" in capsys.readouterr().out
+
+
+def test_fewest_checkpointed_layers_is_the_boundary():
+    """The plan's 'faster, still fits' answer: with it the job fits, with one layer fewer it does not."""
+    budget = "12GiB"
+    p = plan("llama-3-8b", gpu_memory=budget)
+    k = p.fewest_checkpointed_layers
+    assert p.fits and 0 < k < p.num_layers
+    assert plan("llama-3-8b", gpu_memory=budget, gradient_checkpointing=k, _search=False).fits
+    assert not plan("llama-3-8b", gpu_memory=budget, gradient_checkpointing=k - 1, _search=False).fits
+    assert "--gradient-checkpointing " + str(k) in p.format_table()
+    # fewer checkpointed layers: more memory, monotonically
+    totals = [plan("llama-3-8b", gradient_checkpointing=n, _search=False).total_bytes for n in (32, 20, 8, 0)]
+    assert totals == sorted(totals)
+    assert plan("llama-3-8b", gradient_checkpointing=0, _search=False).total_bytes == \
+        plan("llama-3-8b", gradient_checkpointing=False, _search=False).total_bytes
+    assert plan("llama-3-8b", gradient_checkpointing=32, _search=False).total_bytes == \
+        plan("llama-3-8b", _search=False).total_bytes
