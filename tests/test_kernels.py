@@ -79,7 +79,10 @@ def test_fused_within_bf16_tolerance_under_autocast(bits, x_dtype):
         assert float((b.detach().float() - a.detach().float()).abs().max()) <= 2e-2 * float(scale)
 
 
-def test_fallbacks_are_named_and_logged(caplog):
+def test_fallbacks_are_named_and_logged(caplog, monkeypatch):
+    import qolora.kernels
+
+    monkeypatch.setattr(qolora.kernels, "_logged", set())  # each reason is logged once per process
     eight = _layer(8)
     assert "8-bit" in unsupported_reason(eight.base_layer)
     hooked = _layer(4)
@@ -145,3 +148,22 @@ def test_partial_checkpointing_in_the_loop_config():
     TrainConfig(gradient_checkpointing=12).validate()
     with pytest.raises(ConfigError, match="number of decoder layers"):
         TrainConfig(gradient_checkpointing=-2).validate()
+
+
+def test_cli_kernels_and_checkpointed_layers(capsys):
+    import json
+
+    from qolora import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["finetune", "--kernels", "off", "--gradient-checkpointing", "4"])
+    assert args.kernels == "off" and args.gradient_checkpointing == 4 and type(args.gradient_checkpointing) is int
+    assert parser.parse_args(["finetune"]).kernels == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["finetune", "--kernels", "triton"])
+    assert "invalid choice: 'triton'" in capsys.readouterr().err
+    assert cli.main(["plan", "llama-3-8b", "--gradient-checkpointing", "20", "--json"]) == 0
+    partial = json.loads(capsys.readouterr().out)
+    assert cli.main(["plan", "llama-3-8b", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert partial["settings"]["gradient_checkpointing"] == 20 and partial["total_bytes"] > full["total_bytes"]

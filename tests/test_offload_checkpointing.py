@@ -179,7 +179,7 @@ def test_cli_takes_the_offload_value(capsys):
         assert parser.parse_args(["plan", "llama-3-8b", *argv]).gradient_checkpointing == expected
     with pytest.raises(SystemExit):
         parser.parse_args(["finetune", "--gradient-checkpointing", "sometimes"])
-    assert "choose on, off or offload" in capsys.readouterr().err
+    assert "choose on, off, offload, or a number of layers" in capsys.readouterr().err
     assert cli.main(["plan", "llama-3-70b", "--gradient-checkpointing", "offload", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["checkpoint_host_bytes"] == out["host_bytes"] == 80 * 2048 * 8192 * 2
