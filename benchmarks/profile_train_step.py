@@ -1,10 +1,12 @@
 """Where a training step's time goes: qolora vs transformers + PEFT, torch.profiler side by side.
 
 A diagnostic companion to ``benchmarks/train_step.py``: each contender loads the same model exactly
-as there (one fresh process each), runs ``--warmup`` steps, then ``--steps`` steps under
-``torch.profiler``; the parent prints the operators by self CPU time (per step) and their call
-counts for both, side by side, and writes them as JSON. Equal call counts with unequal times point
-at noise; unequal call counts point at a real difference in the work done.
+as there (one fresh process each; qolora with its defaults: the fused adapter step and the chunked
+loss, every layer checkpointed), runs ``--warmup`` steps, then ``--steps`` steps under
+``torch.profiler`` with shapes recorded (``ops_by_shape`` in the JSON splits the matmuls); the
+parent prints the operators by self CPU time (per step) and their call counts for both, side by
+side, and writes them as JSON. Equal call counts with unequal times point at noise; unequal call
+counts point at a real difference in the work done.
 
     python -m benchmarks.profile_train_step                    # SmolLM2-135M-Instruct, batch 4 x 256
     python -m benchmarks.profile_train_step --seq 64 --top 30
@@ -41,13 +43,13 @@ def worker(payload: dict, probe: common.MemoryProbe) -> dict:
         opt = make_optimizer("paged_adamw_8bit", params, 2e-4, 0.0)
     else:
         opt, autocast = bnb.optim.PagedAdamW8bit(params, lr=2e-4), ts._autocast(device)
-    step = ts._step(model, params, opt, autocast)
+    step = ts._step(model, params, opt, autocast, chunked=contender == "qolora")  # each side's own loss
     x = torch.randint(3, model.config.vocab_size, (payload["batch"], payload["seq"]),
                       generator=torch.Generator().manual_seed(1234)).to(device)
     for _ in range(payload["warmup"]):
         step(x)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with common.Timer(device) as t, profile(activities=acts) as prof:
+    with common.Timer(device) as t, profile(activities=acts, record_shapes=True) as prof:
         for _ in range(payload["steps"]):
             step(x)
     n = payload["steps"]
@@ -56,7 +58,13 @@ def worker(payload: dict, probe: common.MemoryProbe) -> dict:
         ops.append({"name": e.key, "count": e.count / n, "self_cpu_ms": e.self_cpu_time_total / 1e3 / n,
                     "cpu_total_ms": e.cpu_time_total / 1e3 / n,
                     "self_device_ms": getattr(e, "self_device_time_total", 0.0) / 1e3 / n})
-    return {"contender": contender, "step_s": t.seconds / n, "ops": ops}
+    shaped = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        shaped.append({"name": e.key, "shapes": str(e.input_shapes)[:200], "count": e.count / n,
+                       "self_cpu_ms": e.self_cpu_time_total / 1e3 / n,
+                       "self_device_ms": getattr(e, "self_device_time_total", 0.0) / 1e3 / n})
+    shaped.sort(key=lambda o: -(o["self_device_ms"] or o["self_cpu_ms"]))
+    return {"contender": contender, "step_s": t.seconds / n, "ops": ops, "ops_by_shape": shaped[:60]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,14 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--threads", type=int, default=None, help="torch threads, the same for both (default: torch's)")
     p.add_argument("--out", type=Path, default=None, help="write both profiles as JSON here")
     args = p.parse_args(argv)
+    if args.threads is None:
+        import torch
+
+        args.threads = torch.get_num_threads()
     model_dir = (common.real_model_dir() if args.size == "smollm2"
                  else common.synthetic_checkpoint(args.size, args.layers))
     res = {}
     for c in ("qolora", "peft"):
         payload = {"contender": c, "model_dir": str(model_dir), "device": args.device, "rank": 16, "alpha": 16.0,
-                   "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps}
+                   "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
+                   "threads": args.threads}
         res[c] = common.run_worker("benchmarks.profile_train_step", payload, timeout=3600)
         if "error" in res[c]:
             print(f"{c}: FAILED {res[c]['error']}\n{res[c].get('stderr_tail', '')}")
