@@ -141,7 +141,7 @@ class _FusedAdapterLinear(torch.autograd.Function):
         else:
             out += torch.mm(t, lora_b.t()).mul_(scale).to(out.dtype)
         ctx.save_for_backward(a_in, t, lora_a, lora_b)
-        ctx.shared, ctx.scale, ctx.base_layer, ctx.x_dtype = shared, scale, base_layer, x.dtype
+        ctx.shared, ctx.scale, ctx.base_layer = shared, scale, base_layer
         return out
 
     @staticmethod
