@@ -167,3 +167,28 @@ def test_cli_kernels_and_checkpointed_layers(capsys):
     assert cli.main(["plan", "llama-3-8b", "--json"]) == 0
     full = json.loads(capsys.readouterr().out)
     assert partial["settings"]["gradient_checkpointing"] == 20 and partial["total_bytes"] > full["total_bytes"]
+
+
+@pytest.mark.parametrize("case", ["gpt2-4bit", "llama-bias-4bit", "llama-16bit"])
+def test_fused_model_matches_plain(tmp_path, case):
+    """Whole models: GPT-2's Conv1D (stored transposed), biased projections, an unquantized base."""
+    from tiny_models import make_tiny_gpt2, make_tiny_llama
+
+    if case.startswith("gpt2"):
+        folder, vocab = make_tiny_gpt2(tmp_path / "m"), 320
+    else:
+        folder, vocab = make_tiny_llama(tmp_path / "m", bias="bias" in case), 384
+    bits = 16 if case.endswith("16bit") else 4
+    ids = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    out = {}
+    for kernels in ("off", "auto"):
+        model = qolora.prepare(folder, bits=bits, rank=4, progress=False, kernels=kernels,
+                               gradient_checkpointing=True).train()
+        torch.manual_seed(0)  # GPT-2's dropout: the same masks on both paths
+        loss = loss_sum(model, batch)
+        loss.backward()
+        out[kernels] = (loss.detach(), [p.grad for _, p in adapter_parameters(model)])
+    torch.testing.assert_close(out["auto"][0], out["off"][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out["off"][1], out["auto"][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
