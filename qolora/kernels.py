@@ -73,6 +73,8 @@ def unsupported_reason(base_layer: nn.Module) -> str | None:
         return f"base layer {type(base_layer).__name__} has no weight"
     if base_layer._forward_hooks or base_layer._forward_pre_hooks:
         return "the base layer has forward hooks (they must see its call)"
+    if "forward" in vars(base_layer) or hasattr(base_layer, "_hf_hook"):
+        return "the base layer's forward is wrapped (an accelerate hook or a patch must see its call)"
     bias = getattr(base_layer, "bias", None)
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return "the base layer is trainable"
@@ -82,7 +84,7 @@ def unsupported_reason(base_layer: nn.Module) -> str | None:
     if kind == "4bit":
         state = getattr(weight, "quant_state", None)
         if state is None or getattr(state, "packing_format_for_cpu", False):
-            return "4-bit weight without a usable quantization state (repacked for CPU inference?)"
+            return "4-bit weight without its quantization state on it (FSDP-gathered, or repacked for CPU inference)"
         return None
     if type(base_layer) is not nn.Linear:
         return f"base layer {type(base_layer).__name__} is not an nn.Linear"

@@ -89,6 +89,9 @@ def test_fallbacks_are_named_and_logged(caplog, monkeypatch):
     hooked.base_layer.register_forward_pre_hook(lambda module, args: None)
     assert "hooks" in unsupported_reason(hooked.base_layer)
     assert unsupported_reason(_layer(4).base_layer) is None
+    wrapped = _layer(4)
+    wrapped.base_layer.forward = wrapped.base_layer.forward  # what accelerate's add_hook_to_module does
+    assert "wrapped" in unsupported_reason(wrapped.base_layer)
     with caplog.at_level(logging.INFO, logger="qolora.kernels"):
         y, *_ = _run(eight, "auto", autocast=False)
     assert any("8-bit" in r.getMessage() for r in caplog.records)
