@@ -183,7 +183,9 @@ def worker(payload: dict, probe: common.MemoryProbe) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     result["trainable_params"] = sum(p.numel() for p in params)
     result["trainable_dtypes"] = sorted({str(p.dtype) for p in params})
-    result["gradient_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
+    active = getattr(model, "is_activation_checkpointing", None)  # transformers 5 name; PEFT wraps the model
+    result["gradient_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False) if active is None
+                                            else active)
 
     qolora_side = contender.startswith("qolora")
     parts = _qolora_train_parts(device) if qolora_side and payload.get("use_qolora_train", True) else None
