@@ -128,12 +128,13 @@ def _step(model, params, opt, autocast, clip: float = 1.0, chunked: bool = False
     import torch
     from torch.nn import functional as F
 
+    if chunked:
+        from qolora.train import loss_sum
+
     def step(x):  # x: (B, T) token ids, also the labels
         labels = x[:, 1:]  # (B, T-1): token t predicts t+1
         with autocast():
             if chunked:
-                from qolora.train import loss_sum
-
                 total = loss_sum(model, {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)})
             else:
                 logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)

@@ -94,31 +94,31 @@ def unsupported_reason(base_layer: nn.Module) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ base
-def _base_compute_dtype(base_layer: nn.Module, x: torch.Tensor) -> torch.dtype:
+def _base_compute_dtype(base_layer: nn.Module, x: torch.Tensor, four_bit: bool) -> torch.dtype:
     """The dtype the base matmul runs in, as the layer's own forward would choose it."""
-    if quantization_kind(base_layer.weight) == "4bit":
+    if four_bit:
         return getattr(base_layer, "compute_dtype", None) or x.dtype  # Linear4bit casts x to it
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)  # F.linear under autocast
     return torch.promote_types(x.dtype, base_layer.weight.dtype)
 
 
-def _base_forward(base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _base_forward(base_layer: nn.Module, x: torch.Tensor, four_bit: bool) -> torch.Tensor:
     """``x @ deq(W)^T + b`` (N, out) in x's dtype; no autograd (called inside the Function)."""
     weight, bias = base_layer.weight, base_layer.bias
     if bias is not None:
         bias = bias.to(x.dtype)
-    if quantization_kind(weight) == "4bit":
+    if four_bit:
         import bitsandbytes as bnb  # present whenever a 4-bit weight exists
 
         return bnb.matmul_4bit(x, weight, bias=bias, quant_state=weight.quant_state)  # no grad: gemm_4bit
     return F.linear(x, weight.to(x.dtype), bias)
 
 
-def _base_weight(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def _base_weight(base_layer: nn.Module, dtype: torch.dtype, four_bit: bool) -> torch.Tensor:
     """The dense weight (out, in) the base computes with, in ``dtype`` (dequantized for 4-bit)."""
     weight = base_layer.weight
-    if quantization_kind(weight) == "4bit":
+    if four_bit:
         import bitsandbytes as bnb
 
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
@@ -133,17 +133,17 @@ class _FusedAdapterLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_a, lora_a, lora_b, scale: float, base_layer: nn.Module):
+    def forward(ctx, x, x_a, lora_a, lora_b, scale: float, base_layer: nn.Module, four_bit: bool):
         shared = x_a is None
         a_in = x if shared else x_a  # (N, in) the adapter's input
-        out = _base_forward(base_layer, x)  # (N, out)
+        out = _base_forward(base_layer, x, four_bit)  # (N, out)
         t = a_in @ lora_a.t()  # (N, r)
         if out.dtype == t.dtype:
             out.addmm_(t, lora_b.t(), alpha=scale)  # (N, out) += s * t @ B^T, in place
         else:
             out += torch.mm(t, lora_b.t()).mul_(scale).to(out.dtype)
         ctx.save_for_backward(a_in, t, lora_a, lora_b)
-        ctx.shared, ctx.scale, ctx.base_layer = shared, scale, base_layer
+        ctx.shared, ctx.scale, ctx.base_layer, ctx.four_bit = shared, scale, base_layer, four_bit
         return out
 
     @staticmethod
@@ -157,7 +157,7 @@ class _FusedAdapterLinear(torch.autograd.Function):
         grad_a = torch.mm(u.t(), a_in).mul_(scale) if need_a else None  # (r, in)
         grad_x = grad_xa = None
         if need_x or (ctx.shared and need_xa):
-            weight = _base_weight(ctx.base_layer, g.dtype)  # (out, in), dequantized again
+            weight = _base_weight(ctx.base_layer, g.dtype, ctx.four_bit)  # (out, in), dequantized again
             grad_x = g @ weight  # (N, in)
             del weight
             if ctx.shared and grad_x.dtype == u.dtype:
@@ -166,7 +166,7 @@ class _FusedAdapterLinear(torch.autograd.Function):
                 grad_x += torch.mm(u, lora_a).mul_(scale).to(grad_x.dtype)
         if not ctx.shared and need_xa:
             grad_xa = torch.mm(u, lora_a).mul_(scale)  # (N, in)
-        return grad_x, grad_xa, grad_a, grad_b, None, None
+        return grad_x, grad_xa, grad_a, grad_b, None, None, None
 
 
 def fused_adapter_linear(base_layer: nn.Module, x: torch.Tensor, adapter_input: torch.Tensor | None,
@@ -176,7 +176,7 @@ def fused_adapter_linear(base_layer: nn.Module, x: torch.Tensor, adapter_input: 
     The same result as the plain path of :class:`qolora.layer.AdapterLinear` (up to the order of the
     adapter's additions), with the same dtypes: the base runs in its compute dtype (``Linear4bit``'s
     ``compute_dtype``, or autocast's for ``nn.Linear``), the adapter in autocast's dtype when autocast
-    is on, else in the factors' dtype; the output has ``x``'s dtype.
+    is on, else in the factors' dtype; the output dtype is the base layer's own (see Returns).
 
     Args:
         base_layer: a frozen ``nn.Linear`` or bitsandbytes ``Linear4bit`` (``unsupported_reason`` is None).
@@ -191,7 +191,8 @@ def fused_adapter_linear(base_layer: nn.Module, x: torch.Tensor, adapter_input: 
     """
     lead = x.shape[:-1]
     device_type = x.device.type
-    base_dtype = _base_compute_dtype(base_layer, x)
+    four_bit = quantization_kind(base_layer.weight) == "4bit"
+    base_dtype = _base_compute_dtype(base_layer, x, four_bit)
     adapter_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                      else lora_a.dtype)
     x2 = x.reshape(-1, x.shape[-1]).to(base_dtype)  # (N, in): no copy when already flat and in dtype
@@ -200,6 +201,6 @@ def fused_adapter_linear(base_layer: nn.Module, x: torch.Tensor, adapter_input: 
     xa2 = None if adapter_input is None else adapter_input.reshape(-1, x.shape[-1]).to(adapter_dtype)
     with torch.autocast(device_type, enabled=False):
         out = _FusedAdapterLinear.apply(x2, xa2, lora_a.to(adapter_dtype), lora_b.to(adapter_dtype), float(scale),
-                                        base_layer)  # (N, out)
-    out_dtype = x.dtype if quantization_kind(base_layer.weight) == "4bit" else base_dtype
+                                        base_layer, four_bit)  # (N, out)
+    out_dtype = x.dtype if four_bit else base_dtype
     return out.reshape(*lead, out.shape[-1]).to(out_dtype)

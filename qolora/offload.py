@@ -146,21 +146,25 @@ def _adapter_ids(module: nn.Module) -> set[int]:
             for p in (m.lora_A.weight, m.lora_B.weight)}
 
 
-def _quant_tensors(p: torch.Tensor) -> Iterator[torch.Tensor]:
-    for attr in ("CB", "SCB"):
-        t = getattr(p, attr, None)
+def _tensor_attrs(obj, names: tuple[str, ...]) -> Iterator[torch.Tensor]:
+    """The attributes ``names`` of ``obj`` that are tensors."""
+    for attr in names:
+        t = getattr(obj, attr, None)
         if isinstance(t, torch.Tensor):
             yield t
+
+
+def _quant_tensors(p: torch.Tensor) -> Iterator[torch.Tensor]:
+    """An 8-bit parameter's ``CB`` / ``SCB``, and a 4-bit one's quantization-state tensors."""
+    yield from _tensor_attrs(p, ("CB", "SCB"))
     qs = getattr(p, "quant_state", None)
     if qs is not None:
         yield from _state_tensors(qs)
 
 
 def _state_tensors(qs) -> Iterator[torch.Tensor]:
-    for attr in ("absmax", "code", "offset"):
-        t = getattr(qs, attr, None)
-        if isinstance(t, torch.Tensor):
-            yield t
+    """A bitsandbytes QuantState's ``absmax`` / ``code`` / ``offset``, and its nested state's."""
+    yield from _tensor_attrs(qs, ("absmax", "code", "offset"))
     state2 = getattr(qs, "state2", None)
     if state2 is not None:
         yield from _state_tensors(state2)

@@ -315,11 +315,10 @@ class MemoryPlan:
             lines.append(f"{'host memory':<{width}}  {_gib(self.host_bytes):>8}  layer checkpoints + offloaded layers"
                          + ("" if self.host_memory is None else
                             f"; host has {_gib(self.host_memory)} GiB" + ("" if self.host_fits else ": NOT enough")))
-        if self.offload is not None:
-            lines.append(f"{'offloaded to host':<{width}}  {_gib(self.host_bytes):>8}  {self.num_offloaded_layers} of "
-                         f"{self.num_layers} decoder layers in pinned host memory (offload={self.offload!r})"
-                         + ("" if self.host_memory is None else
-                            f"; host has {_gib(self.host_memory)} GiB" + ("" if self.host_fits else ": NOT enough")))
+        if self.offload is not None:  # its share of the host memory above
+            lines.append(f"{'offloaded to host':<{width}}  {_gib(self.offloaded_bytes):>8}  "
+                         f"{self.num_offloaded_layers} of {self.num_layers} decoder layers in pinned host memory "
+                         f"(offload={self.offload!r})")
         if self.offload is not None or self.checkpoint_host_bytes:
             lines.append(f"{'GPU part':<{width}}  {_gib(self.gpu_bytes):>8}  total - host memory"
                          + (f" + {_gib(self.in_flight_bytes)} GiB in flight (2 layers)" if self.offload else ""))
@@ -496,9 +495,9 @@ def plan(
     # Offloaded checkpointing copies nothing when the compute device is the host.
     checkpointing = True if gradient_checkpointing == "offload" and device != "cuda" else gradient_checkpointing
 
-    def step(T: int, B: int):
+    def step(T: int, B: int, checkpointed=checkpointing):
         return step_memory(d, B, T, adapted=adapted, r=rank, a=a, adapter_b=adapter_b, autocast=autocast, bits=bits,
-                     padded=(B > 1) if padded is None else padded, checkpointing=checkpointing,
+                     padded=(B > 1) if padded is None else padded, checkpointing=checkpointed,
                      chunked=chunked_loss, chunk_bytes=loss_chunk_bytes, max_linear=max_linear,
                      grads=adapters, states=states, fused=kernels == "auto" and bits != 8)
 
@@ -513,8 +512,8 @@ def plan(
         sizes = sorted((per_layer_bytes[i] for i in chosen), reverse=True)
         return chosen, sum(sizes), sum(sizes[:2])
 
-    def gpu_for(T: int, B: int, n: int) -> int:
-        act, loss, _, _ = step(T, B)
+    def gpu_for(T: int, B: int, n: int, checkpointed=checkpointing) -> int:
+        act, loss, _, _ = step(T, B, checkpointed)
         _, off, flight = moved(n)
         rest = quantized + other + 2 * adapters + states + act + loss - off + flight
         ctx, margin = overhead(rest)
@@ -559,16 +558,9 @@ def plan(
         result.max_seq_len = _largest(lambda T: total_for(T, batch_size) <= gpu, limit)
         result.max_batch_size = _largest(lambda B: total_for(seq_len, B) <= gpu, 4096)
         if result.fits and gradient_checkpointing is True and device == "cuda":
-            def gpu_checkpointing(k: int) -> int:  # the GPU part with only the first k layers checkpointed
-                act_k, loss_k, _, _ = step_memory(
-                    d, batch_size, seq_len, adapted=adapted, r=rank, a=a, adapter_b=adapter_b, autocast=autocast,
-                    bits=bits, padded=(batch_size > 1) if padded is None else padded,
-                    checkpointing=k if k < d.L else True, chunked=chunked_loss, chunk_bytes=loss_chunk_bytes,
-                    max_linear=max_linear, grads=adapters, states=states, fused=kernels == "auto" and bits != 8)
-                rest = quantized + other + 2 * adapters + states + act_k + loss_k - off_bytes + flight_bytes
-                return rest + sum(overhead(rest))
-
-            result.fewest_checkpointed_layers = next(k for k in range(d.L + 1) if gpu_checkpointing(k) <= gpu)
+            # the GPU part with only the first k layers checkpointed (k = L: every layer, as now)
+            result.fewest_checkpointed_layers = next(
+                k for k in range(d.L + 1) if gpu_for(seq_len, batch_size, n_off, k if k < d.L else True) <= gpu)
         if not result.fits:
             result.suggestions = _suggest(model, result, dict(
                 bits=bits, rank=rank, alpha=alpha, target_modules=target_modules, seq_len=seq_len,

@@ -336,8 +336,13 @@ def _check_checkpointed_layers(gradient_checkpointing, hf_config) -> None:
         return
     text = getattr(hf_config, "text_config", None) or hf_config
     count = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
-    if count is not None and gradient_checkpointing > count:
-        raise ConfigError(f"gradient_checkpointing={gradient_checkpointing} layers, but the model has {count} decoder "
+    if count is not None:
+        _require_layer_count(gradient_checkpointing, count)
+
+
+def _require_layer_count(layers: int, count: int) -> None:
+    if not 0 <= layers <= count:
+        raise ConfigError(f"gradient_checkpointing={layers} layers, but the model has {count} decoder "
                           f"layers: use 0..{count} (or True for all)")
 
 
@@ -355,9 +360,7 @@ def enable_gradient_checkpointing(model: nn.Module, offload: bool = False, layer
     """
     if layers is not None:
         _, decoder = decoder_layers(model)
-        if not 0 <= layers <= len(decoder):
-            raise ConfigError(f"gradient_checkpointing={layers} layers, but the model has {len(decoder)} decoder "
-                              f"layers: use 0..{len(decoder)} (or True for all)")
+        _require_layer_count(layers, len(decoder))
         if offload:
             raise ConfigError("offloaded checkpointing applies to every layer; give 'offload' or a number of "
                               "layers, not both")
