@@ -9,13 +9,22 @@ and non-reentrant gradient checkpointing, under autocast (bf16 on CUDA, none on 
   ``prepare_model_for_kbit_training`` (gradient checkpointing, non-reentrant), ``get_peft_model(
   LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))``; the loss from the full logits
   (``logits[:, :-1].float()`` and ``F.cross_entropy``, summed / tokens, as transformers computes it);
+* ``peft_liger``      -- the same stack with Liger Kernel (``apply_liger_kernel_to_llama()`` before loading:
+  Triton RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy, which computes the loss inside the
+  model's forward from ``labels``, never materializing the logits). CUDA only (Triton); not in the CPU
+  default, and recorded as failed where ``liger_kernel`` cannot be imported (carry its wheel, see
+  ``benchmarks/README.md``);
 * ``qolora_plain``    -- ``qolora.prepare(..., kernels="off")`` with the same full-logits loss: what
   qolora 0.2.0 ran (its OLoRA model, the PEFT-style adapter path);
 * ``qolora_chunked``  -- the same model with the training loop's loss (``qolora.train.loss_sum``: the
   chunked loss, gradients computed in its forward pass);
 * ``qolora``          -- the default: ``kernels="auto"`` (the fused adapter step) + the loop's loss;
+* ``qolora_compile``  -- the default with ``kernels="compile"``: each decoder layer's training forward
+  compiled by ``torch.compile`` (``qolora.compiled_layers``); its first (untimed) step compiles, and
+  ``first_step_s`` records what that cost (later processes reuse Inductor's on-disk cache);
 * ``qolora_partial``  -- the default with ``gradient_checkpointing=N`` (``--partial-layers N``, only
-  the first N decoder layers recompute), N chosen so the measured peak stays at or under PEFT's.
+  the first N decoder layers recompute), N chosen so the measured peak stays at or under PEFT's;
+* ``qolora_partial_compile`` -- both.
 
 Each contender runs in fresh processes, alternating: ``--rounds`` processes per contender, each
 loading the model, running ``--warmup`` untimed steps and ``--steps`` timed ones, with the same
@@ -40,10 +49,16 @@ if __package__ in (None, ""):
 
 from benchmarks import common  # noqa: E402
 
-CONTENDERS = ["peft", "qolora_plain", "qolora_chunked", "qolora", "qolora_partial"]
-LABELS = {"peft": "transformers+PEFT LoRA", "qolora_plain": "qolora, plain path + full logits (0.2.0)",
+CONTENDERS = ["peft", "peft_liger", "qolora_plain", "qolora_chunked", "qolora", "qolora_compile", "qolora_partial",
+              "qolora_partial_compile"]
+CPU_CONTENDERS = [c for c in CONTENDERS if c != "peft_liger"]
+"""The default set on the CPU (Liger's kernels are Triton, CUDA only)."""
+LABELS = {"peft": "transformers+PEFT LoRA", "peft_liger": "transformers+PEFT LoRA + Liger Kernel",
+          "qolora_plain": "qolora, plain path + full logits (0.2.0)",
           "qolora_chunked": "qolora, plain path + chunked loss", "qolora": "qolora default (fused + chunked)",
-          "qolora_partial": "qolora default, first N layers checkpointed"}
+          "qolora_compile": "qolora default + kernels=compile",
+          "qolora_partial": "qolora default, first N layers checkpointed",
+          "qolora_partial_compile": "qolora, first N layers checkpointed + compile"}
 TARGETS = {"tokens_per_s_vs_peft_min": 1.3, "peak_memory_vs_peft_max": 1.0}
 """Issue 15's CPU targets; they apply to the best qolora row that stays within PEFT's memory."""
 
@@ -64,9 +79,15 @@ def _load_qolora(model_dir: str, device: str, rank: int, alpha: float, kernels: 
                           kernels=kernels, progress=False)
 
 
-def _load_peft(model_dir: str, device: str, rank: int, alpha: float):
+def _load_peft(model_dir: str, device: str, rank: int, alpha: float, liger: bool = False):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if liger:  # patches transformers' Llama classes in this (worker) process, before the model is built
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
 
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                     bnb_4bit_compute_dtype=_dtype(device))
@@ -120,27 +141,31 @@ def _autocast(device: str):
     return contextlib.nullcontext
 
 
-def _step(model, params, opt, autocast, clip: float = 1.0, chunked: bool = False):
+def _step(model, params, opt, autocast, clip: float = 1.0, loss_from: str = "logits"):
     """One optimizer step as ``qolora.train`` runs it (``_Run.train_step`` with one micro-batch): the
     summed next-token cross-entropy under autocast / label tokens, backward, clip the adapters'
-    gradient norm, step, ``zero_grad(set_to_none=True)``. The loss: from the full fp32 logits, or
-    (``chunked``) the loop's own ``qolora.train.loss_sum``."""
+    gradient norm, step, ``zero_grad(set_to_none=True)``. ``loss_from``: ``"logits"``: the full fp32
+    logits; ``"chunked"``: the loop's own ``qolora.train.loss_sum``; ``"model"``: the model's own mean
+    loss from ``labels`` (with Liger, its fused linear cross-entropy)."""
     import torch
     from torch.nn import functional as F
 
-    if chunked:
+    if loss_from == "chunked":
         from qolora.train import loss_sum
 
     def step(x):  # x: (B, T) token ids, also the labels
         labels = x[:, 1:]  # (B, T-1): token t predicts t+1
         with autocast():
-            if chunked:
-                total = loss_sum(model, {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)})
+            if loss_from == "model":
+                loss = model(input_ids=x, labels=x, use_cache=False).loss  # mean over the T-1 label tokens
+            elif loss_from == "chunked":
+                loss = loss_sum(model, {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)})
+                loss = loss / labels.numel()
             else:
                 logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
-        if not chunked:
+        if loss_from == "logits":
             total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum")
-        loss = total / labels.numel()
+            loss = total / labels.numel()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
@@ -167,14 +192,16 @@ def worker(payload: dict, probe: common.MemoryProbe) -> dict:
 
     probe.start()
     with common.Timer(device) as t_load:
-        if contender == "peft":
-            model = _load_peft(model_dir, device, payload["rank"], payload["alpha"])
+        if contender in ("peft", "peft_liger"):
+            model = _load_peft(model_dir, device, payload["rank"], payload["alpha"], liger=contender == "peft_liger")
         elif contender in ("qolora_plain", "qolora_chunked"):
             model = _load_qolora(model_dir, device, payload["rank"], payload["alpha"], kernels="off")
-        elif contender == "qolora":
-            model = _load_qolora(model_dir, device, payload["rank"], payload["alpha"])
-        elif contender == "qolora_partial":
+        elif contender in ("qolora", "qolora_compile"):
             model = _load_qolora(model_dir, device, payload["rank"], payload["alpha"],
+                                 kernels="compile" if contender.endswith("compile") else "auto")
+        elif contender in ("qolora_partial", "qolora_partial_compile"):
+            model = _load_qolora(model_dir, device, payload["rank"], payload["alpha"],
+                                 kernels="compile" if contender.endswith("compile") else "auto",
                                  gradient_checkpointing=payload["partial_layers"])
         else:
             raise ValueError(f"unknown contender {contender!r}")
@@ -200,7 +227,8 @@ def worker(payload: dict, probe: common.MemoryProbe) -> dict:
         result["step_impl"] = (f"bitsandbytes.optim.{payload['optimizer']} + "
                                f"{'bf16 autocast' if device.startswith('cuda') else 'no autocast'}")
     result["optimizer_class"] = type(opt).__name__
-    step = _step(model, params, opt, autocast, chunked=contender in ("qolora_chunked", "qolora", "qolora_partial"))
+    step = _step(model, params, opt, autocast, loss_from={"peft": "logits", "qolora_plain": "logits",
+                                                           "peft_liger": "model"}.get(contender, "chunked"))
 
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1234)
@@ -214,6 +242,8 @@ def worker(payload: dict, probe: common.MemoryProbe) -> dict:
         with common.Timer(device) as t:
             loss = step(x)
         losses.append(float(loss))
+        if i == 0:
+            result["first_step_s"] = t.seconds  # with kernels="compile": includes the compilation
         if i >= payload["warmup"]:
             times.append(t.seconds)
             cpu_times.append(t.cpu_seconds)
@@ -256,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                         "here, fixed explicitly so qolora's busy-CPU policy does not change it)")
     p.add_argument("--partial-layers", type=int, default=10,
                    help="qolora_partial: decoder layers checkpointed (the rest keep their activations)")
-    p.add_argument("--contenders", default=",".join(CONTENDERS),
-                   help="comma-separated subset of " + ",".join(CONTENDERS))
+    p.add_argument("--contenders", default=None,
+                   help="comma-separated subset of " + ",".join(CONTENDERS) + " (default: all on CUDA; all but "
+                        "peft_liger on the CPU)")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--tag", default="")
     p.add_argument("--replot", type=Path, default=None, help="only redraw the PNG of an existing result JSON")
@@ -278,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         args.threads = torch.get_num_threads()
+    args.contenders = args.contenders or ",".join(CONTENDERS if cuda else CPU_CONTENDERS)
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     unknown = sorted(set(contenders) - set(CONTENDERS))
     if unknown or "peft" not in contenders:
@@ -310,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     unit = "CUDA MiB" if cuda else "RSS MiB"
     print(f"\n{title}")
     print(f"{'contender':46s} {'tok/s (med)':>11s} {'min..max':>17s} {'step s':>7s} {'x peft':>7s}"
-          f" {'train peak ' + unit:>20s} {'x peft':>7s} {'load peak':>10s}")
+          f" {'train peak ' + unit:>20s} {'x peft':>7s} {'load peak':>10s} {'1st step s':>10s}")
     for c, s in summary.items():
         t = s["tokens_per_s"]
         if t["median"] is None:
@@ -319,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         speed, mem = ratios[c]["tokens_per_s_vs_peft"], ratios[c]["peak_train_vs_peft"]
         print(f"{LABELS[c]:46s} {t['median']:11.1f} {t['min']:8.1f}..{t['max']:<8.1f} {s['step_s']['median']:7.2f}"
               f" {_fmt(speed):>7s} {s['peak_train_mb']['median']:20.0f} {_fmt(mem):>7s}"
-              f" {s['peak_load_mb']['median']:10.0f}")
+              f" {s['peak_load_mb']['median']:10.0f} {s['first_step_s']['median'] or 0:10.1f}")
     print("targets (the fastest qolora row within PEFT's memory):")
     for k, v in verdicts.items():
         val = "n/a" if v["value"] is None else f"{v['value']:.3f}"
@@ -345,6 +377,7 @@ def _summarize(runs: dict[str, list[dict]], device: str) -> tuple[dict, dict, di
             "peak_train_mb": common.summarize(common.peak_mb(r, "train", device) for r in ok),
             "peak_load_mb": common.summarize(common.peak_mb(r, "load", device) for r in ok),
             "load_s": common.summarize(r["load_s"] for r in ok),
+            "first_step_s": common.summarize(r.get("first_step_s") for r in ok),
             "trainable_params": next((r["trainable_params"] for r in ok), None),
             "step_impl": next((r.get("step_impl") for r in ok), None),
             "torch_threads": sorted({r.get("torch_threads") for r in ok if r.get("torch_threads")}),

@@ -55,6 +55,7 @@ def _add_finetune(sub) -> None:
     from .data import FORMATS
     from .finetune import finetune
     from .inits import INITS
+    from .kernels import KERNEL_CHOICES
     from .plan import checkpointing_arg
     from .train_config import DEFAULT_LR, MIXED_PRECISION, OPTIMIZERS, TrainConfig
 
@@ -105,9 +106,10 @@ def _add_finetune(sub) -> None:
                         "auto (only as many layers as needed to fit the GPU), cpu (all layers)")
     g.add_argument("--gpu-memory", default=None, help="with --offload auto: GPU memory to fit, e.g. 24GiB "
                                                       "(default: the free memory)")
-    g.add_argument("--kernels", default="auto", choices=["auto", "off"],
+    g.add_argument("--kernels", default="auto", choices=list(KERNEL_CHOICES),
                    help="auto: the fused base + adapter training step wherever it applies (logged where not); "
-                        "off: the plain PEFT-style path")
+                        "compile: the same, and each decoder layer's training forward compiled with torch.compile "
+                        "(the first step pays the compilation); off: the plain PEFT-style path")
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")

@@ -82,7 +82,8 @@ def finetune(
             memory (:func:`qolora.prepare`); ``"auto"`` plans for this job's ``max_length``, batch size,
             optimizer and checkpointing against ``gpu_memory`` (default: the free GPU memory).
         gpu_memory: for ``offload="auto"``: the GPU memory to fit (bytes or ``"24GiB"``).
-        kernels: the adapter layers' training step, as in :func:`qolora.prepare` (``"auto"`` / ``"off"``).
+        kernels: the adapter layers' training step, as in :func:`qolora.prepare` (``"auto"`` / ``"compile"`` /
+            ``"off"``).
         adapter_options: further :class:`qolora.AdapterConfig` fields (``dropout``, ``quant_type``,
             ``device``, ``refine``, ...).
         config: a whole :class:`TrainConfig` instead of ``output_dir`` and ``**train_options``.

@@ -25,7 +25,8 @@ additions (fp32: ~1e-6 relative; bf16: within bf16 rounding), see ``tests/test_k
 
 When the fused path does not apply, :func:`unsupported_reason` says why and the layer takes the plain
 path; :func:`note_fallback` logs each reason once. The switch is ``prepare(..., kernels=...)``
-(``"auto"``: fused wherever it applies, the default; ``"off"``: always the plain path).
+(``"auto"``: fused wherever it applies, the default; ``"compile"``: fused, and the rest of each decoder
+layer compiled by ``torch.compile``, see :mod:`qolora.compiled_layers`; ``"off"``: always the plain path).
 
 Prior art (ideas, no code): Unsloth's hand-written LoRA autograd (``fast_lora.py``: one function per
 block, fewer casts and temporaries, ``addmm_`` for the adapter); PEFT's ``LoraLayer.forward`` is the
@@ -46,8 +47,10 @@ __all__ = ["KERNEL_CHOICES", "check_kernels", "fused_adapter_linear", "note_fall
 
 logger = logging.getLogger(__name__)
 
-KERNEL_CHOICES = ("auto", "off")
-"""``"auto"``: the fused adapter step wherever it applies (logged where it does not); ``"off"``: never."""
+KERNEL_CHOICES = ("auto", "compile", "off")
+"""``"auto"``: the fused adapter step wherever it applies (logged where it does not); ``"compile"``: the
+same, and the decoder layers' training forward compiled with ``torch.compile``
+(:mod:`qolora.compiled_layers`); ``"off"``: the plain path, eager."""
 
 _logged: set[str] = set()
 

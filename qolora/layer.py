@@ -82,10 +82,10 @@ class AdapterLinear(nn.Module):
             t.detach().to("cpu", torch.float32, copy=True) for t in init_factors)
         self.base_fingerprint = base_fingerprint
         self.merged = False
-        self.kernels = "auto"  # qolora.kernels.KERNEL_CHOICES: the fused training step where it applies
+        self.kernels = "auto"  # qolora.kernels.KERNEL_CHOICES: "auto"/"compile": the fused training step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels == "auto" and not self.merged and torch.is_grad_enabled():
+        if self.kernels != "off" and not self.merged and torch.is_grad_enabled():
             reason = unsupported_reason(self.base_layer)
             if reason is None:  # one autograd node for base + adapter (qolora.kernels)
                 adapter_input = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x)
@@ -141,10 +141,18 @@ class AdapterLinear(nn.Module):
 
 
 def set_kernels(model: nn.Module, kernels: str) -> None:
-    """Choose the training step of every adapter layer: ``"auto"`` (fused where it applies) or ``"off"``."""
+    """Choose the training step: ``"auto"`` (every adapter layer fused where it applies), ``"compile"``
+    (the same, and the decoder layers' training forward compiled: :mod:`qolora.compiled_layers`) or
+    ``"off"`` (the plain path, eager)."""
+    from .compiled_layers import compile_decoder_layers, uncompile_decoder_layers
+
     check_kernels(kernels)
     for _, layer in adapter_layers(model):
         layer.kernels = kernels
+    if kernels == "compile":
+        compile_decoder_layers(model)
+    else:
+        uncompile_decoder_layers(model)
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:

@@ -269,7 +269,9 @@ def prepare(
             ``gradient_checkpointing``, ...); default: the planner's (seq 2048, batch 1).
         kernels: the adapter layers' training step (:mod:`qolora.kernels`): ``"auto"``: the fused
             base + adapter step wherever it applies (4-bit and 16-bit bases; others take the plain
-            path, logged once); ``"off"``: always the plain (PEFT-style) path.
+            path, logged once); ``"compile"``: the same, and each decoder layer's training forward
+            compiled with ``torch.compile`` (:mod:`qolora.compiled_layers`: fused norms, RoPE, SwiGLU;
+            the first step pays the compilation); ``"off"``: always the plain (PEFT-style) path.
         **options: any other :class:`AdapterConfig` field (``alpha``, ``init``, ``target_modules``,
             ``use_rslora``, ``dropout``, ``quant_type``, ``blocksize``, ``double_quant``,
             ``quant_storage``, ``compute_dtype``, ``dtype``, ``adapter_dtype``, ``device``, ``seed``,

@@ -122,7 +122,7 @@ def test_prepare_kernels_switch(tiny_llama_dir, monkeypatch):
     torch.testing.assert_close(results["auto"][0], results["off"][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(results["off"][1], results["auto"][1]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ConfigError, match="kernels='fast'.*'auto', 'off'"):
+    with pytest.raises(ConfigError, match="kernels='fast'.*'auto', 'compile', 'off'"):
         qolora.prepare(tiny_llama_dir, bits=4, rank=4, progress=False, kernels="fast")
     with pytest.raises(ValueError, match="kernels"):
         set_kernels(nn.Sequential(), "on")

@@ -1,0 +1,133 @@
+"""``kernels="compile"``: the decoder layers' training forward compiled with ``torch.compile``.
+
+What the fused adapter step (:mod:`qolora.kernels`) leaves in eager mode is a chain of small
+elementwise kernels per decoder layer: RMSNorm (square, mean, rsqrt, scale), RoPE (two rotations and
+their sum), SwiGLU (SiLU and the product), residual additions, casts. Each reads and writes a full
+``(N, hidden)`` or ``(N, intermediate)`` tensor. ``torch.compile`` (TorchInductor) fuses each chain into
+one kernel, in the forward pass and in the backward pass AOTAutograd derives, C++/OpenMP on the CPU and
+Triton on CUDA: the fusions Unsloth and Liger Kernel write by hand, made by a well-kept tool instead.
+
+What is compiled, and when:
+
+* each decoder layer's own ``forward`` (one code object, so one compiled graph serves every layer:
+  their parameters are graph inputs, not constants), **not** ``__call__``: gradient checkpointing
+  (transformers' ``GradientCheckpointingLayer.__call__``, or :mod:`qolora.offload_checkpointing`) and
+  module hooks (:mod:`qolora.offload`, accelerate) stay in eager mode around it, and a checkpointed
+  layer's recompute calls the same compiled forward again;
+* only while autograd records (training). Evaluation and generation (no grad; a KV cache whose length
+  grows every decoding step) keep the eager forward: nothing to gain there from a training graph, and
+  no recompilation per length;
+* bitsandbytes' 4-bit matmul and the fused adapter function are traced into the graph (bitsandbytes
+  registers its ops with ``torch.library``), so a layer is one graph, without graph breaks on the CPU
+  (checked by ``tests/test_compiled_layers.py``).
+
+The first training step pays the compilation (tens of seconds on a 2-core CPU; cached on disk by
+Inductor for later processes); a change of sequence length recompiles once with dynamic shapes.
+Numerics: Inductor may reorder a reduction (RMSNorm's mean) or fuse a cast, so results equal the eager
+path within fp32 rounding (bf16: within bf16 rounding), not bit for bit; a run resumed from a
+checkpoint continues exactly as long as it compiles the same way as the run it resumes.
+
+Where compilation does not apply, the layer runs eagerly and the reason is logged once
+(:func:`qolora.kernels.note_fallback`): ``torch.compile`` missing or failing to build its backend (for
+example no C++ compiler on the CPU, no Triton on CUDA), and sharded (DTensor) parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+from .kernels import note_fallback
+
+__all__ = ["compile_decoder_layers", "compiled_layer_count", "uncompile_decoder_layers"]
+
+logger = logging.getLogger(__name__)
+
+_ATTR = "_qolora_eager_forward"
+"""Instance attribute holding a compiled layer's own eager ``forward`` (absent: not compiled)."""
+
+BACKEND = "inductor"
+"""The ``torch.compile`` backend (the tests also run ``"aot_eager"``: the same graphs, no code generation)."""
+
+_broken: list[str] = []
+"""Why compilation failed in this process (once it has, every layer stays eager)."""
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+@functools.cache
+def _compiled(forward_function):
+    """One compiled function per layer class's ``forward`` (shared by every layer of that class)."""
+    return torch.compile(forward_function, backend=BACKEND)
+
+
+class _TrainingForward:
+    """A decoder layer's ``forward``: the compiled one while autograd records, the eager one otherwise.
+
+    Pickled / deep-copied models keep working: the wrapper holds the layer's class ``forward`` (a plain
+    function) and calls it with the layer, never a bound method of another instance.
+    """
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self.function = type(layer).forward
+
+    def __call__(self, *args, **kwargs):
+        layer = self.layer
+        if not torch.is_grad_enabled() or _broken:
+            return self.function(layer, *args, **kwargs)
+        if any(_is_dtensor(p) for p in layer.parameters()):
+            note_fallback("kernels='compile': sharded (DTensor) parameters; this layer runs eagerly")
+            return self.function(layer, *args, **kwargs)
+        try:
+            return _compiled(self.function)(layer, *args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # the backend cannot build: eager from now on
+            _broken.append(f"{type(exc.inner_exception).__name__}: {exc.inner_exception}")
+            note_fallback(f"kernels='compile': torch.compile failed ({_broken[0][:300]}); the decoder layers "
+                          "run eagerly")
+            return self.function(layer, *args, **kwargs)
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers: the modules transformers can checkpoint (``GradientCheckpointingLayer``: every
+    decoder block of transformers 5's causal LMs)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """Compile every decoder layer's training forward (idempotent). Returns how many layers are compiled.
+
+    The layer's ``forward`` attribute becomes a :class:`_TrainingForward`; :func:`uncompile_decoder_layers`
+    removes it again.
+    """
+    if not hasattr(torch, "compile"):
+        note_fallback("kernels='compile': this torch has no torch.compile; the decoder layers run eagerly")
+        return 0
+    layers = _layers(model)
+    if not layers:
+        note_fallback(f"kernels='compile': {type(model).__name__} has no decoder layers transformers can checkpoint "
+                      "(GradientCheckpointingLayer); nothing is compiled")
+    for layer in layers:
+        if _ATTR not in layer.__dict__:
+            setattr(layer, _ATTR, True)
+            layer.forward = _TrainingForward(layer)
+    return len(layers)
+
+
+def uncompile_decoder_layers(model: nn.Module) -> None:
+    """Give every compiled decoder layer its eager ``forward`` back (idempotent)."""
+    for module in model.modules():
+        if module.__dict__.pop(_ATTR, None) is not None:
+            module.__dict__.pop("forward", None)
+
+
+def compiled_layer_count(model: nn.Module) -> int:
+    """How many of the model's modules have a compiled training forward."""
+    return sum(1 for module in model.modules() if _ATTR in module.__dict__)
