@@ -154,6 +154,13 @@ def test_refused_before_any_weight_is_read(tiny_llama_dir, tiny_gpt2_dir, untied
         plan("llama-3-70b", offload_embedding=True, fsdp=True, num_gpus=2)
 
 
+def test_fsdp_refuses_a_model_with_it(untied_dir):
+    from qolora.fsdp import fsdp_problems
+
+    assert any("offload_embedding=True" in p for p in fsdp_problems(prepared(untied_dir, True)))
+    assert not any("offload_embedding" in p for p in fsdp_problems(prepared(untied_dir, False)))
+
+
 def test_an_embedding_that_is_not_plain_is_refused():
     from qolora.base_reader import meta_skeleton
     from qolora.plan import load_hf_config
