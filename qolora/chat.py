@@ -30,6 +30,7 @@ from torch import nn
 
 from .adapter_io import read_adapter
 from .config import ConfigError
+from .host_embedding import host_embeddings
 from .layer import AdapterLinear, replace_module
 from .offload import available_host_bytes
 from .quant import dequantize_weight, quantization_kind
@@ -76,6 +77,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> in
     for param in model.parameters():  # the rest (embeddings, norms) computes in the same dtype
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
+    for embedding in host_embeddings(model):  # a host-memory weight is not a parameter (qolora.host_embedding)
+        embedding.weight = embedding.weight.to(dtype)
     if hasattr(model, "qolora"):
         del model.qolora  # no longer an adapter model: nothing may save it as one
     model.eval()

@@ -23,10 +23,11 @@ from .config import AdapterConfig, ConfigError
 from .data import DataError, detect_format, load_records, split_train_eval, tokenize_dataset
 from .files import folder_lock
 from .fsdp import full_adapter_state, with_trained_weights
+from .host_embedding import check_untied
 from .kernels import check_kernels
 from .offload import check_offload
 from .optim import resolve_precision
-from .prepare import prepare
+from .prepare import check_offload_embedding, prepare
 from .run_folder import check_output_dir, check_resume
 from .train import train
 from .train_config import TrainConfig, TrainResult
@@ -55,6 +56,7 @@ def finetune(
     offload: str | None = None,
     gpu_memory: int | str | None = None,
     kernels: str = "auto",
+    offload_embedding: bool = False,
     adapter_options: dict | None = None,
     config: TrainConfig | None = None,
     **train_options,
@@ -84,6 +86,8 @@ def finetune(
         gpu_memory: for ``offload="auto"``: the GPU memory to fit (bytes or ``"24GiB"``).
         kernels: the adapter layers' training step, as in :func:`qolora.prepare` (``"auto"`` / ``"compile"`` /
             ``"off"``).
+        offload_embedding: keep the frozen input embedding in host memory (:func:`qolora.prepare`; untied
+            embeddings only, not with ``fsdp``).
         adapter_options: further :class:`qolora.AdapterConfig` fields (``dropout``, ``quant_type``,
             ``device``, ``refine``, ...).
         config: a whole :class:`TrainConfig` instead of ``output_dir`` and ``**train_options``.
@@ -106,11 +110,17 @@ def finetune(
     if tcfg.fsdp and offload is not None:
         raise ConfigError(f"fsdp=True and offload={offload!r}: FSDP shards the base instead of offloading it; "
                           "use one of them")
+    check_offload_embedding(offload_embedding)
+    if tcfg.fsdp and offload_embedding:
+        raise ConfigError("fsdp=True and offload_embedding=True: FSDP shards the base (the embedding with it) "
+                          "instead of keeping it on the host; use one of them")
     # Under torchrun / accelerate launch every rank runs this; rank 0 alone checks, locks and writes the
     # output folder, and its errors stop every rank (qolora.distributed).
     with dist.session(acfg.torch_device) as world:
         out = dist.on_main(lambda: check_output_dir(tcfg, resume))
         base = BaseCheckpoint.open(assets.default_model_dir() if model is None else model)  # config + files, once
+        if offload_embedding:
+            check_untied(base.hf_config)  # before the data is read
         tokenizer = load_tokenizer(base.dir)
         train_ds, eval_ds = _tokenized_split(data, tokenizer, format=format, max_length=max_length, packing=packing,
                                              mask_prompt=mask_prompt, eval_fraction=eval_fraction, seed=tcfg.seed)
@@ -121,7 +131,7 @@ def finetune(
                 dist.on_main(lambda: check_resume(tcfg, train_ds, acfg, world_size=world.size))
             net = prepare(base, config=acfg, gradient_checkpointing=tcfg.gradient_checkpointing,
                           progress=tcfg.progress and world.is_main, offload=offload, gpu_memory=gpu_memory,
-                          kernels=kernels,
+                          kernels=kernels, offload_embedding=offload_embedding,
                           offload_plan={"seq_len": max_length, "batch_size": tcfg.batch_size, "optim": tcfg.optim})
             # FSDP: the base layers' quantization settings are read before sharding, the weights after training
             template = adapter_from_model(net) if tcfg.fsdp else None

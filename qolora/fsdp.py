@@ -33,6 +33,7 @@ import logging
 import torch
 from torch import nn
 
+from .host_embedding import host_embeddings
 from .layer import adapter_layers, adapter_parameters
 from .quant import quantization_kind
 
@@ -58,6 +59,9 @@ def fsdp_problems(model: nn.Module) -> list[str]:
         if kind == "8bit":
             problems.append(f"{name} is 8-bit: FSDP-QLoRA supports 4-bit bases (bits=4) only")
             break
+    if host_embeddings(model):
+        problems.append("the input embedding is in host memory (offload_embedding=True): FSDP shards the base "
+                        "(the embedding with it) instead; prepare without offload_embedding")
     if _blocks(model) == []:
         problems.append(f"{type(model).__name__} declares no decoder-layer class (_no_split_modules) to shard by")
     return problems

@@ -557,14 +557,17 @@ class LayerOffload:
     resident part on the device.
 
     Args:
-        offloaded: decoder layer indices to offload, or ``"all"``.
+        offloaded: decoder layer indices to offload (may be empty), or ``"all"``.
         device: the compute device.
+        embedding: the input embedding goes to host memory too (:mod:`qolora.host_embedding`; ``build_model``
+            reads this and places it; ``offload="auto"`` sets it when the plan chose it).
     """
 
-    def __init__(self, offloaded: Sequence[int] | str, device: torch.device | str):
+    def __init__(self, offloaded: Sequence[int] | str, device: torch.device | str, *, embedding: bool = False):
         self.wanted = offloaded
         self.device = torch.device(device)
-        self.streamer: OffloadedLayers | None = None
+        self.embedding = embedding
+        self.streamer: OffloadedLayers | None = None  # None while no decoder layer is offloaded
         self._pending: dict[int, set[str]] = {}
         self._prefix = ""
 
@@ -572,6 +575,8 @@ class LayerOffload:
         """Work out which names complete each offloaded layer (``rebuilt``: the linear modules built from weights)."""
         name, layers = decoder_layers(skeleton)
         indices = range(len(layers)) if self.wanted == "all" else self.wanted
+        if not indices:
+            return
         self.streamer = OffloadedLayers(skeleton, indices, self.device)
         self._prefix = f"{name}."
         for i in self.streamer.offloaded:
@@ -586,7 +591,7 @@ class LayerOffload:
 
     def loaded(self, name: str) -> None:
         """``name`` (a rebuilt linear module, or a parameter) is now on the device."""
-        if not name.startswith(self._prefix):
+        if self.streamer is None or not name.startswith(self._prefix):
             return
         index = int(name[len(self._prefix):].split(".", 1)[0])
         pending = self._pending.get(index)
@@ -597,20 +602,26 @@ class LayerOffload:
             del self._pending[index]
             self.streamer.offload(index)
 
-    def end(self, model: nn.Module) -> OffloadedLayers:
-        """Offload what is left, install the hooks; the streamer."""
+    def end(self, model: nn.Module) -> OffloadedLayers | None:
+        """Offload what is left, install the hooks; the streamer (None: no decoder layer offloaded)."""
+        if self.streamer is None:
+            return None
         self.streamer.model = model
         return self.streamer.install()
 
 
 def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: int | str | None = None,
-                       plan_options: dict | None = None, gradient_checkpointing: bool = True) -> LayerOffload | None:
+                       plan_options: dict | None = None, gradient_checkpointing: bool = True,
+                       offload_embedding: bool = False) -> LayerOffload | None:
     """The placement for ``prepare`` / ``load``: which decoder layers to offload, checked against host memory.
 
     ``"cpu"`` offloads every decoder layer; ``"auto"`` asks :func:`qolora.plan.plan` for the fewest that
     fit ``gpu_memory`` (default: the CUDA device's free memory) with the training shape in
     ``plan_options``; on a CPU device ``"auto"`` offloads nothing (host and device are one memory).
-    Returns None when nothing is offloaded.
+    ``offload_embedding``: the input embedding is in host memory anyway (the plan counts it); without it,
+    ``"auto"`` on an untied model first moves the input embedding to host memory (almost free) and
+    offloads decoder layers only if that is not enough (the placement's ``embedding`` says so).
+    Returns None when nothing is offloaded by this placement.
 
     Raises:
         ConfigError: ``offload`` unknown, or the host cannot hold the offloaded part (before any weight is read).
@@ -635,15 +646,20 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
                                                  else config.torch_dtype),
                        adapter_dtype=_dtype_name(config.torch_adapter_dtype), device=device.type,
                        gpu_memory=parse_size(gpu_memory, "gpu_memory") if gpu_memory is not None else None,
-                       offload=offload, _search=False, **options)
+                       offload=offload, offload_embedding=offload_embedding, _search=False, **options)
     indices = memory_plan.offloaded_layers
-    if not indices:
+    embedding = memory_plan.offload_embedding and not offload_embedding  # chosen by the plan, not asked for
+    if embedding:
+        logger.info("offload='auto': the input embedding (%.2f GiB) goes to host memory first",
+                    memory_plan.embedding_host_bytes / 2**30)
+    if not indices and not embedding:
         logger.info("offload='auto': the model fits %.2f GiB without offloading", memory_plan.gpu_memory / 2**30)
         return None
     available = available_host_bytes()
     if memory_plan.host_bytes > available:
         raise ConfigError(
-            f"offloading {len(indices)} of {memory_plan.num_layers} decoder layers needs "
+            f"offloading {len(indices)} of {memory_plan.num_layers} decoder layers"
+            + (" and the input embedding" if memory_plan.offload_embedding else "") + " needs "
             f"{memory_plan.host_bytes / 2**30:.2f} "
             f"GiB of host memory, but only {available / 2**30:.2f} GiB is available: free host memory, offload fewer "
             "layers (offload='auto' with a larger gpu_memory), or use a larger machine")
@@ -651,7 +667,7 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
         logger.warning("even with %d of %d layers offloaded the plan predicts %.2f GiB on the GPU, more than %.2f GiB",
                        len(indices), memory_plan.num_layers, memory_plan.gpu_bytes / 2**30,
                        memory_plan.gpu_memory / 2**30)
-    return LayerOffload(indices, device)
+    return LayerOffload(indices, device, embedding=embedding)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

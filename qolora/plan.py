@@ -42,7 +42,11 @@ each layer's input (``a*N*h`` each) plus one recomputed layer. Offloaded checkpo
 (``gradient_checkpointing="offload"``, :mod:`qolora.offload_checkpointing`) keeps those ``L`` inputs in
 pinned host memory (``checkpoint_host_bytes``); the GPU holds the first layer's input (the embedding
 output, which autograd keeps as a leaf) and, in the backward pass, the one input brought back for its
-layer's recompute. On a CPU device nothing moves (host and device are one memory). On top: the backward pass's working
+layer's recompute. On a CPU device nothing moves (host and device are one memory). With
+``offload_embedding`` (:mod:`qolora.host_embedding`) the input embedding's bytes (``V*h*a``, exact) leave
+the GPU part for pinned host memory (``embedding_host_bytes``); its gathered rows reach the GPU as the
+same ``a*N*h`` embedding output as before, so no activation changes (CUDA only, like the checkpoints).
+On top: the backward pass's working
 gradients of one layer (``a*N*(i + h)``, doubled under autocast, where every adapted input's
 gradient also passes through the fp32 <-> 16-bit casts), the rotary tables, the final norm, and one dequantized
 weight (the largest, in the compute dtype: bitsandbytes dequantizes a whole weight per matmul when
@@ -85,6 +89,7 @@ from torch import nn
 from .base_reader import hf_config_from_dict, layer_shape, linear_layers, meta_skeleton, select_targets
 from .base_reader import load_hf_config as read_config_file
 from .config import DTYPES, AdapterConfig, ConfigError, parse_size
+from .host_embedding import check_untied, input_embedding_name
 from .loss import DEFAULT_CHUNK_BYTES
 from .memory_model import adapted_kinds, model_dims, optimizer_bytes, quantized_bytes, step_memory
 from .offload import check_offload, decoder_layers, spread
@@ -188,9 +193,11 @@ class MemoryPlan:
             pinned host memory (``activation_bytes`` is then what stays on the GPU).
         offload / offloaded_layers: the offload setting and the decoder layers whose frozen base lives in host memory.
         offloaded_bytes: those layers' frozen bytes (quantized weights, statistics, norms, biases).
+        offload_embedding / embedding_host_bytes: whether the input embedding is kept in host memory (asked for,
+            or chosen by ``offload="auto"`` before any layer) and its bytes there (0 on the CPU: one memory).
         in_flight_bytes: the largest two offloaded layers: on the GPU at once (computing + prefetched).
         gpu_bytes: ``total_bytes - host_bytes + in_flight_bytes``; host_bytes: ``offloaded_bytes +
-            checkpoint_host_bytes`` (pinned).
+            checkpoint_host_bytes + embedding_host_bytes`` (pinned).
         host_memory: host memory to check ``host_bytes`` against (None: not checked).
         fits: ``gpu_bytes <= gpu_memory`` (and ``host_bytes <= host_memory`` when given) when ``gpu_memory`` was given.
         max_seq_len / max_batch_size: the longest sequence (at ``batch_size``) and the largest batch (at
@@ -230,6 +237,8 @@ class MemoryPlan:
     host_memory: int | None = None
     checkpoint_host_bytes: int = 0
     fewest_checkpointed_layers: int | None = None
+    offload_embedding: bool = False
+    embedding_host_bytes: int = 0
 
     @property
     def num_offloaded_layers(self) -> int:
@@ -254,7 +263,7 @@ class MemoryPlan:
 
     @property
     def host_bytes(self) -> int:
-        return self.offloaded_bytes + self.checkpoint_host_bytes
+        return self.offloaded_bytes + self.checkpoint_host_bytes + self.embedding_host_bytes
 
     @property
     def host_fits(self) -> bool | None:
@@ -311,15 +320,22 @@ class MemoryPlan:
         lines.append("-" * (width + 40))
         lines.append(f"{'total (predicted peak)':<{width}}  {_gib(self.total_bytes):>8}  "
                      f"weights {_gib(self.weights_bytes)}, peak at the {self.peak_moment}")
-        if self.offload is not None or self.checkpoint_host_bytes:
-            lines.append(f"{'host memory':<{width}}  {_gib(self.host_bytes):>8}  layer checkpoints + offloaded layers"
+        on_host = self.offload is not None or self.checkpoint_host_bytes or self.embedding_host_bytes
+        if on_host:
+            parts = [text for text, on in (("layer checkpoints", self.checkpoint_host_bytes),
+                                           ("offloaded layers", self.offload is not None),
+                                           ("input embedding", self.embedding_host_bytes)) if on]
+            lines.append(f"{'host memory':<{width}}  {_gib(self.host_bytes):>8}  {' + '.join(parts)}"
                          + ("" if self.host_memory is None else
                             f"; host has {_gib(self.host_memory)} GiB" + ("" if self.host_fits else ": NOT enough")))
         if self.offload is not None:  # its share of the host memory above
             lines.append(f"{'offloaded to host':<{width}}  {_gib(self.offloaded_bytes):>8}  "
                          f"{self.num_offloaded_layers} of {self.num_layers} decoder layers in pinned host memory "
                          f"(offload={self.offload!r})")
-        if self.offload is not None or self.checkpoint_host_bytes:
+        if self.embedding_host_bytes:  # its share of the host memory above
+            lines.append(f"{'input embedding (host)':<{width}}  {_gib(self.embedding_host_bytes):>8}  "
+                         "frozen, in pinned host memory: rows gathered there, copied to the GPU (offload_embedding)")
+        if on_host:
             lines.append(f"{'GPU part':<{width}}  {_gib(self.gpu_bytes):>8}  total - host memory"
                          + (f" + {_gib(self.in_flight_bytes)} GiB in flight (2 layers)" if self.offload else ""))
         if self.gpu_memory is not None:
@@ -366,6 +382,7 @@ def plan(
     host_memory: int | str | None = None,
     num_gpus: int = 1,
     fsdp: bool = False,
+    offload_embedding: bool = False,
     _search: bool = True,
 ) -> MemoryPlan:
     """Predict the memory of fine-tuning ``model`` with qolora, from its config alone.
@@ -403,6 +420,9 @@ def plan(
         fsdp: shard the quantized decoder-layer weights over the ``num_gpus`` GPUs (FSDP-QLoRA): each
             GPU keeps ``1/num_gpus`` of them plus two whole layers (the one computing and the one
             being gathered ahead of it); embeddings, head, norms and adapters stay whole (conservative).
+        offload_embedding: keep the input embedding in host memory (:mod:`qolora.host_embedding`; untied
+            embeddings only). With ``offload="auto"`` the plan also does this by itself, on an untied model, when
+            it does not fit otherwise, before it offloads any decoder layer.
 
     Returns:
         A :class:`MemoryPlan`.
@@ -437,12 +457,18 @@ def plan(
         problems.append(f"num_gpus={num_gpus!r} must be an integer >= 1")
     if fsdp and offload is not None and num_gpus > 1:
         problems.append("fsdp and offload are not planned together: choose one")
+    if not isinstance(offload_embedding, bool):
+        problems.append(f"offload_embedding={offload_embedding!r} must be True or False")
+    elif offload_embedding and fsdp and num_gpus > 1:
+        problems.append("fsdp and offload_embedding are not planned together: FSDP shards the base instead; choose one")
     if problems:
         raise ConfigError(problems)
     gpu = parse_size(gpu_memory, "gpu_memory") if gpu_memory is not None else None
     host = parse_size(host_memory, "host_memory") if host_memory is not None else None
 
     hf_config = load_hf_config(model)
+    if offload_embedding:
+        check_untied(hf_config)
     cdtype, adtype = DTYPES[compute_dtype.lower()], DTYPES[adapter_dtype.lower()]
     a, adapter_b = _DTYPE_BYTES[cdtype], _DTYPE_BYTES[adtype]
     autocast = a < 4
@@ -481,6 +507,17 @@ def plan(
                 per_layer_bytes[i] += p.numel() * a
     for _, b in skeleton.named_buffers():
         other += b.numel() * b.element_size()
+    if offload_embedding:
+        input_embedding_name(skeleton)  # the errors prepare gives: tied, or not a plain nn.Embedding
+    try:
+        input_embedding_name(skeleton)
+        replaceable = True
+    except ConfigError:
+        replaceable = False
+    embedding = skeleton.get_input_embeddings()
+    embedding_bytes = embedding.weight.numel() * a if embedding is not None else 0
+    # Whether the input embedding can live in host memory, and that takes it off a GPU.
+    can_move_embedding = replaceable and device == "cuda" and not (fsdp and num_gpus > 1)
     numels = []
     for n in targets:
         out_f, in_f = layer_shape(linears[n])
@@ -512,27 +549,40 @@ def plan(
         sizes = sorted((per_layer_bytes[i] for i in chosen), reverse=True)
         return chosen, sum(sizes), sum(sizes[:2])
 
-    def gpu_for(T: int, B: int, n: int, checkpointed=checkpointing) -> int:
+    def host_embedding(on: bool) -> int:
+        """Bytes of the input embedding in host memory (none where it cannot leave a GPU)."""
+        return embedding_bytes if on and device == "cuda" else 0
+
+    def gpu_for(T: int, B: int, n: int, checkpointed=checkpointing, on_host: bool = offload_embedding) -> int:
         act, loss, _, _ = step(T, B, checkpointed)
         _, off, flight = moved(n)
-        rest = quantized + other + 2 * adapters + states + act + loss - off + flight
+        rest = quantized + other + 2 * adapters + states + act + loss - off + flight - host_embedding(on_host)
         ctx, margin = overhead(rest)
         return rest + ctx + margin
 
     num_layers = len(per_layer_bytes)
     most = num_layers if offload is not None else 0
+    # offload="auto": the input embedding goes first (it costs almost nothing), then decoder layers.
+    embedding_at_most = offload_embedding or (offload == "auto" and can_move_embedding)
 
-    def total_for(T: int, B: int) -> int:  # the GPU part, with as many layers offloaded as offload allows
-        return gpu_for(T, B, most)
+    def total_for(T: int, B: int) -> int:  # the GPU part, with as much offloaded as offload allows
+        return gpu_for(T, B, most, on_host=embedding_at_most)
 
+    on_host = offload_embedding
     if offload == "auto":
-        n_off = next((n for n in range(num_layers + 1) if gpu_for(seq_len, batch_size, n) <= gpu), num_layers)
+        on_host = embedding_at_most and (offload_embedding or gpu_for(seq_len, batch_size, 0) > gpu)
+        n_off = next((n for n in range(num_layers + 1) if gpu_for(seq_len, batch_size, n, on_host=on_host) <= gpu),
+                     num_layers)
     else:
         n_off = most
     chosen, off_bytes, flight_bytes = moved(n_off)
+    emb_host = host_embedding(on_host)
     act, loss, moment, details = step(seq_len, batch_size)
-    ctx, margin = overhead(quantized + other + 2 * adapters + states + act + loss - off_bytes + flight_bytes)
+    ctx, margin = overhead(quantized + other + 2 * adapters + states + act + loss - off_bytes + flight_bytes
+                           - emb_host)
     details["per_layer_frozen_bytes"] = per_layer_bytes[0] if per_layer_bytes else 0
+    details["input_embedding_bytes"] = embedding_bytes
+    details["embedding_can_move"] = can_move_embedding
     settings = {"bits": bits, "rank": rank, "alpha": float(rank if alpha is None else alpha),
                 "target_modules": list(target_modules) if target_modules is not None else None,
                 "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum, "optim": optim,
@@ -541,7 +591,7 @@ def plan(
                 "chunked_loss": chunked_loss, "loss_chunk_bytes": loss_chunk_bytes, "kernels": kernels,
                 "device": device,
                 "padded": (batch_size > 1) if padded is None else padded, "offload": offload, "num_gpus": num_gpus,
-                "fsdp": fsdp}
+                "fsdp": fsdp, "offload_embedding": offload_embedding}
     name = model if isinstance(model, (str, os.PathLike)) else getattr(hf_config, "_name_or_path", "") or d.family
     result = MemoryPlan(
         model=str(name), model_type=hf_config.model_type, num_layers=d.L, settings=settings,
@@ -550,7 +600,8 @@ def plan(
         peak_moment=moment, cuda_context_bytes=ctx, margin_bytes=margin, n_adapted_layers=len(targets),
         trainable_params=trainable, details=details, gpu_memory=gpu, offload=offload, offloaded_layers=chosen,
         offloaded_bytes=off_bytes, in_flight_bytes=flight_bytes, host_memory=host,
-        checkpoint_host_bytes=details["checkpoint_host_bytes"],
+        checkpoint_host_bytes=details["checkpoint_host_bytes"], offload_embedding=on_host,
+        embedding_host_bytes=emb_host,
     )
     if gpu is not None and _search:
         limit = int(getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", 0)
@@ -560,7 +611,8 @@ def plan(
         if result.fits and gradient_checkpointing is True and device == "cuda":
             # the GPU part with only the first k layers checkpointed (k = L: every layer, as now)
             result.fewest_checkpointed_layers = next(
-                k for k in range(d.L + 1) if gpu_for(seq_len, batch_size, n_off, k if k < d.L else True) <= gpu)
+                k for k in range(d.L + 1)
+                if gpu_for(seq_len, batch_size, n_off, k if k < d.L else True, on_host=on_host) <= gpu)
         if not result.fits:
             result.suggestions = _suggest(model, result, dict(
                 bits=bits, rank=rank, alpha=alpha, target_modules=target_modules, seq_len=seq_len,
@@ -569,7 +621,7 @@ def plan(
                 gpu_memory=gpu, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                 compute_dtype=compute_dtype, adapter_dtype=adapter_dtype, chunked_loss=chunked_loss,
                 loss_chunk_bytes=loss_chunk_bytes, kernels=kernels, device=device, padded=padded, offload=offload,
-                host_memory=host, num_gpus=num_gpus, fsdp=fsdp), hf_config)
+                host_memory=host, num_gpus=num_gpus, fsdp=fsdp, offload_embedding=offload_embedding), hf_config)
     return result
 
 
@@ -607,6 +659,10 @@ def _suggest(model, current: MemoryPlan, options: dict, hf_config) -> list[dict]
                         {"batch_size": b, "grad_accum": math.ceil(options["batch_size"] * options["grad_accum"] / b)}))
     if current.max_seq_len and current.max_seq_len < options["seq_len"]:
         changes.append((f"seq_len={current.max_seq_len}", {"seq_len": current.max_seq_len}))
+    if not options["offload_embedding"] and current.details["embedding_can_move"]:
+        changes.append((f"input embedding in host memory (--offload-embedding: "
+                        f"{_gib(current.details['input_embedding_bytes'])} GiB off the GPU, almost no cost)",
+                        {"offload_embedding": True}))
     if options["offload"] is None and options["gpu_memory"] is not None:
         changes.append(("offload='auto' (stream the frozen base of some decoder layers from host memory)",
                         {"offload": "auto"}))
@@ -664,6 +720,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=int, default=1,
                    help="data-parallel GPUs (torchrun); --batch-size is per GPU; the plan is per GPU")
     p.add_argument("--fsdp", action="store_true", help="shard the quantized base over the GPUs (FSDP-QLoRA)")
+    p.add_argument("--offload-embedding", action="store_true",
+                   help="keep the frozen input embedding in pinned host memory (untied embeddings only)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
     return p
@@ -675,7 +733,7 @@ def run(args) -> int:
                   seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, optim=args.optim,
                   gradient_checkpointing=args.gradient_checkpointing, chunked_loss=args.chunked_loss,
                   gpu_memory=args.gpu_memory, offload=args.offload, host_memory=_host_memory(args.host_memory),
-                  num_gpus=args.num_gpus, fsdp=args.fsdp)
+                  num_gpus=args.num_gpus, fsdp=args.fsdp, offload_embedding=args.offload_embedding)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
     return 0 if result.fits in (None, True) else 1
 

@@ -42,6 +42,7 @@ from . import host_memory
 from .base_reader import BaseCheckpoint, LinearWeight, layer_shape, linear_layers, select_targets, weight_fingerprint
 from .config import AdapterConfig, ConfigError
 from .hf_compat import attach as attach_hf_compat
+from .host_embedding import HostEmbedding, check_untied, host_tensor, input_embedding_name
 from .inits import INITS, refine_factors, residual_
 from .kernels import check_kernels
 from .layer import AdapterLinear, mark_only_adapters_trainable, replace_module, set_kernels
@@ -51,7 +52,7 @@ from .offload_checkpointing import OffloadedCheckpointing, checkpointing_mode, i
 from .quant import make_base_layer, quantization_error, quantize_dequantize
 from .threads import cpu_thread_policy
 
-__all__ = ["adopt", "build_model", "enable_gradient_checkpointing", "prepare"]
+__all__ = ["adopt", "build_model", "check_offload_embedding", "enable_gradient_checkpointing", "prepare"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def build_model(
     compare_plain: bool = False,
     progress: bool = True,
     placement: LayerOffload | None = None,
+    host_embedding: bool = False,
 ) -> tuple[nn.Module, QuantReport]:
     """Stream ``base`` into a quantized model with adapters (see the module docstring).
 
@@ -89,6 +91,13 @@ def build_model(
     or known already, as when an adapter is reloaded); the base becomes ``W - s*B@A`` when the init
     needs a residual. ``placement`` (a :class:`qolora.offload.LayerOffload`) is told each module or
     tensor put on the device and moves each finished decoder layer's frozen base to host memory.
+    ``host_embedding``: the input embedding becomes a :class:`qolora.host_embedding.HostEmbedding`, its
+    weight copied from the checkpoint straight into (pinned, on CUDA) host memory, never to the device.
+
+    Raises:
+        ConfigError: before any weight is read: a rank too large for a targeted layer, or
+            ``host_embedding`` on a model whose input embedding cannot be replaced (tied to the head, not
+            a plain ``nn.Embedding``); after the stream: weights missing from the checkpoint.
     """
     from accelerate.utils import set_module_tensor_to_device
     from tqdm.auto import tqdm
@@ -104,6 +113,7 @@ def build_model(
     # only the adapted ones at 16 bits, and every one whose checkpoint is stored quantized.
     rebuilt = set(linears) if config.bits != 16 or base.stored_kind else set(targets)
     _check_rank(linears, targets, config.rank)
+    embedding = input_embedding_name(model) if host_embedding else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if placement is not None:
@@ -136,6 +146,11 @@ def build_model(
                 host_memory.trim()  # the freed fp32 weight and its slices leave the RSS now
         elif item.name is None:
             unexpected.append(item.key)
+        elif embedding is not None and item.name == f"{embedding}.weight":
+            padding_idx = model.get_submodule(embedding).padding_idx
+            replace_module(model, embedding, HostEmbedding(host_tensor(item.tensor, dtype, pin=device.type == "cuda"),
+                                                           device, padding_idx=padding_idx))
+            loaded(item.name)
         elif item.name.endswith(".bias") and item.name.rpartition(".")[0] in rebuilt:
             module_name = item.name.rpartition(".")[0]
             if module_name in done:  # attach now, so the layer is complete as soon as it can be
@@ -239,6 +254,7 @@ def prepare(
     gpu_memory: int | str | None = None,
     offload_plan: dict | None = None,
     kernels: str = "auto",
+    offload_embedding: bool = False,
     **options,
 ):
     """Load a causal LM with a 4/8-bit (or 16-bit) base and OLoRA (or PiSSA / LoRA) adapters.
@@ -272,6 +288,11 @@ def prepare(
             path, logged once); ``"compile"``: the same, and each decoder layer's training forward
             compiled with ``torch.compile`` (:mod:`qolora.compiled_layers`: fused norms, RoPE, SwiGLU;
             the first step pays the compilation); ``"off"``: always the plain (PEFT-style) path.
+        offload_embedding: keep the frozen input embedding in host memory (pinned on CUDA); only its row
+            gather runs there and the gathered rows go to the device (:mod:`qolora.host_embedding`). Needs
+            untied input/output embeddings. ``offload="auto"`` turns it on by itself (untied models) when
+            the plan needs memory, before any decoder layer is offloaded. On a CPU device the module is used
+            but nothing moves. Found as ``model.get_input_embeddings()`` (a ``HostEmbedding``).
         **options: any other :class:`AdapterConfig` field (``alpha``, ``init``, ``target_modules``,
             ``use_rslora``, ``dropout``, ``quant_type``, ``blocksize``, ``double_quant``,
             ``quant_storage``, ``compute_dtype``, ``dtype``, ``adapter_dtype``, ``device``, ``seed``,
@@ -285,8 +306,9 @@ def prepare(
 
     Raises:
         ConfigError: bad options (all listed at once), a missing model, targets matching nothing,
-            a rank too large for a targeted weight, CUDA options without CUDA, or an offloaded part
-            larger than the host memory available; all before any weight is read.
+            a rank too large for a targeted weight, CUDA options without CUDA, an offloaded part
+            larger than the host memory available, ``offload_embedding`` not a bool or with tied
+            embeddings; all before any weight is read.
     """
     cfg = (config or _option_config(bits, rank, options)).validate()
     try:
@@ -295,10 +317,13 @@ def prepare(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     offload = check_offload(offload)
+    check_offload_embedding(offload_embedding)
     base = BaseCheckpoint.of(model)
     _check_checkpointed_layers(gradient_checkpointing, base.hf_config)
+    if offload_embedding:
+        check_untied(base.hf_config)
     placement = offload_layers_for(base.hf_config, cfg, offload, gpu_memory=gpu_memory, plan_options=offload_plan,
-                                   gradient_checkpointing=gradient_checkpointing)
+                                   gradient_checkpointing=gradient_checkpointing, offload_embedding=offload_embedding)
     init = INITS[cfg.init]
     round_errors: dict[str, list[float]] = {}
 
@@ -315,7 +340,8 @@ def prepare(
         return a, b
 
     net, report = build_model(base, cfg, factors_for, compare_plain=compare_plain, progress=progress,
-                              placement=placement)
+                              placement=placement,
+                              host_embedding=offload_embedding or (placement is not None and placement.embedding))
     if cfg.refine:
         for row in report.layers:  # e_0..e_{K-1} from the rounds, e_K from the final quantization
             row.round_errors = round_errors.pop(row.name) + [row.error]
@@ -330,6 +356,16 @@ def prepare(
     net.eval()
     logger.info("prepared %s: %s", name, report.summary())
     return net
+
+
+def check_offload_embedding(offload_embedding) -> None:
+    """``offload_embedding`` must be a bool.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if not isinstance(offload_embedding, bool):
+        raise ConfigError(f"offload_embedding={offload_embedding!r} must be True or False")
 
 
 def _check_checkpointed_layers(gradient_checkpointing, hf_config) -> None:

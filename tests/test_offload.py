@@ -184,7 +184,10 @@ def test_plan_70b_on_24gib_fits_with_offload():
     assert full.in_flight_bytes == 2 * per_layer and full.host_bytes == 80 * per_layer
     # one fewer offloaded layer would not fit: auto offloads the fewest that do
     assert auto.gpu_bytes + per_layer > 24 * 2**30 - 2**28
-    assert auto.max_batch_size == full.max_batch_size >= 1
+    # auto also moves the (untied) input embedding to the host, first: its limits are those of everything moved
+    assert auto.offload_embedding and not full.offload_embedding
+    everything = plan("llama-3-70b", gpu_memory="24GiB", offload="cpu", offload_embedding=True)
+    assert auto.max_batch_size == everything.max_batch_size > full.max_batch_size >= 1
     assert not plan("llama-3-70b", gpu_memory="24GiB", offload="cpu", host_memory="16GiB").fits
     with pytest.raises(ConfigError, match="offload='auto' needs gpu_memory"):
         plan("llama-3-70b", offload="auto")

@@ -89,13 +89,30 @@ def _configs():
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
 def test_predicted_step_peak_within_10_percent(tmp_path, arch, bf16, checkpointing):
+    _check_step_peak(tmp_path, arch, bf16, checkpointing)
+
+
+def test_predicted_step_peak_with_the_embedding_on_the_host(tmp_path):
+    """The module runs (on the CPU its host is the device's memory, so the plan moves nothing, as for
+    offloaded checkpointing); the step's peak is the same prediction, and the weights still add up."""
+    model = _check_step_peak(tmp_path, "llama", True, True, offload_embedding=True)
+    embedding = model.get_input_embeddings()
+    assert type(embedding).__name__ == "HostEmbedding"
+    p = plan(tmp_path, bits=4, rank=8, compute_dtype="bf16", device="cpu", offload_embedding=True)
+    assert p.embedding_host_bytes == 0  # one memory
+    # the host weight is not a parameter: counted beside them, it makes the plan's exact weights
+    assert p.weights_bytes + p.adapter_bytes == pytest.approx(
+        _model_bytes(model) + storage_bytes([embedding.weight]), rel=0.01)
+
+
+def _check_step_peak(tmp_path, arch, bf16, checkpointing, offload_embedding=False):
     from transformers import AutoModelForCausalLM
 
     cfg = _configs()[arch]
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
     model = qolora.prepare(tmp_path, bits=4, rank=8, gradient_checkpointing=checkpointing, progress=False,
-                           **({"dtype": "bf16"} if bf16 else {}))
+                           offload_embedding=offload_embedding, **({"dtype": "bf16"} if bf16 else {}))
     model.train()
     params = [p for _, p in adapter_parameters(model)]
     opt = make_optimizer("adamw_8bit", params, 1e-4, 0.0)
@@ -115,8 +132,10 @@ def test_predicted_step_peak_within_10_percent(tmp_path, arch, bf16, checkpointi
         step()
         step()  # the second step holds the optimizer states: the steady state the plan predicts
     predicted = plan(cfg, bits=4, rank=8, seq_len=256, optim="adamw_8bit", gradient_checkpointing=checkpointing,
-                     compute_dtype="bf16" if bf16 else "fp32", chunked_loss=True, device="cpu", padded=False)
+                     compute_dtype="bf16" if bf16 else "fp32", chunked_loss=True, device="cpu", padded=False,
+                     offload_embedding=offload_embedding)
     assert predicted.step_bytes == pytest.approx(tracker.peak, rel=0.10), (predicted.details, tracker.peak)
+    return model
 
 
 def test_parse_size():
