@@ -2,10 +2,10 @@
 # One prepared GPU check for a time-limited H100/H200 session (runs in under 9 minutes):
 #
 #   1. train-step benchmark (issue 15), 8 Llama-3-8B-sized layers (full vocabulary), batch 1 x seq 2048,
-#      PagedAdamW8bit, bf16 autocast: PEFT vs qolora's stages (0.2.0 path, chunked loss, fused step,
-#      half the layers checkpointed), one process each;
+#      PagedAdamW8bit, bf16 autocast: PEFT, PEFT + Liger Kernel (if its wheel is carried) and qolora
+#      (default fused step, + kernels=compile, half the layers checkpointed, both), one process each;
 #   2. scale benchmark (issue 10): the plan's prediction vs torch.cuda.max_memory_allocated for the 8B
-#      shape in full and 8 layers of the 70B shape;
+#      shape in full and 8 layers of the 70B shape (also with checkpoints + input embedding on the host);
 #   3. the GPU tests: python -m pytest -m gpu -x -q.
 #   (INIT=1 adds the init benchmark of 4 Llama-2-7B-sized layers first, as measured for 0.1.0.)
 #
@@ -51,10 +51,12 @@ part() {  # part NAME SECONDS CMD...: run under timeout (the whole process group
 
 if [ "${GPU_CHECK_SMOKE:-0}" = "1" ]; then
     DEVICE=cpu; SIZE=tiny; TRAIN_SIZE=tiny; SEQ=64; EXTRA_INIT="--skip-real"; EXTRA_TRAIN="--steps 2 --warmup 1"
+    CONTENDERS=peft,qolora,qolora_compile   # (Liger is CUDA only)
     INIT_LIMIT=240; TRAIN_LIMIT=300; SCALE_LIMIT=0; TEST_LIMIT=60
 else
     DEVICE=cuda; SIZE=7b; TRAIN_SIZE=8b; SEQ=2048; EXTRA_INIT="--skip-real"; EXTRA_TRAIN="--steps 6 --warmup 2"
-    INIT_LIMIT=200; TRAIN_LIMIT=270; SCALE_LIMIT=180; TEST_LIMIT=75   # + ~20 s set-up: at most ~9 min
+    CONTENDERS=peft,peft_liger,qolora,qolora_compile,qolora_partial,qolora_partial_compile
+    INIT_LIMIT=200; TRAIN_LIMIT=270; SCALE_LIMIT=210; TEST_LIMIT=60   # + ~20 s set-up: at most ~9.5 min
 fi
 
 # ---------------------------------------------------------------------------------------- setup
@@ -72,7 +74,8 @@ if ! $PY -c "import bitsandbytes" >/dev/null 2>&1; then
 fi
 $PY - <<'EOF' 2>&1 | grep -v "kernels-community" | tee -a "$LOG"
 import importlib.metadata as md, torch
-for p in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "datasets"):
+for p in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "datasets", "triton",
+          "liger-kernel"):
     try:
         print(f"  {p} {md.version(p)}")
     except md.PackageNotFoundError:
@@ -93,6 +96,7 @@ fi
 part "train_step ($TRAIN_LAYERS x $TRAIN_SIZE, $DEVICE, 1 x $SEQ)" "$TRAIN_LIMIT" \
     $PY -m benchmarks.train_step --device "$DEVICE" --size "$TRAIN_SIZE" --layers "$TRAIN_LAYERS" --batch 1 \
     --seq "$SEQ" --rounds "${TRAIN_ROUNDS:-1}" --partial-layers $(( TRAIN_LAYERS / 2 )) \
+    --contenders "${TRAIN_CONTENDERS:-$CONTENDERS}" \
     --budget-s $(( TRAIN_LIMIT - 40 )) --timeout $(( TRAIN_LIMIT - 15 )) $EXTRA_TRAIN --out "$OUT"
 if [ "$SCALE_LIMIT" -gt 0 ]; then
     part "scale (8B in full, 8 layers of 70B, $DEVICE)" "$SCALE_LIMIT" \

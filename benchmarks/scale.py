@@ -27,7 +27,9 @@ mode runs ``--layers`` full-width decoder layers (default: 2 of the 8B, 1 of the
 (default 256); everything depends only on the shapes, so the figures scale with the plan's formulas,
 which the comparison checks. ``--device cuda`` runs the 8B shape in full at 2048 and at the longest
 sequence the plan says fits 24 GiB, and the 70B shape on ``--layers-70b`` layers (default 8; the rest
-by the plan's arithmetic, whose per-layer terms this checks).
+by the plan's arithmetic, whose per-layer terms this checks), twice: as configured, and with the layer
+checkpoints and the input embedding in host memory (``gradient_checkpointing="offload"``,
+``offload_embedding=True``: the configuration the plan puts under 41 GiB for the whole 70B).
 
     python -m benchmarks.scale                     # CPU: a few full-width layers, ~3 min on 2 cores
     python -m benchmarks.scale --device cuda       # one GPU: the whole measurement in a few minutes
@@ -74,7 +76,8 @@ def _worker(payload: dict, probe: MemoryProbe) -> dict:
     probe.start()
     with Timer(device) as prep:
         model = qolora.prepare(source, bits=4, rank=16, device=device, progress=False,
-                               gradient_checkpointing=payload.get("checkpointing", True))
+                               gradient_checkpointing=payload.get("checkpointing", True),
+                               offload_embedding=payload.get("offload_embedding", False))
     probe.stop("prepare")
     model.train()
     params = [p for _, p in adapter_parameters(model)]
@@ -108,11 +111,13 @@ def _worker(payload: dict, probe: MemoryProbe) -> dict:
         tracked = tracker.peak
     predicted = plan(config, bits=4, rank=16, seq_len=seq, batch_size=batch, optim="paged_adamw_8bit",
                      gradient_checkpointing=payload.get("checkpointing", True),
+                     offload_embedding=payload.get("offload_embedding", False),
                      compute_dtype="bf16" if device.startswith("cuda") else "fp32",
                      device="cuda" if device.startswith("cuda") else "cpu")
     return {
         "shape": payload["shape"], "layers": payload["layers"], "seq": seq, "batch": batch, "device": device,
         "gradient_checkpointing": payload.get("checkpointing", True),
+        "offload_embedding": payload.get("offload_embedding", False),
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "prepare_s": prep.seconds, "prepare_cpu_s": prep.cpu_seconds,
         "step_s": timed.seconds, "step_cpu_s": timed.cpu_seconds, "tokens_per_s": ids.numel() / timed.seconds,
@@ -150,14 +155,18 @@ def _measured(result: dict) -> dict:
 
 def _jobs(args) -> list[dict]:
     base = {"device": args.device, "batch": 1, "threads": args.threads,
-            "checkpointing": "offload" if args.gradient_checkpointing == "offload" else True}
+            "checkpointing": "offload" if args.gradient_checkpointing == "offload" else True,
+            "offload_embedding": args.offload_embedding}
     if args.device.startswith("cuda"):
         from qolora.plan import plan
 
         longest = plan("llama-3-8b", seq_len=2048, gpu_memory="24GiB").max_seq_len or 2048
         return [{**base, "shape": "llama-3-8b", "layers": 32, "seq": 2048},
                 {**base, "shape": "llama-3-8b", "layers": 32, "seq": min(longest, 8192)},
-                {**base, "shape": "llama-3-70b", "layers": args.layers_70b, "seq": 2048}]
+                {**base, "shape": "llama-3-70b", "layers": args.layers_70b, "seq": 2048},
+                # the 70B configuration the plan puts under 41 GiB: checkpoints and input embedding on the host
+                {**base, "shape": "llama-3-70b", "layers": args.layers_70b, "seq": 2048,
+                 "checkpointing": "offload", "offload_embedding": True}]
     return [{**base, "shape": "llama-3-8b", "layers": args.layers_8b, "seq": args.seq},
             {**base, "shape": "llama-3-70b", "layers": args.layers_70b, "seq": args.seq}]
 
@@ -173,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the workers")
     parser.add_argument("--gradient-checkpointing", default="on", choices=["on", "offload"],
                         help="offload: the layer checkpoints wait in pinned host memory (qolora.offload_checkpointing)")
+    parser.add_argument("--offload-embedding", action="store_true",
+                        help="the input embedding in host memory (qolora.host_embedding); on CUDA a last 70B job "
+                             "always runs with it and offloaded checkpointing")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/scale.json)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -186,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         if "error" not in result:
             result["measured"] = _measured(result)
         rows.append(result)
-        print(json.dumps({k: result.get(k) for k in ("shape", "layers", "seq", "error", "tokens_per_s", "measured")},
+        print(json.dumps({k: result.get(k) for k in ("shape", "layers", "seq", "gradient_checkpointing",
+                                                     "offload_embedding", "error", "tokens_per_s", "measured")},
                          default=str), flush=True)
     names = [r["device_name"] for r in rows if "device_name" in r]
     folder = "cpu" if not cuda else (names[0].lower().replace("nvidia", "").strip().split()[0] if names else "cuda")
@@ -196,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     }, device=args.device)
     ok = [r for r in rows if "measured" in r]
     if ok:
-        labels = [f"{r['shape'].removeprefix('llama-3-')} x{r['layers']} s{r['seq']}" for r in ok]
+        labels = [f"{r['shape'].removeprefix('llama-3-')} x{r['layers']} s{r['seq']}"
+                  + (" +host" if r.get("offload_embedding") else "") for r in ok]
         bar_panels(out.with_suffix(".png"), [
             {"title": "step peak / plan", "labels": labels, "ref": 1.0, "ref_label": "plan",
              "values": [r["measured"]["step_peak_over_plan"] for r in ok], "fmt": "{:.2f}"},

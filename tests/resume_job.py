@@ -25,9 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 12
 
 
-def job(model_dir: str, data: str, out: str, resume: bool = False, kill_at: int = 0) -> None:
-    """Train the tiny chat model (adapter dropout, grad_accum=2, several epochs); ``kill_at`` > 0:
-    SIGKILL this process at the start of its ``kill_at``-th training forward (one per micro-batch)."""
+def job(model_dir: str, data: str, out: str, resume: bool = False, kill_at: int = 0, kernels: str = "auto") -> None:
+    """Train the tiny chat model (adapter dropout, grad_accum=2, several epochs, ``kernels`` as in
+    ``prepare``); ``kill_at`` > 0: SIGKILL this process at the start of its ``kill_at``-th training
+    forward (one per micro-batch)."""
     import torch
 
     from qolora import prepare
@@ -39,7 +40,8 @@ def job(model_dir: str, data: str, out: str, resume: bool = False, kill_at: int 
     tok = make_tiny_tokenizer()
     ds, _ = tokenize_dataset(load_records(data), tok, max_length=64)
     train_ds, eval_ds = split_train_eval(ds, 0.25, seed=0)
-    model = prepare(model_dir, 4, 8, dropout=0.1, gradient_checkpointing=True, progress=False, device="cpu")
+    model = prepare(model_dir, 4, 8, dropout=0.1, gradient_checkpointing=True, progress=False, device="cpu",
+                    kernels=kernels)
     if kill_at:
         forwards = [0]
 
@@ -53,6 +55,14 @@ def job(model_dir: str, data: str, out: str, resume: bool = False, kill_at: int 
     cfg = TrainConfig(output_dir=out, max_steps=MAX_STEPS, batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=3,
                       eval_every=4, save_every=4, keep_last=None, log_every=3, n_samples=0, progress=False, seed=7)
     train(model, tok, train_ds, eval_ds, cfg, resume=resume)
+    if kernels == "compile":  # it really ran compiled (a backend failure would have fallen back to eager)
+        from torch._dynamo.utils import counters
+
+        from qolora import compiled_layers
+
+        assert counters["stats"]["unique_graphs"] > 0 and not compiled_layers._broken, (
+            dict(counters["stats"]), compiled_layers._broken)
+        print(f"compiled graphs: {counters['stats']['unique_graphs']}")
 
 
 def _warm_imports() -> None:
@@ -85,11 +95,11 @@ def _forked_child(args: list) -> None:
             os._exit(code)
 
 
-def start(model_dir, data, out, resume: bool = False, kill_at: int = 0) -> Callable[[], int]:
+def start(model_dir, data, out, resume: bool = False, kill_at: int = 0, kernels: str = "auto") -> Callable[[], int]:
     """Start a job; returns a function that waits for its exit code (negative: killed by that signal)."""
     import torch
 
-    args = [str(model_dir), str(data), str(out), resume, kill_at]
+    args = [str(model_dir), str(data), str(out), resume, kill_at, kernels]
     if hasattr(os, "fork") and not torch.cuda.is_available():
         _warm_imports()  # once here, not in every fork
         pid = os.fork()

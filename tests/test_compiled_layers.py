@@ -139,3 +139,23 @@ def test_cli_and_finetune_accept_compile():
 
     assert cli.build_parser().parse_args(["finetune", "--kernels", "compile"]).kernels == "compile"
     assert check_kernels("compile") == "compile"
+
+
+@pytest.mark.parametrize("options", [
+    {"offload": "cpu"},  # module hooks stream each layer's base in around the compiled forward
+    {"gradient_checkpointing": "offload"},  # the checkpoint function is swapped around it
+    {"offload_embedding": True},
+])
+def test_compile_composes_with_the_memory_options(tmp_path, monkeypatch, options):
+    from tiny_models import make_tiny_llama
+
+    monkeypatch.setattr(compiled_layers, "BACKEND", "aot_eager")
+    folder = make_tiny_llama(tmp_path / "m", tie=False)
+    batch = _batch(384)
+    want = _step(qolora.prepare(folder, bits=4, rank=4, progress=False, **options).train(), batch)
+    model = qolora.prepare(folder, bits=4, rank=4, progress=False, kernels="compile", **options).train()
+    got = _step(model, batch)
+    assert compiled_layer_count(model) == 2 and not compiled_layers._broken
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(want[1], got[1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
