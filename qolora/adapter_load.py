@@ -22,10 +22,11 @@ from .adapter_io import AdapterError, BaseMismatchError, SavedAdapter, read_adap
 from .base_reader import BaseCheckpoint, layer_shape, linear_layers, select_targets, weight_fingerprint
 from .config import AdapterConfig
 from .forward_wrap import apply_autocast
+from .host_embedding import check_untied
 from .layer import adapter_layers
 from .model_record import ModelRecord
 from .offload import offload_layers_for
-from .prepare import adopt, build_model
+from .prepare import adopt, build_model, check_offload_embedding
 from .quant import quant_settings
 
 __all__ = ["FingerprintCheck", "check_base_structure", "load", "resolve_device_config"]
@@ -116,6 +117,7 @@ def load(
     offload: str | None = None,
     gpu_memory: int | str | None = None,
     offload_plan: dict | None = None,
+    offload_embedding: bool = False,
     autocast: bool = True,
 ):
     """Rebuild a trained model from its full-precision base and a folder written by :func:`save_adapter`.
@@ -134,6 +136,8 @@ def load(
         progress: show a progress bar.
         offload, gpu_memory, offload_plan: stream decoder layers' frozen base from host memory, as in
             :func:`qolora.prepare` (the loaded weights and logits are the same either way).
+        offload_embedding: keep the frozen input embedding in host memory, as in :func:`qolora.prepare`
+            (untied embeddings only; ``offload="auto"`` may choose it by itself).
         autocast: when the adapter was saved from a model that a trainer left under a mixed-precision
             wrapper (``forward_autocast`` in ``qolora_config.json``, e.g. TRL's default ``bf16=True``),
             wrap ``forward`` the same way, so the logits equal the trained object's; False computes in
@@ -151,10 +155,13 @@ def load(
     """
     saved = read_adapter(adapter_dir)
     config = resolve_device_config(saved, device)
+    check_offload_embedding(offload_embedding)
     checkpoint = BaseCheckpoint.open(base)
     check_base_structure(checkpoint.skeleton(), saved, str(base))
+    if offload_embedding:
+        check_untied(checkpoint.hf_config)
     placement = offload_layers_for(checkpoint.hf_config, config, offload, gpu_memory=gpu_memory,
-                                   plan_options=offload_plan)
+                                   plan_options=offload_plan, offload_embedding=offload_embedding)
     check = FingerprintCheck(saved, str(base), allow_base_mismatch)
     seen: set[str] = set()
 
@@ -166,7 +173,8 @@ def load(
         factors = saved.init[name] if saved.needs_residual else saved.weights[name]
         return tuple(t.clone() for t in factors)  # build_model may keep (and so train) what it gets
 
-    model, report = build_model(checkpoint, config, factors_for, progress=progress, placement=placement)
+    model, report = build_model(checkpoint, config, factors_for, progress=progress, placement=placement,
+                                host_embedding=offload_embedding or (placement is not None and placement.embedding))
     check.warn()
     unseen = [n for n in saved.layers if n not in seen]
     if unseen:  # pragma: no cover - check_base_structure rules this out

@@ -123,6 +123,10 @@ def test_save_reload_and_merge_do_not_depend_on_it(untied_dir, tmp_path):
         assert torch.equal(adapter_state_dict(reloaded)[name], t), name
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=x).logits, expected)
+    on_host = load(untied_dir, adapter, progress=False, offload_embedding=True)  # reloaded with it, as trained
+    assert isinstance(on_host.get_input_embeddings(), HostEmbedding)
+    with torch.no_grad():
+        assert torch.equal(on_host(input_ids=x).logits, expected)
     merge(untied_dir, adapter, tmp_path / "merged", dtype="fp32", progress=False)  # reads the base checkpoint
     from transformers import AutoModelForCausalLM
 
