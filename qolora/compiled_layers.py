@@ -9,11 +9,13 @@ Triton on CUDA: the fusions Unsloth and Liger Kernel write by hand, made by a we
 
 What is compiled, and when:
 
-* each decoder layer's own ``forward`` (one code object, so one compiled graph serves every layer:
-  their parameters are graph inputs, not constants), **not** ``__call__``: gradient checkpointing
-  (transformers' ``GradientCheckpointingLayer.__call__``, or :mod:`qolora.offload_checkpointing`) and
-  module hooks (:mod:`qolora.offload`, accelerate) stay in eager mode around it, and a checkpointed
-  layer's recompute calls the same compiled forward again;
+* each decoder layer's ``forward`` as its class defines it (one code object, so one compiled graph serves
+  every layer: their parameters are graph inputs, not constants), **not** ``__call__``: module hooks
+  (:mod:`qolora.offload`'s streaming, accelerate's) stay in eager mode around it. In transformers 5 that
+  ``forward`` includes the layer's gradient checkpointing (``GradientCheckpointingLayer`` wraps it), and
+  Dynamo traces ``torch.utils.checkpoint`` as a higher-order op: the recompute becomes part of the
+  compiled backward graph, and AOTAutograd's partitioner chooses what a layer keeps for its backward
+  (measured: a lower peak than eager autograd where layers are not checkpointed);
 * only while autograd records (training). Evaluation and generation (no grad; a KV cache whose length
   grows every decoding step) keep the eager forward: nothing to gain there from a training graph, and
   no recompilation per length;
@@ -29,7 +31,9 @@ checkpoint continues exactly as long as it compiles the same way as the run it r
 
 Where compilation does not apply, the layer runs eagerly and the reason is logged once
 (:func:`qolora.kernels.note_fallback`): ``torch.compile`` missing or failing to build its backend (for
-example no C++ compiler on the CPU, no Triton on CUDA), and sharded (DTensor) parameters.
+example no C++ compiler on the CPU, no Triton on CUDA), sharded (DTensor) parameters, and layers whose
+checkpoint function declares ``traceable = False`` (:mod:`qolora.offload_checkpointing`: Dynamo cannot
+trace under its ``saved_tensors_hooks``, so ``gradient_checkpointing="offload"`` trains eagerly).
 """
 
 from __future__ import annotations
@@ -84,6 +88,10 @@ class _TrainingForward:
         if any(_is_dtensor(p) for p in layer.parameters()):
             note_fallback("kernels='compile': sharded (DTensor) parameters; this layer runs eagerly")
             return self.function(layer, *args, **kwargs)
+        if not _traceable_checkpointing(layer):
+            note_fallback("kernels='compile': torch.compile cannot trace offloaded gradient checkpointing "
+                          "(its saved-tensor hooks); these layers run eagerly")
+            return self.function(layer, *args, **kwargs)
         try:
             return _compiled(self.function)(layer, *args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # the backend cannot build: eager from now on
@@ -91,6 +99,16 @@ class _TrainingForward:
             note_fallback(f"kernels='compile': torch.compile failed ({_broken[0][:300]}); the decoder layers "
                           "run eagerly")
             return self.function(layer, *args, **kwargs)
+
+
+def _traceable_checkpointing(layer: nn.Module) -> bool:
+    """False when the layer checkpoints (training) through a function that declares ``traceable = False``."""
+    if not (getattr(layer, "gradient_checkpointing", False) and layer.training):
+        return True
+    function = getattr(layer, "_gradient_checkpointing_func", None)
+    while isinstance(function, functools.partial):
+        function = function.func
+    return getattr(function, "traceable", True)
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:

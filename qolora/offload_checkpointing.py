@@ -72,6 +72,10 @@ class OffloadedCheckpointing:
             on a CPU-only machine).
     """
 
+    traceable = False
+    """``torch.compile`` cannot trace under its ``saved_tensors_hooks`` (Dynamo: "does not know how to enter
+    a saved_tensors_hooks context manager"), so :mod:`qolora.compiled_layers` leaves such layers eager."""
+
     def __init__(self, checkpoint_kwargs: dict | None = None, *, copy_host_tensors: bool = False):
         self.checkpoint_kwargs = {"use_reentrant": False, **(checkpoint_kwargs or {})}
         if self.checkpoint_kwargs["use_reentrant"]:
