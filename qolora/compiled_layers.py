@@ -25,13 +25,15 @@ What is compiled, and when:
 
 The first training step pays the compilation (tens of seconds on a 2-core CPU; cached on disk by
 Inductor for later processes); a change of sequence length recompiles once with dynamic shapes.
-Numerics: Inductor may reorder a reduction (RMSNorm's mean) or fuse a cast, so results equal the eager
-path within fp32 rounding (bf16: within bf16 rounding), not bit for bit; a run resumed from a
-checkpoint continues exactly as long as it compiles the same way as the run it resumes.
+Numerics: Inductor may reorder a reduction (RMSNorm's mean) or fuse a cast, so without dropout results
+equal the eager path within fp32 rounding (bf16: within bf16 rounding), not bit for bit. With adapter
+dropout the masks differ from eager's (Inductor draws its own random numbers), so a compiled run is a
+different (equally valid) run, reproducible under ``compile``: a run resumed from a checkpoint continues
+bit for bit (``tests/test_train.py``, SIGKILL and resume with dropout and varying lengths).
 
 Where compilation does not apply, the layer runs eagerly and the reason is logged once
 (:func:`qolora.kernels.note_fallback`): ``torch.compile`` missing or failing to build its backend (for
-example no C++ compiler on the CPU, no Triton on CUDA), sharded (DTensor) parameters, and layers whose
+example no C++ compiler on the CPU, no Triton on CUDA), FSDP-sharded layers, and layers whose
 checkpoint function declares ``traceable = False`` (:mod:`qolora.offload_checkpointing`: Dynamo cannot
 trace under its ``saved_tensors_hooks``, so ``gradient_checkpointing="offload"`` trains eagerly).
 """
@@ -73,32 +75,52 @@ def _compiled(forward_function):
 class _TrainingForward:
     """A decoder layer's ``forward``: the compiled one while autograd records, the eager one otherwise.
 
-    Pickled / deep-copied models keep working: the wrapper holds the layer's class ``forward`` (a plain
-    function) and calls it with the layer, never a bound method of another instance.
+    The class's ``forward`` is looked up at each call, not captured: FSDP2 (``fully_shard``) swaps a
+    layer's class for a subclass whose ``forward`` is the outermost checkpointing wrapper, and only that
+    wrapper checkpoints (transformers' ``GradientCheckpointingLayer``). Deep copies keep working: the
+    wrapper holds its layer, and ``copy.deepcopy`` rebinds it to the copy.
     """
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
-        self.function = type(layer).forward
 
     def __call__(self, *args, **kwargs):
         layer = self.layer
+        function = type(layer).forward
         if not torch.is_grad_enabled() or _broken:
-            return self.function(layer, *args, **kwargs)
-        if any(_is_dtensor(p) for p in layer.parameters()):
-            note_fallback("kernels='compile': sharded (DTensor) parameters; this layer runs eagerly")
-            return self.function(layer, *args, **kwargs)
-        if not _traceable_checkpointing(layer):
-            note_fallback("kernels='compile': torch.compile cannot trace offloaded gradient checkpointing "
-                          "(its saved-tensor hooks); these layers run eagerly")
-            return self.function(layer, *args, **kwargs)
+            return function(layer, *args, **kwargs)
+        reason = _eager_reason(layer)
+        if reason is not None:
+            note_fallback(f"kernels='compile': {reason}; these layers run eagerly")
+            return function(layer, *args, **kwargs)
         try:
-            return _compiled(self.function)(layer, *args, **kwargs)
+            return _compiled(function)(layer, *args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # the backend cannot build: eager from now on
             _broken.append(f"{type(exc.inner_exception).__name__}: {exc.inner_exception}")
             note_fallback(f"kernels='compile': torch.compile failed ({_broken[0][:300]}); the decoder layers "
                           "run eagerly")
-            return self.function(layer, *args, **kwargs)
+            return function(layer, *args, **kwargs)
+
+
+def _is_fsdp(layer: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed: nothing can be sharded
+        return False
+    return isinstance(layer, FSDPModule)
+
+
+def _eager_reason(layer: nn.Module) -> str | None:
+    """Why ``layer`` must train eagerly (None: it can be compiled)."""
+    if _is_fsdp(layer):
+        # FSDP2's hooks hand the forward unsharded tensors, so nothing else would notice; compiling
+        # sharded blocks is not tested here (no multi-GPU runs), so they stay eager.
+        return "FSDP-sharded layers are not compiled"
+    if any(_is_dtensor(p) for p in layer.parameters()):
+        return "sharded (DTensor) parameters"
+    if not _traceable_checkpointing(layer):
+        return "torch.compile cannot trace offloaded gradient checkpointing (its saved-tensor hooks)"
+    return None
 
 
 def _traceable_checkpointing(layer: nn.Module) -> bool:

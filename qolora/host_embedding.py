@@ -117,6 +117,14 @@ class HostEmbedding(nn.Module):
         self.padding_idx = padding_idx
         self.anchor = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=device), requires_grad=False)
 
+    def _apply(self, fn, recurse=True):
+        """``model.to(dtype)`` / ``.half()`` / ``.bfloat16()`` reach the anchor; the host weight follows its
+        dtype (a new host tensor, pinned as before), never its device."""
+        result = super()._apply(fn, recurse)
+        if self.weight.dtype != self.anchor.dtype:
+            self.weight = host_tensor(self.weight, self.anchor.dtype, pin=self.weight.is_pinned())
+        return result
+
     @property
     def device(self) -> torch.device:
         """The compute device (where the rows go)."""

@@ -166,3 +166,33 @@ def test_compile_composes_with_the_memory_options(tmp_path, monkeypatch):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     assert "kernels='compile': torch.compile cannot trace offloaded gradient checkpointing" in "".join(
         qolora.kernels._logged)
+
+
+def test_fsdp_sharded_layers_stay_eager_and_keep_checkpointing(tmp_path, monkeypatch):
+    """fully_shard swaps each layer's class; its (outermost) forward must still checkpoint, eagerly."""
+    import torch.distributed as dist
+
+    from qolora.config import AdapterConfig
+    from qolora.fsdp import shard_model
+    from tiny_models import make_tiny_llama
+
+    monkeypatch.setattr(compiled_layers, "BACKEND", "aot_eager")
+    monkeypatch.setattr(qolora.kernels, "_logged", set())
+    folder = make_tiny_llama(tmp_path / "m", tie=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = qolora.prepare(folder, config=AdapterConfig(rank=4, device="cpu", quant_storage="fp32"),
+                               progress=False, kernels="compile", gradient_checkpointing=True).train()
+        shard_model(model)
+        calls = []
+        for layer in model.model.layers:
+            inner = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, _f=inner, **k: calls.append(1) or _f(*a, **k)
+        loss_sum(model, _batch(384)).backward()
+    finally:
+        dist.destroy_process_group()
+    from torch._dynamo.utils import counters
+
+    assert len(calls) == 2  # both layers checkpointed
+    assert counters["stats"]["unique_graphs"] == 0
+    assert any("FSDP-sharded layers are not compiled" in m for m in qolora.kernels._logged)

@@ -146,6 +146,17 @@ def test_dequantize_model_casts_the_host_weight_too(untied_dir):
         assert model(input_ids=tokens(seed=8)).logits.dtype == torch.bfloat16
 
 
+def test_model_dtype_casts_reach_the_host_weight(untied_dir):
+    """A module-level cast (``.half()``; transformers refuses ``model.to(dtype)`` on a bitsandbytes model) casts
+    the host weight with the anchor, on the host, so the rows match the layers' dtype."""
+    model = prepared(untied_dir, True)
+    model.half()
+    embedding = model.get_input_embeddings()
+    assert embedding.weight.dtype == torch.float16 == model.dtype and embedding.weight.device.type == "cpu"
+    with torch.no_grad():
+        assert model.model.embed_tokens(tokens(seed=8)).dtype == torch.float16
+
+
 def test_refused_before_any_weight_is_read(tiny_llama_dir, tiny_gpt2_dir, untied_dir, no_weight_reads):
     for path in (tiny_llama_dir, tiny_gpt2_dir):  # both tie their head to the input embedding
         with pytest.raises(ConfigError, match="tie_word_embeddings=True"):
