@@ -630,9 +630,11 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
     from .plan import plan
 
     offload = check_offload(offload)
-    if offload is None:
-        return None
     device = config.torch_device
+    if offload is None:
+        if offload_embedding and device.type == "cuda":  # on the CPU host and device are one memory
+            _check_embedding_room(hf_config, config)
+        return None
     if offload == "auto" and device.type != "cuda":
         logger.info("offload='auto' on %s: nothing to offload (host and device share one memory)", device)
         return None
@@ -668,6 +670,20 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
                        len(indices), memory_plan.num_layers, memory_plan.gpu_bytes / 2**30,
                        memory_plan.gpu_memory / 2**30)
     return LayerOffload(indices, device, embedding=embedding)
+
+
+def _check_embedding_room(hf_config, config) -> None:
+    """Refuse an input embedding in host memory that the host cannot hold (before any weight is read)."""
+    from .memory_model import model_dims
+
+    dims = model_dims(hf_config)
+    needed = dims.vocab * dims.h * torch.empty(0, dtype=config.torch_dtype).element_size()
+    available = available_host_bytes()
+    if needed > available:
+        raise ConfigError(f"offload_embedding=True needs {needed / 2**30:.2f} GiB of host memory for the input "
+                          f"embedding ({dims.vocab} x {dims.h}), but only {available / 2**30:.2f} GiB is available "
+                          "(each process of a multi-process run holds its own copy): free host memory or use "
+                          "offload_embedding=False")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
