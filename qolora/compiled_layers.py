@@ -32,10 +32,12 @@ different (equally valid) run, reproducible under ``compile``: a run resumed fro
 bit for bit (``tests/test_train.py``, SIGKILL and resume with dropout and varying lengths).
 
 Where compilation does not apply, the layer runs eagerly and the reason is logged once
-(:func:`qolora.kernels.note_fallback`): ``torch.compile`` missing or failing to build its backend (for
-example no C++ compiler on the CPU, no Triton on CUDA), FSDP-sharded layers, and layers whose
-checkpoint function declares ``traceable = False`` (:mod:`qolora.offload_checkpointing`: Dynamo cannot
-trace under its ``saved_tensors_hooks``, so ``gradient_checkpointing="offload"`` trains eagerly).
+(:func:`qolora.kernels.note_fallback`): ``torch.compile`` missing or failing (its backend cannot build,
+e.g. no C++ compiler on the CPU or no Triton on CUDA, or any ``torch._dynamo`` error while it compiles
+the forward; a failure compiling the backward, which AOTAutograd may do at the first ``backward()``,
+is not caught), FSDP-sharded layers, and layers whose checkpoint function declares ``traceable = False``
+(:mod:`qolora.offload_checkpointing`: Dynamo cannot trace under its ``saved_tensors_hooks``, so
+``gradient_checkpointing="offload"`` trains eagerly).
 """
 
 from __future__ import annotations
@@ -95,8 +97,11 @@ class _TrainingForward:
             return function(layer, *args, **kwargs)
         try:
             return _compiled(function)(layer, *args, **kwargs)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:  # the backend cannot build: eager from now on
-            _broken.append(f"{type(exc.inner_exception).__name__}: {exc.inner_exception}")
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            # Compilation failed (the backend cannot build, or tracing hit an error): eager from now on. The
+            # eager call below raises again if the error is the model's own, so nothing is hidden.
+            cause = getattr(exc, "inner_exception", None) or exc
+            _broken.append(f"{type(cause).__name__}: {cause}")
             note_fallback(f"kernels='compile': torch.compile failed ({_broken[0][:300]}); the decoder layers "
                           "run eagerly")
             return function(layer, *args, **kwargs)

@@ -109,14 +109,18 @@ def test_switching_kernels_compiles_and_restores(tiny_llama_dir):
     assert compiled_layer_count(twin) == 2
 
 
-def test_backend_failure_falls_back_to_eager_and_logs_once(tiny_llama_dir, monkeypatch, caplog):
+@pytest.mark.parametrize("error", [
+    lambda: torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("no compiler here"), None),
+    lambda: torch._dynamo.exc.TorchRuntimeError("no compiler here"),  # any other Dynamo error while compiling
+])
+def test_backend_failure_falls_back_to_eager_and_logs_once(tiny_llama_dir, monkeypatch, caplog, error):
     """A backend that cannot build (no C++ compiler, no Triton) leaves the layers eager, said once."""
     calls = []
 
     def failing_compile(function):
         def run(*args, **kwargs):
             calls.append(1)
-            raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("no compiler here"), None)
+            raise error()
         return run
 
     monkeypatch.setattr(compiled_layers, "_compiled", failing_compile)
