@@ -17,6 +17,7 @@ from qolora import ConfigError, adapter_state_dict, load, merge, save_adapter
 from qolora.cli import build_parser, main
 from qolora.host_embedding import HostEmbedding, host_embeddings, input_embedding_name
 from qolora.plan import plan
+from test_offload_checkpointing import loss_and_grads  # the same check: loss and every trainable gradient
 from tiny_models import make_tiny_llama
 from tiny_tokenizer import make_tiny_tokenizer
 
@@ -37,15 +38,6 @@ def tokens(batch=2, length=12, seed=3):
 def prepared(path, offload_embedding, **kw):
     return qolora.prepare(path, bits=4, rank=4, progress=False, device="cpu", seed=5,
                           offload_embedding=offload_embedding, **kw)
-
-
-def loss_and_grads(model, x):
-    model.train()
-    loss = model(input_ids=x, labels=x).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return float(loss.detach()), grads
 
 
 def test_the_module_computes_what_nn_embedding_computes():
