@@ -22,11 +22,11 @@ from .adapter_io import AdapterError, BaseMismatchError, SavedAdapter, read_adap
 from .base_reader import BaseCheckpoint, layer_shape, linear_layers, select_targets, weight_fingerprint
 from .config import AdapterConfig
 from .forward_wrap import apply_autocast
-from .host_embedding import check_untied
+from .host_embedding import check_offload_embedding
 from .layer import adapter_layers
 from .model_record import ModelRecord
 from .offload import offload_layers_for
-from .prepare import adopt, build_model, check_offload_embedding
+from .prepare import adopt, build_model
 from .quant import quant_settings
 
 __all__ = ["FingerprintCheck", "check_base_structure", "load", "resolve_device_config"]
@@ -158,8 +158,6 @@ def load(
     check_offload_embedding(offload_embedding)
     checkpoint = BaseCheckpoint.open(base)
     check_base_structure(checkpoint.skeleton(), saved, str(base))
-    if offload_embedding:
-        check_untied(checkpoint.hf_config)
     placement = offload_layers_for(checkpoint.hf_config, config, offload, gpu_memory=gpu_memory,
                                    plan_options=offload_plan, offload_embedding=offload_embedding)
     check = FingerprintCheck(saved, str(base), allow_base_mismatch)
@@ -174,7 +172,7 @@ def load(
         return tuple(t.clone() for t in factors)  # build_model may keep (and so train) what it gets
 
     model, report = build_model(checkpoint, config, factors_for, progress=progress, placement=placement,
-                                host_embedding=offload_embedding or (placement is not None and placement.embedding))
+                                host_embedding=placement is not None and placement.embedding)
     check.warn()
     unseen = [n for n in saved.layers if n not in seen]
     if unseen:  # pragma: no cover - check_base_structure rules this out

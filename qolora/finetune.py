@@ -23,11 +23,11 @@ from .config import AdapterConfig, ConfigError
 from .data import DataError, detect_format, load_records, split_train_eval, tokenize_dataset
 from .files import folder_lock
 from .fsdp import full_adapter_state, with_trained_weights
-from .host_embedding import check_untied
+from .host_embedding import check_offload_embedding, check_untied
 from .kernels import check_kernels
 from .offload import check_offload
 from .optim import resolve_precision
-from .prepare import check_offload_embedding, prepare
+from .prepare import prepare
 from .run_folder import check_output_dir, check_resume
 from .train import train
 from .train_config import TrainConfig, TrainResult

@@ -42,13 +42,24 @@ from torch import nn
 
 from .config import ConfigError
 
-__all__ = ["HostEmbedding", "check_untied", "host_embeddings", "host_tensor", "input_embedding_name"]
+__all__ = ["HostEmbedding", "check_offload_embedding", "check_untied", "host_embeddings", "host_tensor",
+           "input_embedding_name"]
 
 
 def _tied(hf_config) -> bool:
     text = getattr(hf_config, "text_config", None)
     return bool(getattr(hf_config, "tie_word_embeddings", False)
                 or (text is not None and getattr(text, "tie_word_embeddings", False)))
+
+
+def check_offload_embedding(offload_embedding) -> None:
+    """``offload_embedding`` must be a bool.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if not isinstance(offload_embedding, bool):
+        raise ConfigError(f"offload_embedding={offload_embedding!r} must be True or False")
 
 
 def check_untied(hf_config, option: str = "offload_embedding") -> None:

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .host_embedding import check_untied
 
 __all__ = ["OFFLOAD_CHOICES", "OffloadStats", "OffloadedLayers", "LayerOffload", "available_host_bytes",
            "decoder_layers", "spread", "check_offload"]
@@ -559,8 +560,8 @@ class LayerOffload:
     Args:
         offloaded: decoder layer indices to offload (may be empty), or ``"all"``.
         device: the compute device.
-        embedding: the input embedding goes to host memory too (:mod:`qolora.host_embedding`; ``build_model``
-            reads this and places it; ``offload="auto"`` sets it when the plan chose it).
+        embedding: the input embedding goes to host memory (:mod:`qolora.host_embedding`; ``build_model``
+            reads this and places it): asked for (``offload_embedding``), or chosen by ``offload="auto"``.
     """
 
     def __init__(self, offloaded: Sequence[int] | str, device: torch.device | str, *, embedding: bool = False):
@@ -618,26 +619,30 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
     ``"cpu"`` offloads every decoder layer; ``"auto"`` asks :func:`qolora.plan.plan` for the fewest that
     fit ``gpu_memory`` (default: the CUDA device's free memory) with the training shape in
     ``plan_options``; on a CPU device ``"auto"`` offloads nothing (host and device are one memory).
-    ``offload_embedding``: the input embedding is in host memory anyway (the plan counts it); without it,
-    ``"auto"`` on an untied model first moves the input embedding to host memory (almost free) and
-    offloads decoder layers only if that is not enough (the placement's ``embedding`` says so).
-    Returns None when nothing is offloaded by this placement.
+    ``offload_embedding``: the input embedding goes to host memory as well (the plan counts it); without
+    it, ``"auto"`` on an untied model first moves the input embedding to host memory (almost free) and
+    offloads decoder layers only if that is not enough. The placement's ``embedding`` says whether the
+    embedding goes to host memory, asked for or chosen. Returns None when nothing is offloaded.
 
     Raises:
-        ConfigError: ``offload`` unknown, or the host cannot hold the offloaded part (before any weight is read).
+        ConfigError: ``offload`` unknown, the host cannot hold the offloaded part, or ``offload_embedding``
+            on a model with tied embeddings (all before any weight is read).
     """
     from .config import parse_size
     from .plan import plan
 
     offload = check_offload(offload)
     device = config.torch_device
+    if offload_embedding:
+        check_untied(hf_config)
+    embedding_only = LayerOffload([], device, embedding=True) if offload_embedding else None
     if offload is None:
         if offload_embedding and device.type == "cuda":  # on the CPU host and device are one memory
             _check_embedding_room(hf_config, config)
-        return None
+        return embedding_only
     if offload == "auto" and device.type != "cuda":
         logger.info("offload='auto' on %s: nothing to offload (host and device share one memory)", device)
-        return None
+        return embedding_only
     if offload == "auto" and gpu_memory is None:
         gpu_memory = torch.cuda.mem_get_info(device)[0]
     options = {"gradient_checkpointing": gradient_checkpointing, **(plan_options or {})}
@@ -650,11 +655,10 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
                        gpu_memory=parse_size(gpu_memory, "gpu_memory") if gpu_memory is not None else None,
                        offload=offload, offload_embedding=offload_embedding, _search=False, **options)
     indices = memory_plan.offloaded_layers
-    embedding = memory_plan.offload_embedding and not offload_embedding  # chosen by the plan, not asked for
-    if embedding:
+    if memory_plan.offload_embedding and not offload_embedding:  # chosen by the plan, not asked for
         logger.info("offload='auto': the input embedding (%.2f GiB) goes to host memory first",
                     memory_plan.embedding_host_bytes / 2**30)
-    if not indices and not embedding:
+    if not indices and not memory_plan.offload_embedding:
         logger.info("offload='auto': the model fits %.2f GiB without offloading", memory_plan.gpu_memory / 2**30)
         return None
     available = available_host_bytes()
@@ -669,7 +673,7 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
         logger.warning("even with %d of %d layers offloaded the plan predicts %.2f GiB on the GPU, more than %.2f GiB",
                        len(indices), memory_plan.num_layers, memory_plan.gpu_bytes / 2**30,
                        memory_plan.gpu_memory / 2**30)
-    return LayerOffload(indices, device, embedding=embedding)
+    return LayerOffload(indices, device, embedding=memory_plan.offload_embedding)
 
 
 def _check_embedding_room(hf_config, config) -> None:

@@ -42,7 +42,7 @@ from . import host_memory
 from .base_reader import BaseCheckpoint, LinearWeight, layer_shape, linear_layers, select_targets, weight_fingerprint
 from .config import AdapterConfig, ConfigError
 from .hf_compat import attach as attach_hf_compat
-from .host_embedding import HostEmbedding, check_untied, host_tensor, input_embedding_name
+from .host_embedding import HostEmbedding, check_offload_embedding, host_tensor, input_embedding_name
 from .inits import INITS, refine_factors, residual_
 from .kernels import check_kernels
 from .layer import AdapterLinear, mark_only_adapters_trainable, replace_module, set_kernels
@@ -52,7 +52,7 @@ from .offload_checkpointing import OffloadedCheckpointing, checkpointing_mode, i
 from .quant import make_base_layer, quantization_error, quantize_dequantize
 from .threads import cpu_thread_policy
 
-__all__ = ["adopt", "build_model", "check_offload_embedding", "enable_gradient_checkpointing", "prepare"]
+__all__ = ["adopt", "build_model", "enable_gradient_checkpointing", "prepare"]
 
 logger = logging.getLogger(__name__)
 
@@ -320,8 +320,6 @@ def prepare(
     check_offload_embedding(offload_embedding)
     base = BaseCheckpoint.of(model)
     _check_checkpointed_layers(gradient_checkpointing, base.hf_config)
-    if offload_embedding:
-        check_untied(base.hf_config)
     placement = offload_layers_for(base.hf_config, cfg, offload, gpu_memory=gpu_memory, plan_options=offload_plan,
                                    gradient_checkpointing=gradient_checkpointing, offload_embedding=offload_embedding)
     init = INITS[cfg.init]
@@ -340,8 +338,7 @@ def prepare(
         return a, b
 
     net, report = build_model(base, cfg, factors_for, compare_plain=compare_plain, progress=progress,
-                              placement=placement,
-                              host_embedding=offload_embedding or (placement is not None and placement.embedding))
+                              placement=placement, host_embedding=placement is not None and placement.embedding)
     if cfg.refine:
         for row in report.layers:  # e_0..e_{K-1} from the rounds, e_K from the final quantization
             row.round_errors = round_errors.pop(row.name) + [row.error]
@@ -356,16 +353,6 @@ def prepare(
     net.eval()
     logger.info("prepared %s: %s", name, report.summary())
     return net
-
-
-def check_offload_embedding(offload_embedding) -> None:
-    """``offload_embedding`` must be a bool.
-
-    Raises:
-        ConfigError: anything else.
-    """
-    if not isinstance(offload_embedding, bool):
-        raise ConfigError(f"offload_embedding={offload_embedding!r} must be True or False")
 
 
 def _check_checkpointed_layers(gradient_checkpointing, hf_config) -> None:
