@@ -43,7 +43,6 @@ is not caught), FSDP-sharded layers, and layers whose checkpoint function declar
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from torch import nn
@@ -52,20 +51,11 @@ from .kernels import note_fallback
 
 __all__ = ["compile_decoder_layers", "compiled_layer_count", "uncompile_decoder_layers"]
 
-logger = logging.getLogger(__name__)
-
-_ATTR = "_qolora_eager_forward"
-"""Instance attribute holding a compiled layer's own eager ``forward`` (absent: not compiled)."""
-
 BACKEND = "inductor"
 """The ``torch.compile`` backend (the tests also run ``"aot_eager"``: the same graphs, no code generation)."""
 
 _broken: list[str] = []
 """Why compilation failed in this process (once it has, every layer stays eager)."""
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"
 
 
 @functools.cache
@@ -121,7 +111,7 @@ def _eager_reason(layer: nn.Module) -> str | None:
         # FSDP2's hooks hand the forward unsharded tensors, so nothing else would notice; compiling
         # sharded blocks is not tested here (no multi-GPU runs), so they stay eager.
         return "FSDP-sharded layers are not compiled"
-    if any(_is_dtensor(p) for p in layer.parameters()):
+    if any(hasattr(p, "placements") for p in layer.parameters()):  # DTensor, as qolora.kernels tells it
         return "sharded (DTensor) parameters"
     if not _traceable_checkpointing(layer):
         return "torch.compile cannot trace offloaded gradient checkpointing (its saved-tensor hooks)"
@@ -160,19 +150,22 @@ def compile_decoder_layers(model: nn.Module) -> int:
         note_fallback(f"kernels='compile': {type(model).__name__} has no decoder layers transformers can checkpoint "
                       "(GradientCheckpointingLayer); nothing is compiled")
     for layer in layers:
-        if _ATTR not in layer.__dict__:
-            setattr(layer, _ATTR, True)
+        if not _is_compiled(layer):
             layer.forward = _TrainingForward(layer)
     return len(layers)
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return isinstance(module.__dict__.get("forward"), _TrainingForward)
 
 
 def uncompile_decoder_layers(model: nn.Module) -> None:
     """Give every compiled decoder layer its eager ``forward`` back (idempotent)."""
     for module in model.modules():
-        if module.__dict__.pop(_ATTR, None) is not None:
-            module.__dict__.pop("forward", None)
+        if _is_compiled(module):
+            del module.forward
 
 
 def compiled_layer_count(model: nn.Module) -> int:
     """How many of the model's modules have a compiled training forward."""
-    return sum(1 for module in model.modules() if _ATTR in module.__dict__)
+    return sum(1 for module in model.modules() if _is_compiled(module))

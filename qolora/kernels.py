@@ -24,7 +24,7 @@ of every layer). The rounding differs from the plain path only in the order of t
 additions (fp32: ~1e-6 relative; bf16: within bf16 rounding), see ``tests/test_kernels.py``.
 
 When the fused path does not apply, :func:`unsupported_reason` says why and the layer takes the plain
-path; :func:`note_fallback` logs each reason once. The switch is ``prepare(..., kernels=...)``
+path; :func:`note_fallback` logs each such message once. The switch is ``prepare(..., kernels=...)``
 (``"auto"``: fused wherever it applies, the default; ``"compile"``: fused, and the rest of each decoder
 layer compiled by ``torch.compile``, see :mod:`qolora.compiled_layers`; ``"off"``: always the plain path).
 
@@ -62,11 +62,12 @@ def check_kernels(kernels: str) -> str:
     return kernels
 
 
-def note_fallback(reason: str) -> None:
-    """Log once per reason that an adapter layer takes the plain (unfused) path."""
-    if reason not in _logged:
-        _logged.add(reason)
-        logger.info("fused adapter step not used (%s): plain path for these layers", reason)
+def note_fallback(message: str) -> None:
+    """Log ``message`` (a faster path not taken, and why) once per process: the fused adapter step here,
+    ``kernels="compile"`` in :mod:`qolora.compiled_layers`."""
+    if message not in _logged:
+        _logged.add(message)
+        logger.info("%s", message)
 
 
 def unsupported_reason(base_layer: nn.Module) -> str | None:

@@ -91,7 +91,7 @@ class AdapterLinear(nn.Module):
                 adapter_input = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x)
                 return fused_adapter_linear(self.base_layer, x, adapter_input, self.lora_A.weight,
                                             self.lora_B.weight, self.scaling)
-            note_fallback(reason)
+            note_fallback(f"fused adapter step not used ({reason}): plain path for these layers")
         result = self.base_layer(x)  # (..., out)
         if self.merged:
             return result
