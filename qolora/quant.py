@@ -26,6 +26,7 @@ import math
 import torch
 from torch import nn
 
+from .bnb_cpu_fix import ensure_cpu_dequantize_correct
 from .config import AdapterConfig
 
 __all__ = ["make_base_layer", "dequantize_weight", "quantization_error", "quantize_dequantize", "dequantize_stored",
@@ -38,6 +39,7 @@ QUANT_SLICE_ELEMENTS = 1 << 20  # 4 MiB of fp32 per slice: bitsandbytes' CPU tem
 def _bnb():
     import bitsandbytes as bnb  # optional at import time
 
+    ensure_cpu_dequantize_correct()  # once per process: a wrong CPU kernel is replaced before any weight is made
     return bnb
 
 
