@@ -43,6 +43,29 @@ with dist.session("cpu") as world:
     sharded = [n for n, p in net.named_parameters() if type(p.data).__name__ == "DTensor" or hasattr(p, "placements")]
     loss_fsdp, g_fsdp, w_fsdp = step(net, reduce=False)
 
+    def adamw_step(weights, grads):
+        """`step`'s optimizer update applied to plain copies of ``weights`` with the given gradients."""
+        params = {k: w.clone().requires_grad_(True) for k, w in weights.items()}
+        for k, p in params.items():
+            p.grad = grads[k].clone()
+        torch.optim.AdamW(list(params.values()), lr=1e-2).step()
+        return {k: p.detach() for k, p in params.items()}
+
+    def unexplained_rel(w_a, w_b, g_a, g_b, lr=1e-2, eps=1e-8):
+        """Weight difference beyond what the gradient difference implies through AdamW's first step.
+
+        That step moves each weight by lr * f(g) with f(x) = x / (|x| + eps) (weight decay acts the same on
+        both); |f(a) - f(b)| <= |a - b| * max f' on [a, b], f'(x) = eps / (|x| + eps)^2 (1 / eps if the sign
+        differs). Gradient elements near eps amplify summation-order differences up to lr / (4 eps).
+        """
+        worst = 0.0
+        for k in w_b:
+            a, b = g_a[k].abs(), g_b[k].abs()
+            slope = torch.where(g_a[k].sign() == g_b[k].sign(), eps / (torch.minimum(a, b) + eps) ** 2, 1 / eps)
+            beyond = ((w_a[k] - w_b[k]).abs() - lr * (g_a[k] - g_b[k]).abs() * slope).clamp_min(0)
+            worst = max(worst, float(beyond.norm() / w_b[k].norm().clamp_min(1e-30)))
+        return worst
+
     def rel(a, b):
         return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in b)
 
@@ -52,7 +75,9 @@ with dist.session("cpu") as world:
               "grad_norm": sum(float(v.norm()) for v in g_ref.values()),
               "moved": max(float((w_ref[k] - w0[k]).abs().max()) for k in w0),
               "loss_ref": dist.all_reduce_sum([loss_ref])[0], "loss_fsdp": dist.all_reduce_sum([loss_fsdp])[0],
-              "grad_rel": rel(g_fsdp, g_ref), "weight_rel": rel(w_fsdp, w_ref), "n_sharded": len(sharded),
+              "grad_rel": rel(g_fsdp, g_ref), "weight_rel": rel(w_fsdp, w_ref),
+              "weight_unexplained_rel": unexplained_rel(w_fsdp, w_ref, g_fsdp, g_ref),
+              "update_rel": rel(w_fsdp, adamw_step(w0, g_fsdp)), "n_sharded": len(sharded),
               "n_params": sum(1 for _ in net.parameters()), "uint8_problems": fsdp_problems(uint8)}
     reports = dist.gather(report)
     if world.is_main:

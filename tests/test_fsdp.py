@@ -35,7 +35,13 @@ def test_fsdp_step_equals_data_parallel_step(tmp_path, chat_model_dir):  # noqa:
         assert r["n_sharded"] == r["n_params"] - 1  # all but the output head (used outside the backbone)
         assert r["loss_fsdp"] == pytest.approx(r["loss_ref"], rel=1e-6)
         assert r["grad_norm"] > 0 and r["moved"] > 1e-4
-        assert r["grad_rel"] <= 1e-6 and r["weight_rel"] <= 1e-6
+        assert r["grad_rel"] <= 1e-6  # the sharded backward + reduce-scatter equals the all-reduced gradients
+        # The sharded AdamW step equals the unsharded one on the same gradients ...
+        assert r["update_rel"] <= 1e-6
+        # ... so the two runs' weights differ only as their gradients' summation order implies through Adam's
+        # first step, lr * g / (|g| + eps): near |g| = eps it amplifies a gradient difference up to lr / (4 eps)
+        # (weight_rel itself reached 1.6e-6 on a loaded machine). See fsdp_worker.unexplained_rel.
+        assert r["weight_unexplained_rel"] <= 1e-6
         assert "quant_storage='bf16'" in r["uint8_problems"][0]
 
 
