@@ -40,7 +40,7 @@ from torch import nn
 
 from .base_reader import linear_layers
 from .config import AdapterConfig, ConfigError
-from .files import atomic_dir, check_out_dir, sha256_file, write_json
+from .files import FolderKind, atomic_dir, check_out_dir, sha256_file, write_json
 from .forward_wrap import trainer_autocast
 from .inits import INITS
 from .layer import AdapterLinear, adapter_layers
@@ -330,7 +330,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: boo
         ConfigError: ``out_dir`` exists (and not ``overwrite``) or is a file.
         AdapterError: ``model`` is not a qolora model.
     """
-    out = check_out_dir(out_dir, overwrite, "adapter folder")
+    out = check_out_dir(out_dir, overwrite, ADAPTER_FOLDER)
     saved = adapter_from_model(model)
     if saved.forward_autocast is not None:
         logger.info("model.forward carries a trainer's mixed-precision wrapper (autocast %s on %s): recorded, "
@@ -345,8 +345,8 @@ def write_saved_adapter(saved: SavedAdapter, out_dir: str | os.PathLike, *, over
     Raises:
         ConfigError: ``out_dir`` exists (and not ``overwrite``) or is a file.
     """
-    out = check_out_dir(out_dir, overwrite, "adapter folder")
-    with atomic_dir(out, overwrite) as tmp:
+    out = check_out_dir(out_dir, overwrite, ADAPTER_FOLDER)
+    with atomic_dir(out, overwrite, ADAPTER_FOLDER) as tmp:
         write_adapter_files(saved, tmp)
     logger.info("saved %d adapter layers (%s, rank %d) to %s", len(saved.layers), saved.config.init,
                 saved.config.rank, out)
@@ -416,18 +416,15 @@ def is_guard_config(path: Path) -> bool:
         return False
 
 
+#: An adapter folder as :func:`save_adapter` writes it (``overwrite`` replaces only such a folder).
+ADAPTER_FOLDER = FolderKind("adapter folder", QOLORA_CONFIG,
+                            (QOLORA_CONFIG, ADAPTER_WEIGHTS, ADAPTER_CONFIG, INIT_WEIGHTS, GUARD_CONFIG),
+                            accept=lambda path: path.name != GUARD_CONFIG or is_guard_config(path))
+
+
 def foreign_entries(folder: Path) -> list[str]:
     """Names in ``folder`` that qolora's adapter format does not write (all of them without its record)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    names = sorted(p.name for p in folder.iterdir())
-    if not (folder / QOLORA_CONFIG).is_file():
-        return names
-    ours = {QOLORA_CONFIG, ADAPTER_WEIGHTS, ADAPTER_CONFIG, INIT_WEIGHTS}
-    if is_guard_config(folder / GUARD_CONFIG):
-        ours.add(GUARD_CONFIG)
-    return [n for n in names if n not in ours]
+    return ADAPTER_FOLDER.foreign(folder)
 
 
 def remove_adapter_folder(folder: Path) -> bool:

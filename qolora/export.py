@@ -32,7 +32,7 @@ from .adapter_io import (
     peft_adapter_config,
     read_adapter,
 )
-from .files import atomic_dir, check_out_dir, write_json
+from .files import FolderKind, atomic_dir, check_out_dir, write_json
 from .inits import adapter_scale
 
 __all__ = ["export_lora"]
@@ -40,6 +40,8 @@ __all__ = ["export_lora"]
 logger = logging.getLogger(__name__)
 
 EXPORT_REPORT = "qolora_export.json"
+#: A PEFT LoRA as :func:`export_lora` writes it (``overwrite`` replaces only such a folder).
+EXPORT_FOLDER = FolderKind("export folder", EXPORT_REPORT, (ADAPTER_WEIGHTS, ADAPTER_CONFIG, EXPORT_REPORT))
 
 
 
@@ -70,7 +72,7 @@ def export_lora(
         ConfigError: ``out_dir`` exists (and not ``overwrite``).
         AdapterError: not a qolora model, or a bad adapter folder.
     """
-    out = check_out_dir(out_dir, overwrite, "export folder")
+    out = check_out_dir(out_dir, overwrite, EXPORT_FOLDER)
     if isinstance(model_or_adapter_dir, nn.Module):
         saved = adapter_from_model(model_or_adapter_dir)
     else:
@@ -98,7 +100,7 @@ def export_lora(
                                       base_name_or_path=None if base is None else str(base))
     from safetensors.torch import save_file
 
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, EXPORT_FOLDER) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         write_json(tmp / ADAPTER_CONFIG, peft_config)
         write_json(tmp / EXPORT_REPORT, report)

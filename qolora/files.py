@@ -7,6 +7,12 @@ and renamed into place when complete, so an interrupted write leaves nothing at 
 * :func:`atomic_dir` for a folder (an existing one is swapped out only once the new one is whole,
   and only when the caller passed ``overwrite``).
 
+One rule for every writer's ``overwrite``: it replaces a folder only when qolora can prove the folder
+is its own, the kind of folder that writer makes. Each writer describes its output with a
+:class:`FolderKind` (the record file every such folder holds, the names it writes); an existing folder
+holding anything else (a ``.git``, a ``src/``, a ``notes.txt``), or none of the record, is refused
+before any work, naming what is there, and so is the current folder or one that holds it.
+
 ``tempfile`` creates private (0600 / 0700) entries; :func:`umask_permissions` gives the result the
 permissions a plain ``open`` / ``mkdir`` would have, so a saved adapter, a merged checkpoint and a
 training checkpoint all follow the user's umask. :func:`remove_stale_temporaries` deletes the
@@ -17,7 +23,9 @@ so a concurrent writer's live temporary is never touched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import fnmatch
 import glob
 import hashlib
 import json
@@ -25,7 +33,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,7 @@ from .config import ConfigError
 
 __all__ = [
     "FolderBusyError",
+    "FolderKind",
     "folder_lock",
     "atomic_dir",
     "atomic_file",
@@ -92,23 +101,83 @@ def write_json(path: Path, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, what: str = "output folder") -> Path:
-    """Refuse an existing ``out_dir`` unless ``overwrite`` (and a file there always), before any work."""
+@dataclasses.dataclass(frozen=True)
+class FolderKind:
+    """The kind of folder one of qolora's writers makes: how ``overwrite`` tells that a folder is its own.
+
+    Attributes:
+        what: the folder's name in messages (``"adapter folder"``).
+        record: the file qolora writes into every such folder; without it the folder is not qolora's.
+        names: ``fnmatch`` patterns of every file the writer may write there.
+        accept: an extra test for an entry matching ``names`` (e.g. a ``config.json`` that is qolora's own).
+    """
+
+    what: str
+    record: str
+    names: tuple[str, ...]
+    accept: Callable[[Path], bool] | None = None
+
+    def foreign(self, folder: Path) -> list[str]:
+        """Entries of ``folder`` this writer did not write (every entry when the record is missing)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            return []
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+        if entries and not (folder / self.record).is_file():
+            return [p.name for p in entries]
+
+        def ours(path: Path) -> bool:
+            return (path.is_file() and not path.is_symlink() and any(fnmatch.fnmatch(path.name, n) for n in self.names)
+                    and (self.accept is None or self.accept(path)))
+
+        return [p.name for p in entries if not ours(p)]
+
+
+def _holds_cwd(path: Path) -> bool:
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current folder was deleted
+        return False
+    target = path.resolve()
+    return target == cwd or target in cwd.parents
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, kind: FolderKind) -> Path:
+    """Check ``out_dir`` before any work: a new path, or (with ``overwrite``) a folder of ``kind`` that qolora wrote.
+
+    Raises:
+        ConfigError: ``out_dir`` is a file; exists without ``overwrite``; or, with ``overwrite``, is the
+            current folder (or holds it) or holds anything ``kind``'s writer does not write.
+    """
+    what = kind.what
     path = Path(out_dir).expanduser()
     if path.is_file() or path.is_symlink() and not path.is_dir():
         raise ConfigError(f"{what} {str(path)!r} exists and is a file; expected a folder path")
-    if path.exists() and not overwrite:
+    if not path.exists():
+        return path
+    if not overwrite:
         raise ConfigError(f"{what} {str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it, "
                           "or choose another path")
+    if _holds_cwd(path):
+        raise ConfigError(f"{what} {str(path)!r} is the current folder or holds it; overwrite replaces the whole "
+                          "folder, so write to a new folder path instead")
+    foreign = kind.foreign(path)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        why = (f"it has no {kind.record}, so qolora did not write it" if not (path / kind.record).is_file()
+               else f"qolora's {what} does not write them")
+        raise ConfigError(f"{what} {str(path)!r} holds {shown}: {why}. overwrite replaces only a {what} qolora "
+                          "wrote, so nothing was changed; move them away or choose another path")
     return path
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_dir(out_dir: Path, overwrite: bool, kind: FolderKind) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``out_dir``, on error it is deleted.
 
     The result gets umask permissions (:func:`umask_permissions`). An existing ``out_dir`` is moved
-    aside and deleted only after the new folder is in place (and only with ``overwrite``).
+    aside and deleted only after the new folder is in place, and only with ``overwrite`` when it is a
+    folder of ``kind`` that qolora wrote (:func:`check_out_dir`, checked again at the swap).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +186,7 @@ def atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield tmp
         umask_permissions(tmp)
-        check_out_dir(out_dir, overwrite)  # again: something may have appeared meanwhile
+        check_out_dir(out_dir, overwrite, kind)  # again: something may have appeared meanwhile
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, trash / out_dir.name)

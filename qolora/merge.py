@@ -37,7 +37,7 @@ from .adapter_io import AdapterError, SavedAdapter, read_adapter
 from .adapter_load import FingerprintCheck, check_base_structure, load, resolve_device_config
 from .base_reader import BaseCheckpoint, LinearWeight, is_transposed
 from .config import ConfigError, parse_dtype, parse_size
-from .files import atomic_dir, check_out_dir, write_json
+from .files import FolderKind, atomic_dir, check_out_dir, write_json
 from .inits import residual_
 from .quant import dequantize_weight, make_base_layer, quant_settings
 
@@ -51,6 +51,10 @@ INTO = ("trained", "original")
 # Never Python files: qolora does not carry a model folder's code along.
 COPY_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
                  "*.tiktoken", "chat_template.*", "generation_config.json", "preprocessor_config.json")
+#: A merged checkpoint as :func:`merge` writes it (``overwrite`` replaces only such a folder).
+MERGED_CHECKPOINT = FolderKind("merged checkpoint", MERGE_RECORD,
+                               (MERGE_RECORD, "config.json", "model.safetensors", "model-*-of-*.safetensors",
+                                "model.safetensors.index.json", *COPY_PATTERNS))
 
 
 def _release_freed_memory() -> None:
@@ -168,14 +172,15 @@ def merge(
     if into not in INTO:
         raise ConfigError(f"into={into!r} is not supported; allowed: {list(INTO)}")
     max_bytes = parse_size(max_shard_size, "max_shard_size")
-    out = check_out_dir(out_dir, overwrite)
     saved = read_adapter(adapter_dir)
     config = resolve_device_config(saved, device)
     checkpoint = BaseCheckpoint.open(base)
+    out = Path(out_dir).expanduser()
     for other, what in ((checkpoint.dir, "the base checkpoint"), (Path(adapter_dir), "the adapter folder")):
         if _nested(out, other):
             raise ConfigError(f"out_dir {str(out)!r} is, holds or lies inside {what} ({other}); write the merge "
                               "somewhere else")
+    out = check_out_dir(out, overwrite, MERGED_CHECKPOINT)
     skeleton = checkpoint.skeleton()
     linears = check_base_structure(skeleton, saved, str(base))
     transposed = {n for n, m in linears.items() if is_transposed(m)}
@@ -194,7 +199,7 @@ def merge(
             return _requantized_weight(item.module, item.weight, saved, config)
         return item.weight.to(train_dtype) if into == "trained" else item.weight  # as the trained model held it
 
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, MERGED_CHECKPOINT) as tmp:
         writer = _ShardWriter(tmp, max_bytes)
         bar = tqdm(total=checkpoint.tensor_count(), desc=f"merge ({into})", unit="tensor", disable=not progress)
         for item in checkpoint.stream(skeleton, set(saved.layers) | requantize, device):

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .base_reader import weight_fingerprint
-from .files import atomic_dir, remove_stale_temporaries, sha256_file
+from .files import FolderKind, atomic_dir, remove_stale_temporaries, sha256_file
 from .layer import adapter_layers, adapter_parameters
 from .model_record import record_of
 
@@ -67,6 +67,9 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = "qolora-train-checkpoint"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{6,})$")
+#: A training checkpoint folder (a rerun of a step replaces only such a folder).
+CHECKPOINT_FOLDER = FolderKind("training checkpoint", MANIFEST_FILE, (ADAPTER_FILE, TRAINER_FILE, STATE_FILE,
+                                                                      MANIFEST_FILE))
 
 
 class CheckpointError(RuntimeError):
@@ -177,7 +180,7 @@ def save_checkpoint(
     if final.exists() and not (final / MANIFEST_FILE).is_file():  # replace only what qolora wrote
         raise CheckpointError(f"cannot save checkpoint {final}: a folder of that name is there and qolora did not "
                               f"write it (no {MANIFEST_FILE}); move it away and resume")
-    with atomic_dir(final, overwrite=True) as tmp:
+    with atomic_dir(final, overwrite=True, kind=CHECKPOINT_FOLDER) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}, str(tmp / ADAPTER_FILE),
                   metadata={"format": "pt", "step": str(step)})
         torch.save(trainer, tmp / TRAINER_FILE)

@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Any
 import torch
 
 from .config import parse_size
+from .files import FolderKind, atomic_dir, check_out_dir
 from .plan import load_hf_config, skeleton_for_plan
 
 __all__ = ["SyntheticCheckpoint"]
@@ -138,9 +137,7 @@ class SyntheticCheckpoint:
         """
         from safetensors.torch import save_file
 
-        folder = Path(folder).expanduser()
-        if folder.exists() and not overwrite:
-            raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
+        folder = check_out_dir(folder, overwrite, SYNTHETIC_CHECKPOINT)
         limit = parse_size(max_shard_size, "max_shard_size")
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
@@ -151,9 +148,7 @@ class SyntheticCheckpoint:
                 size = 0
             shards[-1].append(spec)
             size += nbytes
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
+        with atomic_dir(folder, overwrite, SYNTHETIC_CHECKPOINT) as tmp:
             self._config.save_pretrained(tmp)
             weight_map = {}
             for i, shard in enumerate(shards, 1):
@@ -166,13 +161,15 @@ class SyntheticCheckpoint:
             if len(shards) > 1:
                 index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / SYNTHETIC_RECORD).write_text(json.dumps({"name": self.name, "seed": self.seed}) + "\n")
         return folder
+
+
+#: A synthetic checkpoint as :meth:`SyntheticCheckpoint.write` writes it (``overwrite`` replaces only such a folder).
+SYNTHETIC_RECORD = "qolora_synthetic.json"
+SYNTHETIC_CHECKPOINT = FolderKind("synthetic checkpoint", SYNTHETIC_RECORD,
+                                  (SYNTHETIC_RECORD, "config.json", "model.safetensors", "model-*-of-*.safetensors",
+                                   "model.safetensors.index.json"))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -825,6 +825,7 @@ def test_atomic_dir_keeps_the_old_folder_when_the_swap_fails(tmp_path, monkeypat
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
+    kind = files.FolderKind("test folder", "old.txt", ("old.txt", "new.txt"))
     real, calls = files.os.replace, []
 
     def failing(src, dst):
@@ -834,7 +835,7 @@ def test_atomic_dir_keeps_the_old_folder_when_the_swap_fails(tmp_path, monkeypat
         return real(src, dst)
 
     monkeypatch.setattr(files.os, "replace", failing)
-    with pytest.raises(OSError, match="simulated"), files.atomic_dir(target, overwrite=True) as tmp:
+    with pytest.raises(OSError, match="simulated"), files.atomic_dir(target, overwrite=True, kind=kind) as tmp:
         (tmp / "new.txt").write_text("new")
     monkeypatch.setattr(files.os, "replace", real)
     assert (target / "old.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
