@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .config_sizes import check_sizes
 from .quant import dequantize_stored, stored_group_complete, stored_part
 
 __all__ = [
@@ -107,7 +108,14 @@ def hf_config_from_dict(raw: Mapping, source: str):
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from .adapter_io import GUARD_MODEL_TYPE  # lazily: adapter_io reads checkpoints through this module
+
     model_type = raw.get("model_type")
+    if model_type == GUARD_MODEL_TYPE:
+        folder = Path(source).parent if Path(source).name == "config.json" else Path(source)
+        raise ConfigError(f"{folder} is a qolora adapter folder, not a model. Use it with its base: "
+                          f"`qolora chat --adapter {folder}`, `qolora merge BASE {folder} OUT`, or "
+                          f"qolora.load(BASE, {str(folder)!r}); to train further, pass the base as --model")
     if model_type not in CONFIG_MAPPING:
         custom = (" and asks for remote code from the model folder (auto_map); qolora never runs code from a model "
                   "folder") if raw.get("auto_map") else ""
@@ -118,11 +126,15 @@ def hf_config_from_dict(raw: Mapping, source: str):
         logger.info("%s: using transformers' built-in %s classes; the folder's own code (auto_map) is ignored",
                     source, model_type)
     options = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "transformers_version")}
+    attribute_map = getattr(CONFIG_MAPPING[model_type], "attribute_map", {})
+    check_sizes(raw, source, attribute_map=attribute_map)  # before transformers sees them
     try:
-        return AutoConfig.for_model(model_type, **options)
+        config = AutoConfig.for_model(model_type, **options)
     except Exception as exc:  # transformers' config validation raises ValueError, TypeError, its own types...
         detail = " ".join(str(exc).split())
         raise ConfigError(f"{source} cannot be read as a {model_type} config: {type(exc).__name__}: {detail}") from exc
+    check_sizes(raw, source, config, attribute_map)  # ... and with the defaults it filled in
+    return config
 
 
 def load_hf_config(config_json: Path):

@@ -89,6 +89,7 @@ from torch import nn
 from .base_reader import hf_config_from_dict, layer_shape, linear_layers, meta_skeleton, select_targets
 from .base_reader import load_hf_config as read_config_file
 from .config import DTYPES, AdapterConfig, ConfigError, parse_size
+from .config_sizes import check_sizes
 from .host_embedding import check_untied, input_embedding_name
 from .loss import DEFAULT_CHUNK_BYTES
 from .memory_model import adapted_kinds, model_dims, optimizer_bytes, quantized_bytes, step_memory
@@ -133,6 +134,7 @@ def load_hf_config(model: Any):
     if isinstance(model, PretrainedConfig):
         if getattr(model, "auto_map", None):
             raise ConfigError(f"config of {type(model).__name__} needs remote code (auto_map); not supported")
+        check_sizes(model.to_dict(), f"config of {type(model).__name__}", model, getattr(model, "attribute_map", {}))
         return model
     if isinstance(model, Mapping):
         return hf_config_from_dict(model, "config dict")
