@@ -37,8 +37,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint_layout import ConvertedUnit, ExpertUnit, PartUnit, Piece, ReadPlan, TensorUnit, plan_reads
 from .config import ConfigError
 from .config_sizes import check_sizes
+from .experts import is_router, mark_routers, split_experts
 from .quant import dequantize_stored, stored_group_complete, stored_part
 
 __all__ = [
@@ -51,8 +53,10 @@ __all__ = [
     "meta_skeleton",
     "layer_shape",
     "linear_layers",
+    "rank_problem",
     "resolve_model_dir",
     "select_targets",
+    "short_name",
     "weight_fingerprint",
 ]
 
@@ -153,10 +157,13 @@ def load_hf_config(config_json: Path):
     return hf_config_from_dict(raw, str(path))
 
 
-def meta_skeleton(hf_config, dtype: torch.dtype | None = None) -> nn.Module:
+def meta_skeleton(hf_config, dtype: torch.dtype | None = None, *, split: bool = True) -> nn.Module:
     """The causal LM of ``hf_config`` on the ``meta`` device: names and shapes, no memory, no weight.
 
-    Buffers (e.g. rotary frequencies, computed at construction) stay real, on the CPU.
+    Buffers (e.g. rotary frequencies, computed at construction) stay real, on the CPU. With ``split``
+    (qolora's model), fused MoE experts become one linear layer per expert and projection
+    (:func:`qolora.experts.split_experts`) and MoE routers are marked (:func:`qolora.experts.mark_routers`);
+    ``split=False`` is transformers' model as it is (its parameter names are a checkpoint's).
 
     Raises:
         ConfigError: the architecture has no causal-LM class in transformers.
@@ -166,13 +173,17 @@ def meta_skeleton(hf_config, dtype: torch.dtype | None = None) -> nn.Module:
 
     try:
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=False,
-                                                    **({"dtype": dtype} if dtype is not None else {}))
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=False,
+                                                     **({"dtype": dtype} if dtype is not None else {}))
     except ValueError as exc:
         raise ConfigError(f"model_type {hf_config.model_type!r} has no causal-LM class in transformers: {exc}") from exc
     except Exception as exc:  # a config whose numbers do not make a model (shapes that do not divide, ...)
         raise ConfigError(f"the {hf_config.model_type} config does not describe a buildable model: "
                           f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+    if split:
+        split_experts(model)
+        mark_routers(model)
+    return model
 
 
 # ----------------------------------------------------------------------------- model structure
@@ -202,9 +213,10 @@ def is_transposed(module: nn.Module) -> bool:
 
 
 def select_targets(linears: Mapping[str, nn.Module], target_modules: tuple[str, ...] | None) -> list[str]:
-    """Names of the linear layers to adapt: all, or those whose last name part or full name matches."""
+    """Names of the linear layers to adapt: by default every one except MoE routers
+    (:func:`qolora.experts.is_router`), or those whose last name part or full name matches."""
     if target_modules is None:
-        return list(linears)
+        return [n for n, m in linears.items() if not is_router(m)]
     wanted = set(target_modules)
     chosen = [n for n in linears if n in wanted or n.rsplit(".", 1)[-1] in wanted]
     matched = {t for t in wanted if any(n == t or n.rsplit(".", 1)[-1] == t for n in chosen)}
@@ -213,6 +225,28 @@ def select_targets(linears: Mapping[str, nn.Module], target_modules: tuple[str, 
         available = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ConfigError(f"target_modules {unmatched} match no linear layer of this model; available: {available}")
     return chosen
+
+
+def short_name(name: str) -> str:
+    """What ``target_modules`` matches besides the full name: the last part (``q_proj``, ``gate_up_proj``)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def rank_problem(linears: Mapping[str, nn.Module], targets, rank: int) -> str | None:
+    """Why ``rank`` is too large for a targeted layer (naming the layer that limits it and the
+    ``target_modules`` that would leave it out), or None."""
+    if not targets:
+        return None
+    name = min(sorted(targets), key=lambda n: min(layer_shape(linears[n])))
+    out, inp = layer_shape(linears[name])
+    if rank <= min(out, inp):
+        return None
+    small = sorted({short_name(n) for n in targets if min(layer_shape(linears[n])) < rank})
+    fit = sorted({short_name(n) for n in targets} - set(small))
+    leave_out = (f"; or leave {', '.join(small)} out: target_modules={fit} (qolora finetune --target-modules "
+                 f"{','.join(fit)})") if fit else ""
+    return (f"rank={rank} is larger than a targeted weight allows: the smallest targeted layer is {name} "
+            f"({out}x{inp}), so rank must be <= {min(out, inp)}{leave_out}")
 
 
 def checkpoint_key_map(model: nn.Module) -> Callable[[str], str | None]:
@@ -254,15 +288,17 @@ class LinearWeight:
     module: str  # the model's module name, e.g. "model.layers.0.self_attn.q_proj"
     key: str  # the checkpoint key of its weight (where a merge writes it back)
     weight: torch.Tensor  # (out, in) fp32
+    pieces: tuple[Piece, ...] | None = None  # an expert's weight: the checkpoint tensors holding its rows
 
 
 @dataclass
 class OtherTensor:
-    """Any other tensor of the checkpoint, as stored, on the CPU."""
+    """Any other tensor of the checkpoint, as stored, on the CPU (an expert's weight: ``(out, in)``)."""
 
     key: str
     name: str | None  # the model's name for it; None when the model has no such tensor
     tensor: torch.Tensor
+    pieces: tuple[Piece, ...] | None = None  # an expert's weight: the checkpoint tensors holding its rows
 
 
 class BaseCheckpoint:
@@ -356,9 +392,38 @@ class BaseCheckpoint:
                 count += len(f.keys())
         return count
 
+    def store(self, device: torch.device | str = "cpu") -> TensorStore:
+        """Random access to this checkpoint's tensors (:class:`TensorStore`; close it, or use ``with``)."""
+        return TensorStore(self.files, self.source, device, self.dir)
+
+    def read_plan(self, skeleton: nn.Module, store: TensorStore | None = None) -> ReadPlan:
+        """Which tensors make which weight of ``skeleton`` (:func:`qolora.checkpoint_layout.plan_reads`), from the
+        headers alone, checked: no weight is read.
+
+        Raises:
+            ConfigError: a tensor whose shape is not the model's, or weights of the model that no
+                checkpoint tensor makes by transformers' rules (naming them and the tensors that map to
+                nothing).
+        """
+        own = store is None
+        store = store or self.store()
+        try:
+            linears = linear_layers(skeleton)
+            parts = (lambda name: stored_part(name, linears)) if self.stored_kind else None
+            plan = plan_reads(store.entries(), skeleton, stored_part=parts)
+        finally:
+            if own:
+                store.close()
+        plan.check(str(self.dir), self.hf_config.model_type)
+        return plan
+
     def stream(self, skeleton: nn.Module, wanted: set[str], device: torch.device
                ) -> Iterator[LinearWeight | OtherTensor]:
         """Every tensor of the checkpoint, checked: wanted linear weights as :class:`LinearWeight`.
+
+        The reads are planned first (:meth:`read_plan`: nothing missing, shapes right, before any weight is
+        read), then each unit is read once: a tensor, one expert's weight (from its per-expert tensors or
+        its slice of a fused one), a converter's sources, or the parts of a layer stored quantized.
 
         Args:
             skeleton: the model from :meth:`skeleton` (names and shapes).
@@ -368,51 +433,205 @@ class BaseCheckpoint:
 
         Raises:
             ConfigError: naming the tensor and file: a shape other than the model's, a NaN/inf, a
-                quantized layer whose parts are incomplete, or an unreadable file.
+                quantized layer whose parts are incomplete, an unreadable file, weights missing.
         """
-        linears = linear_layers(skeleton)
-        to_model = checkpoint_key_map(skeleton)
-        shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-        pending: dict[str, dict[str, torch.Tensor]] = {}  # parts of layers stored quantized
-        keys: dict[str, str] = {}
-        where: dict[str, Path] = {}
-        for key, tensor, file in self.tensors(device):
-            name = to_model(key)
-            part = stored_part(name or key, linears) if self.stored_kind else None
-            if part is not None:
-                module, leaf = part
-                if leaf == "weight_format":  # bitsandbytes' 8-bit layout tag: nothing to dequantize with
-                    continue
-                group = pending.setdefault(module, {})
-                group[leaf] = tensor
-                if leaf == "weight":
-                    keys[module], where[module] = key, file
-                if stored_group_complete(group):
-                    weight = dequantize_stored(pending.pop(module), device)
-                    yield LinearWeight(module, keys[module], _checked(weight, layer_shape(linears[module]),
-                                                                      keys[module], where[module]))
-                continue
-            if name is None:
-                yield OtherTensor(key, None, tensor)
-                continue
-            _check_shape(tensor, shapes[name], key, file)
-            module, _, leaf = name.rpartition(".")
-            if leaf == "weight" and module in wanted:
-                # Move in the stored dtype, then widen on the device: converting on the CPU first
-                # costs more than the whole transfer.
-                weight = tensor.to(device).to(torch.float32, copy=True)
-                if is_transposed(linears[module]):
-                    weight = weight.T.contiguous()  # (in, out) -> (out, in)
-                yield LinearWeight(module, key, _checked(weight, layer_shape(linears[module]), key, file))
-            else:
-                if tensor.is_floating_point():
-                    _check_finite(tensor, key, file)
-                yield OtherTensor(key, name, tensor)
-        if pending:
-            module, group = next(iter(pending.items()))
-            raise ConfigError(f"checkpoint {self.dir} is incomplete: the quantized layer {module} has only the parts "
-                              f"{sorted(group)} ({len(pending)} such layer(s)); a bitsandbytes-stored layer needs its "
-                              "weight and its quantization statistics")
+        with self.store(device) as store:
+            plan = self.read_plan(skeleton, store)
+            reader = _UnitReader(self, store, plan, skeleton, wanted, device)
+            for unit in plan.units:
+                yield from reader.read(unit)
+            reader.finish()
+
+
+class TensorStore:
+    """Random access to a checkpoint's tensors: the headers listed without reading a weight, then any
+    tensor (or one expert's slice of a stacked tensor) read by key.
+
+    Safetensors shards are memory-mapped and sliced (one expert of a fused tensor reads that expert's
+    bytes only); ``.bin`` files are loaded memory-mapped with ``weights_only``; a generated source
+    (:meth:`BaseCheckpoint.from_source`) is pulled in its own order, holding tensors asked for later.
+    """
+
+    def __init__(self, files: list[Path], source, device, where: Path):
+        self.files, self.source, self.device, self.where = files, source, device, where
+        self._handles: dict[Path, object] = {}
+        self._stack = contextlib.ExitStack()
+        self._file_of: dict[str, Path] = {}
+        self._ahead: dict[str, torch.Tensor] = {}  # a source's tensors pulled before their turn
+        self._pull: Iterator | None = None
+        self._held: tuple[str, torch.Tensor] | None = None  # a stacked tensor read expert by expert
+
+    def __enter__(self) -> TensorStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._held, self._ahead, self._pull = None, {}, None
+        self._handles.clear()
+        self._stack.close()
+
+    def entries(self) -> list[tuple[str, tuple[int, ...], Path]]:
+        """``(key, shape, file)`` of every tensor, in storage order (headers only)."""
+        if self.source is not None:
+            return [(key, tuple(shape), self.where) for key, shape, _ in self.source.tensors]
+        out = []
+        for file in self.files:
+            with _naming_damage(file):
+                handle = self._open(file)
+                if file.suffix == ".safetensors":
+                    listed = [(key, tuple(handle.get_slice(key).get_shape())) for key in handle.keys()]
+                else:
+                    listed = [(key, tuple(t.shape)) for key, t in handle.items()]
+            for key, shape in listed:
+                self._file_of[key] = file
+                out.append((key, shape, file))
+        return out
+
+    def file_of(self, key: str) -> Path:
+        return self._file_of.get(key, self.where)
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor stored under ``key``."""
+        if self.source is not None:
+            return self._pulled(key)
+        file = self._file_of[key]
+        with _naming_damage(file):
+            handle = self._open(file)
+            return handle.get_tensor(key) if file.suffix == ".safetensors" else handle[key]
+
+    def read_expert(self, key: str, index: int) -> torch.Tensor:
+        """``tensor[index]`` of the stacked tensor stored under ``key``, reading that slice only where the
+        format allows (safetensors); otherwise the tensor is held until another key is read this way."""
+        if self.source is None and self._file_of[key].suffix == ".safetensors":
+            file = self._file_of[key]
+            with _naming_damage(file):
+                return self._open(file).get_slice(key)[index]
+        if self._held is None or self._held[0] != key:
+            self._held = None
+            self._held = (key, self.read(key))
+        return self._held[1][index]
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            else:  # weights_only: a pickle can never run code; mmap: nothing is read until used
+                self._handles[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        return self._handles[file]
+
+    def _pulled(self, key: str) -> torch.Tensor:
+        if key in self._ahead:
+            return self._ahead.pop(key)
+        if self._pull is None:
+            self._pull = iter(self.source.iter_tensors(self.device))
+        for found, tensor in self._pull:
+            if found == key:
+                return tensor
+            self._ahead[found] = tensor
+        raise ConfigError(f"{self.where} lists a tensor {key!r} that it never yields")
+
+
+class _UnitReader:
+    """Reads the units of a :class:`ReadPlan` into :class:`LinearWeight` / :class:`OtherTensor` items."""
+
+    def __init__(self, checkpoint: BaseCheckpoint, store: TensorStore, plan: ReadPlan, skeleton: nn.Module,
+                 wanted: set[str], device: torch.device):
+        self.checkpoint, self.store, self.plan, self.skeleton = checkpoint, store, plan, skeleton
+        self.wanted, self.device = wanted, device
+        self.linears = linear_layers(skeleton)
+        self.shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}  # parts of layers stored quantized
+        self.keys: dict[str, str] = {}
+
+    def read(self, unit) -> Iterator[LinearWeight | OtherTensor]:
+        if isinstance(unit, TensorUnit):
+            yield self._tensor(unit.key, unit.name, self.store.read(unit.key))
+        elif isinstance(unit, ExpertUnit):
+            yield self._expert(unit)
+        elif isinstance(unit, ConvertedUnit):
+            yield from self._converted(unit)
+        elif isinstance(unit, PartUnit):
+            yield from self._part(unit)
+
+    def _tensor(self, key: str, name: str | None, tensor: torch.Tensor) -> LinearWeight | OtherTensor:
+        file = self.store.file_of(key)
+        if name is None:
+            return OtherTensor(key, None, tensor)
+        _check_shape(tensor, self.shapes[name], key, file)
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module in self.wanted:
+            # Move in the stored dtype, then widen on the device: converting on the CPU first
+            # costs more than the whole transfer.
+            weight = tensor.to(self.device).to(torch.float32, copy=True)
+            if is_transposed(self.linears[module]):
+                weight = weight.T.contiguous()  # (in, out) -> (out, in)
+            return LinearWeight(module, key, _checked(weight, layer_shape(self.linears[module]), key, file))
+        if tensor.is_floating_point():
+            _check_finite(tensor, key, file)
+        return OtherTensor(key, name, tensor)
+
+    def _expert(self, unit: ExpertUnit) -> LinearWeight | OtherTensor:
+        """One expert's ``(out, in)`` weight, its rows copied in from each piece (one expert's slices at a time)."""
+        key, file = unit.pieces[0].key, self.store.file_of(unit.pieces[0].key)
+        shape = layer_shape(self.linears[unit.layer])
+        adapted = unit.layer in self.wanted
+        out, row = None, 0
+        for piece in unit.pieces:
+            part = (self.store.read(piece.key) if piece.expert is None
+                    else self.store.read_expert(piece.key, piece.expert))
+            part = part.T if piece.transposed else part  # (rows, in)
+            if out is None:
+                out = torch.empty(shape, dtype=torch.float32 if adapted else part.dtype,
+                                  device=self.device if adapted else part.device)
+            out[row: row + piece.rows].copy_(part.to(out.device))
+            row += piece.rows
+            del part
+        if adapted:
+            return LinearWeight(unit.layer, key, _checked(out, shape, key, file), pieces=unit.pieces)
+        if out.is_floating_point():
+            _check_finite(out, key, file)
+        return OtherTensor(key, f"{unit.layer}.weight", out, pieces=unit.pieces)
+
+    def _converted(self, unit: ConvertedUnit) -> Iterator[LinearWeight | OtherTensor]:
+        """A converter other than the experts' runs whole: its sources gathered, transformers' own ops."""
+        import copy
+
+        converter = copy.deepcopy(unit.converter)
+        for key, pattern in unit.keys:
+            converter.add_tensor(unit.target, key, pattern, self.store.read(key))
+        try:
+            results = converter.convert(unit.target, model=self.skeleton, config=self.checkpoint.hf_config)
+        except Exception as exc:  # transformers' ops raise many types on tensors that do not fit
+            keys = [k for k, _ in unit.keys][:4]
+            raise ConfigError(f"checkpoint tensors {keys} in {self.checkpoint.dir} cannot be converted to "
+                              f"{unit.target} by transformers' rules: {type(exc).__name__}: {exc}") from exc
+        for name, tensor in results.items():
+            yield self._tensor(name, name if name in self.shapes else None,
+                               tensor[0] if isinstance(tensor, list) else tensor)
+
+    def _part(self, unit: PartUnit) -> Iterator[LinearWeight]:
+        if unit.part == "weight_format":  # bitsandbytes' 8-bit layout tag: nothing to dequantize with
+            return
+        group = self.pending.setdefault(unit.layer, {})
+        group[unit.part] = self.store.read(unit.key)
+        if unit.part == "weight":
+            self.keys[unit.layer] = unit.key
+        if stored_group_complete(group):
+            key = self.keys[unit.layer]
+            weight = dequantize_stored(self.pending.pop(unit.layer), self.device)
+            yield LinearWeight(unit.layer, key, _checked(weight, layer_shape(self.linears[unit.layer]), key,
+                                                         self.store.file_of(key)))
+
+    def finish(self) -> None:
+        if self.pending:
+            module, group = next(iter(self.pending.items()))
+            raise ConfigError(f"checkpoint {self.checkpoint.dir} is incomplete: the quantized layer {module} has only "
+                              f"the parts {sorted(group)} ({len(self.pending)} such layer(s)); a bitsandbytes-stored "
+                              "layer needs its weight and its quantization statistics")
 
 
 def _weight_files(model_dir: Path) -> list[Path]:

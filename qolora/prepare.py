@@ -39,16 +39,30 @@ import torch
 from torch import nn
 
 from . import host_memory
-from .base_reader import BaseCheckpoint, LinearWeight, layer_shape, linear_layers, select_targets, weight_fingerprint
+from .base_reader import (
+    BaseCheckpoint,
+    LinearWeight,
+    linear_layers,
+    rank_problem,
+    select_targets,
+    weight_fingerprint,
+)
 from .config import AdapterConfig, ConfigError
+from .experts import is_router
 from .hf_compat import attach as attach_hf_compat
 from .host_embedding import HostEmbedding, check_offload_embedding, host_tensor, input_embedding_name
 from .inits import INITS, refine_factors, residual_
 from .kernels import check_kernels
 from .layer import AdapterLinear, mark_only_adapters_trainable, replace_module, set_kernels
 from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
-from .offload import LayerOffload, check_offload, decoder_layers, offload_layers_for
-from .offload_checkpointing import OffloadedCheckpointing, checkpointing_mode, install
+from .offload import LayerOffload, check_gpu_memory, check_offload, decoder_layers, offload_layers_for
+from .offload_checkpointing import (
+    OffloadedCheckpointing,
+    check_checkpointed_layers,
+    checkpointing_mode,
+    install,
+    require_layer_count,
+)
 from .quant import make_base_layer, quantization_error, quantize_dequantize
 from .threads import cpu_thread_policy
 
@@ -109,10 +123,16 @@ def build_model(
     model = base.skeleton(dtype)
     linears = linear_layers(model)
     targets = set(select_targets(linears, config.target_modules))
-    # Layers rebuilt from their weight: all linears when quantizing (QLoRA quantizes every one),
-    # only the adapted ones at 16 bits, and every one whose checkpoint is stored quantized.
-    rebuilt = set(linears) if config.bits != 16 or base.stored_kind else set(targets)
-    _check_rank(linears, targets, config.rank)
+    # Layers rebuilt from their weight: all linears when quantizing (QLoRA quantizes every one) except
+    # MoE routers left untargeted (kept in 16 bits), only the adapted ones at 16 bits, and every one whose
+    # checkpoint is stored quantized.
+    routers = {n for n, m in linears.items() if is_router(m) and n not in targets}
+    rebuilt = set(linears) - routers if config.bits != 16 else set(targets)
+    if base.stored_kind:
+        rebuilt = set(linears)
+    problem = rank_problem(linears, targets, config.rank)
+    if problem:
+        raise ConfigError(problem)
     embedding = input_embedding_name(model) if host_embedding else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -132,8 +152,9 @@ def build_model(
                 layer, row = _adapted_layer(item.module, item.weight, factors_for, config, needs_residual,
                                             compare_plain, isinstance(linears[item.module], nn.Linear))
                 report.layers.append(row)
-            else:
-                layer = make_base_layer(item.weight, None, config, device)
+            else:  # a router stored quantized comes back in 16 bits
+                layer = make_base_layer(item.weight, None, config.replace(bits=16) if item.module in routers
+                                        else config, device)
             replace_module(model, item.module, layer)
             done.add(item.module)
             loaded(item.module)
@@ -207,19 +228,10 @@ def _adapted_layer(name, weight, factors_for, config, needs_residual, compare_pl
     return layer, LayerReport(name, tuple(weight.shape), norm, error, plain_error)
 
 
-def _check_rank(linears: dict[str, nn.Module], targets: set[str], rank: int) -> None:
-    smallest = min((layer_shape(linears[n]) for n in targets), key=min)
-    if rank > min(smallest):
-        raise ConfigError(
-            f"rank={rank} is larger than a targeted weight allows: the smallest targeted layer is "
-            f"{smallest[0]}x{smallest[1]}, so rank must be <= {min(smallest)}"
-        )
-
-
 def _finish(model: nn.Module, device: torch.device, missing_layers: list[str], unexpected: list[str]) -> None:
-    """Tie weights, move buffers to ``device``, and fail loudly on anything left unloaded."""
-    if unexpected:
-        logger.warning("%d checkpoint tensor(s) not used by the model, e.g. %s", len(unexpected), unexpected[:5])
+    """Tie weights, move buffers to ``device``, and fail loudly on anything left unloaded (the reader
+    refuses missing weights before reading, and has warned about ``unexpected`` tensors)."""
+    del unexpected
     model.tie_weights()
     missing = missing_layers + [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
@@ -317,9 +329,10 @@ def prepare(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     offload = check_offload(offload)
+    gpu_memory = check_gpu_memory(gpu_memory, offload)
     check_offload_embedding(offload_embedding)
     base = BaseCheckpoint.of(model)
-    _check_checkpointed_layers(gradient_checkpointing, base.hf_config)
+    check_checkpointed_layers(gradient_checkpointing, base.hf_config)
     placement = offload_layers_for(base.hf_config, cfg, offload, gpu_memory=gpu_memory, plan_options=offload_plan,
                                    gradient_checkpointing=gradient_checkpointing, offload_embedding=offload_embedding)
     init = INITS[cfg.init]
@@ -355,22 +368,6 @@ def prepare(
     return net
 
 
-def _check_checkpointed_layers(gradient_checkpointing, hf_config) -> None:
-    """A number of checkpointed layers must be at most the model's layer count (checked before any weight is read)."""
-    if isinstance(gradient_checkpointing, (bool, str)):
-        return
-    text = getattr(hf_config, "text_config", None) or hf_config
-    count = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
-    if count is not None:
-        _require_layer_count(gradient_checkpointing, count)
-
-
-def _require_layer_count(layers: int, count: int) -> None:
-    if not 0 <= layers <= count:
-        raise ConfigError(f"gradient_checkpointing={layers} layers, but the model has {count} decoder "
-                          f"layers: use 0..{count} (or True for all)")
-
-
 def enable_gradient_checkpointing(model: nn.Module, offload: bool = False, layers: int | None = None) -> None:
     """Non-reentrant checkpointing: works with a frozen embedding and trainable adapters only.
 
@@ -385,7 +382,7 @@ def enable_gradient_checkpointing(model: nn.Module, offload: bool = False, layer
     """
     if layers is not None:
         _, decoder = decoder_layers(model)
-        _require_layer_count(layers, len(decoder))
+        require_layer_count(layers, len(decoder))
         if offload:
             raise ConfigError("offloaded checkpointing applies to every layer; give 'offload' or a number of "
                               "layers, not both")

@@ -76,9 +76,11 @@ def tokenized(chat_model_dir, chat_jsonl):
 @pytest.fixture
 def no_weight_reads(monkeypatch):
     """Fail the test if a checkpoint weight is read: the error must come before heavy work."""
-    from qolora.base_reader import BaseCheckpoint
+    from qolora.base_reader import BaseCheckpoint, TensorStore
 
     def boom(*a, **k):
         raise AssertionError("a checkpoint weight was read before the error")
 
     monkeypatch.setattr(BaseCheckpoint, "tensors", boom)
+    monkeypatch.setattr(TensorStore, "read", boom)
+    monkeypatch.setattr(TensorStore, "read_expert", boom)

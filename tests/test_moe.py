@@ -1,0 +1,195 @@
+"""Mixture-of-Experts checkpoints and renamed weights, as the hub stores them (issue 23).
+
+Tiny random Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 (per-expert tensors that transformers fuses when it
+loads; Mixtral's ``block_sparse_moe``) and GPT-NeoX (``embed_out`` for ``lm_head``), each written by
+transformers' own ``save_pretrained``: read with transformers' rules, experts quantized and adapted one
+by one, trained, saved and reloaded exactly, merged into a folder plain transformers loads, exported
+to PEFT's format for 3-D parameters.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import qolora
+from qolora.base_reader import BaseCheckpoint, linear_layers, select_targets
+from qolora.config import ConfigError
+from qolora.experts import SplitExperts, is_router
+from qolora.layer import adapter_layers
+
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+ALL = (*MOE, "gpt_neox")
+VOCAB = 128
+
+
+def tiny_config(arch: str):
+    """A 2-layer config of ``arch``: hidden 64, 4 experts of width 24 (2I = 48, so in/out never coincide)."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, tie_word_embeddings=False)
+    moe = dict(num_experts_per_tok=2, moe_intermediate_size=24)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**common, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, **moe, intermediate_size=96, shared_expert_intermediate_size=40,
+                                 num_experts=4, decoder_sparse_step=1)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, **moe, intermediate_size=96, num_experts=4, head_dim=16)
+    if arch == "deepseek_v3":
+        return tf.DeepseekV3Config(**{**common, "num_key_value_heads": 4}, **moe, intermediate_size=96,
+                                   n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                                   topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+                                   qk_nope_head_dim=16, v_head_dim=16)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=128, tie_word_embeddings=False)
+    raise ValueError(arch)
+
+
+def make_tiny(arch: str, path: Path, seed: int = 0) -> Path:
+    """Save a tiny random ``arch`` with transformers' ``save_pretrained`` (the hub's layout)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    with torch.no_grad():  # larger than the default init, so quantization and adapters matter visibly
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path)
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {arch: make_tiny(arch, root / arch) for arch in ALL}
+
+
+def ids(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+# ------------------------------------------------------------------------------------ reading
+@pytest.mark.parametrize("arch", ALL)
+def test_every_tensor_is_mapped_by_transformers_rules(tiny, arch):
+    base = BaseCheckpoint.open(tiny[arch])
+    skeleton = base.skeleton()
+    plan = base.read_plan(skeleton)
+    assert plan.missing == [] and plan.unexpected == []
+    experts = [n for n, m in skeleton.named_modules() if isinstance(m, SplitExperts)]
+    assert len(experts) == {"gpt_neox": 0, "deepseek_v3": 1}.get(arch, 2)
+    layers = linear_layers(skeleton)
+    for name in experts:
+        for e in range(4):
+            assert tuple(layers[f"{name}.{e}.gate_up_proj"].weight.shape) == (48, 64)
+            assert tuple(layers[f"{name}.{e}.down_proj"].weight.shape) == (64, 24)
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_16_bit_model_computes_what_transformers_computes(tiny, arch):
+    """The split experts' loop and the renamed head give transformers' own logits (fp32, no adapter change)."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny[arch]).eval()
+    model = qolora.prepare(tiny[arch], bits=16, rank=4, progress=False)
+    tokens = ids()
+    torch.testing.assert_close(logits(model, tokens), logits(reference, tokens), atol=2e-5, rtol=1e-4)
+
+
+def test_a_fused_checkpoint_reads_like_the_per_expert_one(tiny, tmp_path):
+    """A checkpoint stored with the model's own fused names (E, 2I, H) is read one expert slice at a time."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["qwen3_moe"])
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    shutil.copy(tiny["qwen3_moe"] / "config.json", fused / "config.json")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert state["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 48, 64)
+    save_file(state, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    a = qolora.prepare(tiny["qwen3_moe"], bits=4, rank=4, progress=False)
+    b = qolora.prepare(fused, bits=4, rank=4, progress=False)
+    assert torch.equal(logits(a, ids()), logits(b, ids()))
+
+
+def test_unmapped_names_are_refused_before_any_weight_is_read(tiny, tmp_path, no_weight_reads):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny["mixtral"], broken)
+    state = load_file(str(broken / "model.safetensors"))
+    state["model.layers.1.block_sparse_moe.experts.2.w9.weight"] = state.pop(
+        "model.layers.1.block_sparse_moe.experts.2.w3.weight")
+    state["model.layers.0.self_attn.qq_proj.weight"] = state.pop("model.layers.0.self_attn.q_proj.weight")
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError) as info:
+        qolora.prepare(broken, bits=4, rank=4, progress=False)
+    message = str(info.value)
+    for named in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.experts.2.gate_up_proj.weight",
+                  "model.layers.0.self_attn.qq_proj.weight", "experts.2.w9.weight", "mixtral"):
+        assert named in message
+
+
+def test_an_expert_of_the_wrong_shape_is_refused_before_reading(tiny, tmp_path, no_weight_reads):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny["qwen2_moe"], broken)
+    state = load_file(str(broken / "model.safetensors"))
+    key = "model.layers.1.mlp.experts.3.up_proj.weight"
+    state[key] = state[key][:, :32].contiguous()
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"experts\.3\.up_proj\.weight.*\(24, 32\).*\(rows, 64\)"):
+        qolora.prepare(broken, bits=4, rank=4, progress=False)
+
+
+# ------------------------------------------------------------------------------------ prepare
+@pytest.mark.parametrize("arch", MOE)
+def test_experts_are_quantized_and_adapted_with_less_error_than_plain_4bit(tiny, arch):
+    model = qolora.prepare(tiny[arch], bits=4, rank=4, compare_plain=True, progress=False)
+    layers = dict(adapter_layers(model))
+    experts = [n for n in layers if ".experts." in n]
+    assert len(experts) == (16 if arch != "deepseek_v3" else 8)
+    for name in experts:
+        assert type(layers[name].base_layer).__name__ == "Linear4bit"
+        assert layers[name].init_factors is not None  # OLoRA: this expert's own QR, subtracted
+    report = model.qolora.report
+    assert report.total_error < report.total_plain_error
+    rows = {r.name: r for r in report.layers}
+    assert all(rows[n].error < rows[n].plain_error for n in experts)
+    routers = [n for n, m in model.named_modules() if is_router(m)]
+    for name in routers:  # Qwen2-MoE's shared_expert_gate: 16-bit, not adapted
+        assert type(model.get_submodule(name)) is torch.nn.Linear
+        assert model.get_submodule(name).weight.dtype == torch.float32
+
+
+def test_the_default_targets_leave_routers_out_and_the_rank_error_names_the_layer(tiny):
+    base = BaseCheckpoint.open(tiny["qwen2_moe"])
+    layers = linear_layers(base.skeleton())
+    assert not any(n.endswith("shared_expert_gate") for n in select_targets(layers, None))
+    model = qolora.prepare(tiny["qwen2_moe"], bits=4, rank=16, progress=False)  # was refused: a 1x64 router
+    assert model.qolora.config.rank == 16
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp\.shared_expert_gate \(1x64\).*<= 1.*"
+                                          r"--target-modules q_proj"):
+        qolora.prepare(tiny["qwen2_moe"], bits=4, rank=4, target_modules=["shared_expert_gate", "q_proj"],
+                       progress=False)
+
+
+def test_gpt_neox_reads_its_embed_out_as_the_head(tiny):
+    from safetensors.torch import load_file
+
+    model = qolora.prepare(tiny["gpt_neox"], bits=4, rank=4, progress=False)
+    stored = load_file(str(tiny["gpt_neox"] / "model.safetensors"))["embed_out.weight"]
+    assert torch.equal(model.get_output_embeddings().weight, stored)
