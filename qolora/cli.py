@@ -493,8 +493,11 @@ def _flags(parser: argparse.ArgumentParser, command: str | None) -> dict[str, st
     """``{"batch_size": "--batch-size", ...}`` for the options of ``command``'s subparser."""
     for action in parser._actions:  # argparse keeps subparsers here; no public accessor
         if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            return {a.dest: a.option_strings[-1] for a in action.choices[command]._actions
-                    if a.option_strings and a.option_strings[-1].startswith("--")}
+            flags: dict[str, str] = {}
+            for a in action.choices[command]._actions:  # the first option of a dest: --x before its --no-x
+                if a.option_strings and a.option_strings[-1].startswith("--"):
+                    flags.setdefault(a.dest, a.option_strings[-1])
+            return flags
     return {}
 
 

@@ -25,7 +25,7 @@ from .files import folder_lock
 from .fsdp import full_adapter_state, with_trained_weights
 from .host_embedding import check_offload_embedding, check_untied
 from .kernels import check_kernels
-from .offload import check_offload
+from .offload import check_gpu_memory, check_offload
 from .optim import resolve_precision
 from .prepare import prepare
 from .run_folder import check_output_dir, check_resume
@@ -103,6 +103,7 @@ def finetune(
     tcfg, acfg = _checked_configs(config, output_dir, train_options, bits, rank, init, alpha, target_modules,
                                   adapter_options, eval_fraction, max_length)
     offload = check_offload(offload)
+    gpu_memory = check_gpu_memory(gpu_memory, offload)
     try:
         check_kernels(kernels)
     except ValueError as exc:

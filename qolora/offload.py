@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, parse_size
 from .host_embedding import check_untied
 
 __all__ = ["OFFLOAD_CHOICES", "OffloadStats", "OffloadedLayers", "LayerOffload", "available_host_bytes",
@@ -75,6 +75,22 @@ def check_offload(offload: str | None) -> str | None:
         raise ConfigError(f"offload={offload!r} is not supported; allowed: None/'none' (all on the device), 'auto' "
                           "(only as many decoder layers as needed to fit the GPU), 'cpu' (every decoder layer)")
     return offload
+
+
+def check_gpu_memory(gpu_memory: int | str | None, offload: str | None) -> int | None:
+    """``gpu_memory`` in bytes (None stays None), given with a normalised ``offload``.
+
+    Raises:
+        ConfigError: not a positive size, or given without ``offload="auto"`` (the only option that uses it).
+    """
+    if gpu_memory is None:
+        return None
+    size = parse_size(gpu_memory, "gpu_memory (--gpu-memory)")
+    if offload != "auto":
+        raise ConfigError(f"gpu_memory={gpu_memory!r} (--gpu-memory) is used only with offload='auto' "
+                          f"(--offload auto), to choose how many layers to offload; offload is {offload!r}. Add "
+                          "--offload auto, or drop --gpu-memory")
+    return size
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -628,7 +644,6 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
         ConfigError: ``offload`` unknown, the host cannot hold the offloaded part, or ``offload_embedding``
             on a model with tied embeddings (all before any weight is read).
     """
-    from .config import parse_size
     from .plan import plan
 
     offload = check_offload(offload)

@@ -62,6 +62,29 @@ def checkpointing_mode(value) -> bool | str | int:
                      "number of decoder layers to checkpoint (an integer >= 0)")
 
 
+def check_checkpointed_layers(mode: bool | str | int, hf_config) -> None:
+    """A number of checkpointed layers (a normalised ``mode``) must be at most the model's decoder layers.
+
+    Raises:
+        ConfigError: naming the number, the model's layer count and what is allowed.
+    """
+    if isinstance(mode, (bool, str)):
+        return
+    text = getattr(hf_config, "text_config", None) or hf_config
+    count = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    if count is not None:
+        require_layer_count(mode, count)
+
+
+def require_layer_count(layers: int, count: int) -> None:
+    """Raise unless ``0 <= layers <= count`` (a ConfigError naming both)."""
+    from .config import ConfigError
+
+    if not 0 <= layers <= count:
+        raise ConfigError(f"gradient_checkpointing={layers} layers, but the model has {count} decoder "
+                          f"layers: use 0..{count} (or True for all)")
+
+
 class OffloadedCheckpointing:
     """A ``_gradient_checkpointing_func`` for transformers' checkpointed layers that keeps their inputs on the host.
 

@@ -94,7 +94,7 @@ from .host_embedding import check_untied, input_embedding_name
 from .loss import DEFAULT_CHUNK_BYTES
 from .memory_model import adapted_kinds, model_dims, optimizer_bytes, quantized_bytes, step_memory
 from .offload import check_offload, decoder_layers, spread
-from .offload_checkpointing import checkpointing_mode
+from .offload_checkpointing import check_checkpointed_layers, checkpointing_mode
 
 __all__ = ["MemoryPlan", "plan", "load_hf_config", "builtin_configs", "add_parser", "run"]
 
@@ -469,6 +469,7 @@ def plan(
     host = parse_size(host_memory, "host_memory") if host_memory is not None else None
 
     hf_config = load_hf_config(model)
+    check_checkpointed_layers(gradient_checkpointing, hf_config)  # as prepare checks it
     if offload_embedding:
         check_untied(hf_config)
     cdtype, adtype = DTYPES[compute_dtype.lower()], DTYPES[adapter_dtype.lower()]
@@ -730,14 +731,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    """Run ``qolora plan`` from parsed arguments; prints the table (or JSON); exit code 0, or 1 when it does not fit."""
+    """Run ``qolora plan`` from parsed arguments; prints the table (or JSON); exit code 0, or 1 when it does not fit
+    the GPU memory or the host memory given."""
     result = plan(args.model, bits=args.bits, rank=args.rank, alpha=args.alpha, target_modules=args.target_modules,
                   seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, optim=args.optim,
                   gradient_checkpointing=args.gradient_checkpointing, chunked_loss=args.chunked_loss,
                   gpu_memory=args.gpu_memory, offload=args.offload, host_memory=_host_memory(args.host_memory),
                   num_gpus=args.num_gpus, fsdp=args.fsdp, offload_embedding=args.offload_embedding)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
-    return 0 if result.fits in (None, True) else 1
+    return 1 if result.fits is False or result.host_fits is False else 0
 
 
 def checkpointing_arg(text: str) -> bool | str | int:

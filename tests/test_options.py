@@ -1,0 +1,55 @@
+"""Memory options are refused at the public call, before any work, naming the flag the user gave.
+
+The cases of issue 26's "weak answers": ``--gpu-memory`` that is not a size or is given without
+``--offload auto``; ``--gradient-checkpointing N`` beyond the model's layers (finetune and plan alike);
+``qolora plan`` exiting 0 on a host that cannot hold the offloaded part.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import qolora
+from qolora.cli import main
+from qolora.config import ConfigError
+from qolora.plan import plan
+
+
+@pytest.mark.parametrize("gpu_memory, offload, message", [
+    ("abc", "auto", r"gpu_memory \(--gpu-memory\)='abc' is not a size"),
+    (-1, "auto", r"gpu_memory \(--gpu-memory\)=-1 is not a size"),
+    ("24GiB", None, r"gpu_memory='24GiB' \(--gpu-memory\) is used only with offload='auto'"),
+])
+def test_prepare_refuses_a_bad_gpu_memory_before_reading(tiny_llama_dir, no_weight_reads, gpu_memory, offload,
+                                                         message):
+    with pytest.raises(ConfigError, match=message):
+        qolora.prepare(tiny_llama_dir, bits=4, rank=4, device="cpu", offload=offload, gpu_memory=gpu_memory,
+                       progress=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu-memory", "abc", "--offload", "auto"], "--gpu-memory"),
+    (["--gpu-memory", "0", "--offload", "auto"], "is not a size"),
+    (["--gpu-memory=-5GiB", "--offload", "auto"], "is not a size"),
+    (["--gpu-memory", "24GiB"], "is used only with offload='auto'"),
+    (["--gradient-checkpointing", "99"], "--gradient-checkpointing=99 layers, but the model has"),
+])
+def test_finetune_cli_refuses_bad_memory_options_naming_the_flag(chat_model_dir, chat_jsonl, tmp_path, capsys,
+                                                                 args, message):
+    code = main(["finetune", "--model", str(chat_model_dir), "--data", str(chat_jsonl), "--output-dir",
+                 str(tmp_path / "run"), "--device", "cpu", "--max-steps", "1", "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert "--no-gradient-checkpointing" not in err
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_plan_refuses_more_checkpointed_layers_than_the_model_has():
+    with pytest.raises(ConfigError, match="gradient_checkpointing=999 layers, but the model has 32 decoder layers"):
+        plan("llama-3-8b", gradient_checkpointing=999)
+
+
+def test_plan_exits_1_when_the_host_cannot_hold_the_offloaded_part(capsys):
+    assert main(["plan", "llama-3-70b", "--offload", "cpu", "--host-memory", "1GiB"]) == 1
+    assert "NOT enough" in capsys.readouterr().out
+    assert main(["plan", "llama-3-8b", "--offload", "cpu", "--host-memory", "1TiB"]) == 0
