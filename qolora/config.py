@@ -22,6 +22,8 @@ __all__ = ["AdapterConfig", "BITS", "ConfigError", "DTYPES", "QUANT_TYPES", "par
 
 BITS = (4, 8, 16)
 QUANT_TYPES = ("nf4", "fp4")
+#: Largest adapter scale (alpha / r) accepted: far above any in use, far below where fp32 adapters overflow.
+MAX_SCALE = 1000.0
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -159,6 +161,10 @@ class AdapterConfig:
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
                                            and math.isfinite(self.alpha) and self.alpha > 0):
             p.append(f"alpha={self.alpha!r} must be a finite number > 0 (or None for alpha = rank)")
+        elif self.alpha is not None and isinstance(self.rank, int) and self.rank >= 1 and self.scale > MAX_SCALE:
+            p.append(f"alpha={self.alpha!r} gives an adapter scale of {self.scale:.3g} (alpha / "
+                     f"{'sqrt(rank)' if self.use_rslora else 'rank'}); at most {MAX_SCALE:g} is allowed: beyond it "
+                     "the adapter's output swamps the model (common choices: alpha = rank or 2 * rank)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             p.append(f"seed={self.seed!r} must be an integer >= 0")
         if self.init not in INITS:

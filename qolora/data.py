@@ -93,12 +93,18 @@ class DataStats:
         n_truncated: Examples longer than ``max_length`` that were cut (kept or dropped).
         n_dropped: Examples dropped because no labelled token was left.
         n_tokens: Tokens in the kept examples, after truncation.
+        cut_records: Indices of the records kept but cut to their first ``max_length`` tokens.
+        too_long_records: Indices of the records dropped because no answer token lies within ``max_length``.
+        no_answer_records: Indices of the records dropped because they have no answer to train on.
     """
 
     n_examples: int
     n_truncated: int
     n_dropped: int
     n_tokens: int
+    cut_records: tuple[int, ...] = ()
+    too_long_records: tuple[int, ...] = ()
+    no_answer_records: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         return (f"{self.n_examples} examples, {self.n_tokens} tokens, {self.n_truncated} truncated, "
@@ -219,7 +225,7 @@ def tokenize_dataset(
 
     all_ids: list[list[int]] = []
     all_labels: list[list[int]] = []
-    n_truncated = n_dropped = n_no_answer = 0
+    cut, too_long, no_answer = [], [], []
     shortest_prompt: int | None = None
     for index, record in enumerate(dataset):
         if fmt == "text":
@@ -245,25 +251,30 @@ def tokenize_dataset(
             if not mask_prompt:
                 inside = [True] * len(ids)
         labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, inside, strict=True)]
-        if len(ids) > max_length:
-            n_truncated += 1
+        longer = len(ids) > max_length  # (a text cut before tokenizing comes back longer than max_length too)
+        if longer:
             ids, labels = ids[:max_length], labels[:max_length]
         if all(lab == IGNORE_INDEX for lab in labels):
-            n_dropped += 1
-            if any(inside):
-                first = inside.index(True)
+            if any(inside) or longer:  # the answer starts beyond max_length (or beyond the part tokenized)
+                first = inside.index(True) if any(inside) else len(inside)
                 shortest_prompt = first if shortest_prompt is None else min(shortest_prompt, first)
+                too_long.append(index)
             else:
-                n_no_answer += 1
+                no_answer.append(index)
             continue
+        if longer:
+            cut.append(index)
         all_ids.append(ids)
         all_labels.append(labels)
 
     stats = DataStats(
         n_examples=len(all_ids),
-        n_truncated=n_truncated,
-        n_dropped=n_dropped,
+        n_truncated=len(cut) + len(too_long),
+        n_dropped=len(too_long) + len(no_answer),
         n_tokens=sum(len(x) for x in all_ids),
+        cut_records=tuple(cut),
+        too_long_records=tuple(too_long),
+        no_answer_records=tuple(no_answer),
     )
     logger.info(
         "Tokenized %d records (format=%s, max_length=%d): kept %d, truncated %d, dropped %d, "
@@ -278,7 +289,7 @@ def tokenize_dataset(
     )
     if not all_ids:
         raise DataError(
-            _all_dropped_message(len(dataset), max_length, n_no_answer, shortest_prompt)
+            _all_dropped_message(len(dataset), max_length, len(no_answer), shortest_prompt)
         )
 
     import datasets
@@ -306,8 +317,8 @@ def _all_dropped_message(
     if shortest_prompt is not None:
         parts.append(
             f"every example is longer than max_length={max_length}: no answer token fits "
-            f"(the shortest prompt is {shortest_prompt} tokens); raise max_length or shorten "
-            "the prompts"
+            f"(the shortest prompt takes {shortest_prompt} tokens or more); raise max_length or "
+            "shorten the prompts"
         )
     if n_no_answer:
         parts.append(

@@ -207,13 +207,31 @@ def _tokenized_split(data, tokenizer, *, format, max_length, packing, mask_promp
         if str(exc).startswith("record "):
             raise DataError(f"{source}: {exc} (records count from 0, in file order)") from exc
         raise
-    seen = stats.n_examples + stats.n_dropped  # n_truncated counts cut examples, kept or dropped
-    if stats.n_truncated > 0.05 * seen:
-        logger.warning("%d of %d examples are longer than max_length=%d and were cut; raise max_length to keep them",
-                       stats.n_truncated, seen, max_length)
+    _warn_about_lengths(stats, max_length, source)
     train_ds, eval_ds = split_train_eval(tokenized, eval_fraction, seed=seed)
     logger.info("data: %d train / %d eval examples (%s)", len(train_ds), len(eval_ds), stats)
     return train_ds, eval_ds
+
+
+def _records(indices: tuple[int, ...], shown: int = 8) -> str:
+    more = f", ... ({len(indices)} in all)" if len(indices) > shown else ""
+    return "records " + ", ".join(map(str, indices[:shown])) + more
+
+
+def _warn_about_lengths(stats, max_length: int, source) -> None:
+    """Say which records were cut and which dropped, and why (records count from 0, in file order)."""
+    seen = stats.n_examples + stats.n_dropped
+    if stats.too_long_records:
+        logger.warning("%s: %d of %d examples were dropped: longer than max_length=%d with no answer token within "
+                       "it (%s); raise max_length to train on them", source, len(stats.too_long_records), seen,
+                       max_length, _records(stats.too_long_records))
+    if stats.no_answer_records:
+        logger.warning("%s: %d of %d examples were dropped: no assistant answer to train on (%s)", source,
+                       len(stats.no_answer_records), seen, _records(stats.no_answer_records))
+    if len(stats.cut_records) > 0.05 * seen:
+        logger.warning("%s: %d of %d examples are longer than max_length=%d and were kept cut to their first %d "
+                       "tokens (%s); raise max_length to keep them whole", source, len(stats.cut_records), seen,
+                       max_length, max_length, _records(stats.cut_records))
 
 
 def load_tokenizer(model_dir: Path):

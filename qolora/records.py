@@ -22,6 +22,7 @@ that the core of ``qolora`` imports on machines without it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -242,9 +243,10 @@ def _load_file(path: Path) -> datasets.Dataset:
     if suffix == ".txt":
         return datasets.Dataset.from_dict({"text": _read_paragraphs(path)})
     try:
-        return datasets.load_dataset(
-            _BUILDER_FOR_SUFFIX[suffix], data_files=str(path), split="train"
-        )
+        with _quiet_builder_errors():  # datasets logs its own message (rows from 0) before raising: ours says it once
+            return datasets.load_dataset(
+                _BUILDER_FOR_SUFFIX[suffix], data_files=str(path), split="train"
+            )
     except Exception as exc:  # the builders raise many types; report them uniformly
         where = _first_bad_json_line(path) if suffix == ".jsonl" else None
         cause = exc
@@ -252,6 +254,20 @@ def _load_file(path: Path) -> datasets.Dataset:
             cause = cause.__cause__ or cause.__context__
         detail = where or (f"{exc}" + (f" ({type(cause).__name__}: {cause})" if cause is not exc else ""))
         raise DataError(f"could not read {path} as {suffix[1:]}: {detail}") from exc
+
+
+@contextlib.contextmanager
+def _quiet_builder_errors():
+    """Silence the ERROR line datasets' file builders log before they raise (qolora reports the error itself)."""
+    quiet = [logging.getLogger(f"datasets.packaged_modules.{kind}.{kind}") for kind in ("json", "csv", "parquet")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
 
 
 def _load_hub(name: str, split: str | None) -> datasets.Dataset:

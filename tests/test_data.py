@@ -359,6 +359,44 @@ def test_truncation_and_drop_counts(tok):
     assert truncated["labels"][-1] != IGNORE_INDEX  # the kept part of the answer is trained on
 
 
+def test_which_records_were_cut_and_which_dropped(tok):
+    short, long_answer, long_prompt = _qa(2, 2), _qa(2, 80), _qa(80, 2)
+    ds = datasets.Dataset.from_list([short, long_answer, long_prompt, short, CHAT[0] | {"messages": [
+        {"role": "user", "content": "only a question"}]}])
+    _, stats = tokenize_dataset(ds, tok, max_length=40)
+    assert stats.cut_records == (1,) and stats.too_long_records == (2,) and stats.no_answer_records == (4,)
+
+
+def test_the_finetune_warning_says_what_happened_to_which_record(tok, caplog):
+    from qolora.finetune import _warn_about_lengths
+
+    ds = datasets.Dataset.from_list([_qa(2, 2), _qa(2, 80), _qa(80, 2)])
+    _, stats = tokenize_dataset(ds, tok, max_length=40)
+    with caplog.at_level("WARNING", logger="qolora.finetune"):
+        _warn_about_lengths(stats, 40, "my.jsonl")
+    text = caplog.text
+    assert "1 of 3 examples were dropped: longer than max_length=40 with no answer token within it (records 2)" in text
+    assert ("1 of 3 examples are longer than max_length=40 and were kept cut to their first 40 tokens (records 1)"
+            in text)
+
+
+def test_a_huge_prompt_is_reported_as_too_long_not_as_answerless(tok):
+    ds = datasets.Dataset.from_list([_qa(100_000, 2)] * 2)
+    with pytest.raises(DataError, match=r"every example is longer than max_length=64") as info:
+        tokenize_dataset(ds, tok, max_length=64)
+    assert "no assistant answer" not in str(info.value)
+
+
+def test_a_malformed_jsonl_line_gets_one_message(tmp_path, caplog):
+    lines = [json.dumps({"text": f"line {i}"}) for i in range(10)]
+    lines[6] = '{"text": [broken'
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with caplog.at_level("DEBUG"), pytest.raises(DataError, match="line 7 is not valid JSON"):
+        load_records(path)
+    assert "row 6" not in caplog.text and not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_all_too_long_raises(tok):
     ds = datasets.Dataset.from_list([_qa(60, 2), _qa(70, 2)])
     with pytest.raises(DataError, match=r"every example is longer than max_length=16.*prompt"):
