@@ -53,3 +53,8 @@ def test_plan_exits_1_when_the_host_cannot_hold_the_offloaded_part(capsys):
     assert main(["plan", "llama-3-70b", "--offload", "cpu", "--host-memory", "1GiB"]) == 1
     assert "NOT enough" in capsys.readouterr().out
     assert main(["plan", "llama-3-8b", "--offload", "cpu", "--host-memory", "1TiB"]) == 0
+
+
+def test_an_alpha_that_would_swamp_the_model_is_refused(tiny_llama_dir, no_weight_reads):
+    with pytest.raises(ConfigError, match=r"alpha=1e\+30 gives an adapter scale of 6.25e\+28"):
+        qolora.prepare(tiny_llama_dir, bits=4, rank=16, alpha=1e30, device="cpu", progress=False)
