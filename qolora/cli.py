@@ -334,7 +334,12 @@ def _chat(args) -> int:
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        raw = sys.stdin.buffer.readline()
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            print(f"chat: skipped a line that is not UTF-8 text (byte {exc.start}); type it again", file=sys.stderr)
+            continue
         if not line.strip():
             return 0
         history.append({"role": "user", "content": line.rstrip("\n")})

@@ -106,3 +106,26 @@ def test_debug_shows_the_traceback(tmp_path, tiny):
 def test_merge_error_is_one_line(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "no-base"), str(tmp_path / "no-adapter"), str(tmp_path / "out")]) == 2
     assert "does not exist" in error_line(capsys.readouterr().err)
+
+
+@pytest.fixture(scope="module")
+def chat_adapter(tiny, tmp_path_factory):
+    import qolora
+
+    model = qolora.prepare(tiny[0], bits=4, rank=4, device="cpu", progress=False)
+    return qolora.save_adapter(model, tmp_path_factory.mktemp("chat") / "adapter")
+
+
+def test_chat_skips_a_line_that_is_not_utf8_and_goes_on(chat_adapter):
+    proc = subprocess.run([sys.executable, "-m", "qolora.cli", "chat", "--adapter", str(chat_adapter),
+                           "--max-new-tokens", "2", "--device", "cpu"], input=b"\xff\xfe caf\xe9\nhello\n\n",
+                          capture_output=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    stderr = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "skipped a line that is not UTF-8 text (byte 0)" in stderr and "Traceback" not in stderr
+
+
+def test_chat_merged_given_an_adapter_folder_says_to_use_adapter(chat_adapter, capsys):
+    assert main(["chat", "--merged", str(chat_adapter), "--prompt", "hi", "--device", "cpu"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "is a qolora adapter folder, not a model" in line and "--adapter" in line
