@@ -414,7 +414,7 @@ def _info_checkpoint(path: Path) -> None:
 
 def _info_run(path: Path) -> None:
     from .reporting import MetricsLog
-    from .run_checkpoints import list_checkpoints
+    from .run_checkpoints import CheckpointError, list_checkpoints, verify_checkpoint
     from .run_folder import METRICS_FILE
 
     events = MetricsLog(path / METRICS_FILE).read()
@@ -436,6 +436,15 @@ def _info_run(path: Path) -> None:
         print(f"  error: {errors[-1]['message']}")
     ckpts = list_checkpoints(path / "checkpoints")
     print(f"  checkpoints: {', '.join(p.name for _, p in ckpts) if ckpts else 'none'}")
+    for _, folder in reversed(ckpts):  # newest first, as --resume looks: until one verifies
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as exc:
+            print(f"  {folder.name}: NOT USABLE: {exc}")
+            continue
+        if folder != ckpts[-1][1]:
+            print(f"  --resume would continue from {folder.name}")
+        break
     if (path / "adapter").is_dir():
         print(f"  adapter: {path / 'adapter'}")
 

@@ -675,6 +675,21 @@ def test_info_understands_a_merged_folder(tiny, finished_run, tmp_path, capsys):
     assert "merged checkpoint" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("damage", ["truncated adapter", "garbage manifest"])
+def test_info_on_a_run_marks_an_unusable_newest_checkpoint(run_copy, capsys, damage):
+    newest = sorted((run_copy / "checkpoints").iterdir())[-1]
+    broken = newest.with_name("step-000099")
+    shutil.copytree(newest, broken)
+    if damage == "truncated adapter":
+        data = (broken / "adapter.safetensors").read_bytes()
+        (broken / "adapter.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        (broken / "manifest.json").write_text("garbage")
+    assert main(["info", str(run_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "step-000099: NOT USABLE: checkpoint" in out and f"--resume would continue from {newest.name}" in out
+
+
 def test_base_mismatch_names_the_merge_flag(finished_run, tmp_path, capsys):
     from tiny_models import make_tiny_llama
 
