@@ -355,7 +355,7 @@ class Bench:
         """The prepared model for ``(init, seed, bits)`` with its initial adapter weights restored."""
         import torch
 
-        from qolora import adapter_parameters, prepare
+        from qolora import adapter_parameters
 
         key = (init, seed, bits)
         if key not in self._models:
@@ -365,9 +365,7 @@ class Bench:
 
             gc.collect()
             t0 = time.perf_counter()
-            net = prepare(self.s.model, bits=bits, rank=self.s.rank, init=init, alpha=self.s.alpha, seed=seed,
-                          progress=False, gradient_checkpointing=False, device=self.s.device, dtype=self.s.dtype,
-                          **({"quant_type": self.s.quant_type} if bits == 4 else {}))
+            net = self.prepare_model(init, seed, bits)
             seconds = time.perf_counter() - t0
             init_state = {n: p.detach().clone() for n, p in adapter_parameters(net)}
             self._models[key] = (net, init_state, seconds)
@@ -380,9 +378,21 @@ class Bench:
                 p.grad = None
         return net, self._models[key][2]
 
+    def prepare_model(self, init: str, seed: int, bits: int):
+        """A freshly prepared model for ``(init, seed, bits)`` (a subclass may build other contenders)."""
+        from qolora import prepare
+
+        return prepare(self.s.model, bits=bits, rank=self.s.rank, init=init, alpha=self.s.alpha, seed=seed,
+                       progress=False, gradient_checkpointing=False, device=self.s.device, dtype=self.s.dtype,
+                       **({"quant_type": self.s.quant_type} if bits == 4 else {}))
+
+    def bits_for(self, init: str) -> int:
+        """The base's bits of ``init``'s runs when not given: the settings' (a subclass may name 16-bit ones)."""
+        return self.s.bits
+
     # ---------------------------------------------------------------------------- one run
     def run(self, init: str, lr: float, seed: int, *, bits: int | None = None, ceiling: bool = False) -> dict:
-        bits = self.s.bits if bits is None else bits
+        bits = self.bits_for(init) if bits is None else bits
         key = run_key(self.skey, init, bits, lr, seed)
         for r in self.runs:
             if r["key"] == key and key in self.done:
@@ -521,7 +531,7 @@ def sweep(bench: Bench, inits: Sequence[str], grids: dict[str, list[float]], see
     def run_all(init: str, rates: Iterable[float], run_seeds: Sequence[int]) -> None:
         for seed in run_seeds:  # seed-major: one prepared model at a time
             for lr in rates:
-                if run_key(bench.skey, init, bench.s.bits, lr, seed) not in bench.done:
+                if run_key(bench.skey, init, bench.bits_for(init), lr, seed) not in bench.done:
                     progress(bench.run(init, lr, seed), "run")
 
     for init in inits:
