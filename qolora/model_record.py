@@ -9,6 +9,8 @@ save the adapter, check a training checkpoint belongs to it, merge, report) is i
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,25 @@ class QuantReport:
         if not rows or any(r is None for r in rows):
             return None
         return [sum(col) for col in zip(*rows)]
+
+    def suspicious_layers(self, factor: float = 20.0) -> list[str]:
+        """Layers whose weights look corrupted, as messages: a non-finite norm, or an RMS more than ``factor``
+        times the median of the layers of the same kind (the same last name part, e.g. ``q_proj``; 3 or more)."""
+        def rms(r: LayerReport) -> float:
+            return r.weight_norm / math.sqrt(max(1, r.shape[0] * r.shape[1]))
+
+        found = [f"{r.name}: its weights hold NaN or inf" for r in self.layers if not math.isfinite(r.weight_norm)]
+        kinds: dict[str, list[LayerReport]] = {}
+        for r in self.layers:
+            if math.isfinite(r.weight_norm):
+                kinds.setdefault(r.name.rsplit(".", 1)[-1], []).append(r)
+        for kind, rows in kinds.items():
+            if len(rows) < 3:
+                continue
+            median = statistics.median(rms(r) for r in rows)
+            found += [f"{r.name}: weight RMS {rms(r):.3g} is {rms(r) / median:.0f}x the median of the {len(rows)} "
+                      f"{kind} layers ({median:.3g})" for r in rows if median > 0 and rms(r) > factor * median]
+        return found
 
     def summary(self) -> str:
         text = (f"{self.init} init, {self.bits}-bit base, {len(self.layers)} adapted layers: summed weight error "

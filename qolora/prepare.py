@@ -365,6 +365,8 @@ def prepare(
                                       else gradient_checkpointing)
     net.eval()
     logger.info("prepared %s: %s", name, report.summary())
+    for problem in report.suspicious_layers():
+        logger.warning("%s: is the checkpoint file damaged? %s", name, problem)
     return net
 
 
