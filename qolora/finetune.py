@@ -28,7 +28,7 @@ from .kernels import check_kernels
 from .offload import check_gpu_memory, check_offload
 from .optim import resolve_precision
 from .prepare import prepare
-from .run_folder import check_output_dir, check_resume
+from .run_folder import check_output_dir, check_resume, remove_leftover_temporaries
 from .train import train
 from .train_config import TrainConfig, TrainResult
 
@@ -128,6 +128,7 @@ def finetune(
         # The heavy part; the output folder is this run's from here on (a second run is refused).
         with dist.main_context(lambda: folder_lock(out)):
             dist.on_main(lambda: check_output_dir(tcfg, resume))  # again, now that no other run can change it
+            dist.on_main(lambda: remove_leftover_temporaries(out))  # no live writer there now: all are leftovers
             if resume:
                 dist.on_main(lambda: check_resume(tcfg, train_ds, acfg, world_size=world.size))
             net = prepare(base, config=acfg, gradient_checkpointing=tcfg.gradient_checkpointing,

@@ -14,6 +14,7 @@ The loop holds the folder's lock (:func:`qolora.files.folder_lock`) while it wri
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -22,11 +23,14 @@ from . import run_checkpoints as ckpt
 from .adapter_io import foreign_entries, remove_adapter_folder
 from .config import ConfigError
 from .data_order import scan_dataset
+from .files import remove_stale_temporaries
 from .optim import resolve_precision
 from .train_config import TrainConfig, default_lr
 
 __all__ = ["METRICS_FILE", "RUN_FILES", "check_output_dir", "check_resume", "clear_run", "refuse_resume",
-           "resume_problems", "trajectory"]
+           "remove_leftover_temporaries", "resume_problems", "trajectory"]
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 #: Files of a run that qolora writes at the top of ``output_dir``.
@@ -55,6 +59,8 @@ def check_output_dir(config: TrainConfig, resume: bool) -> Path:
         raise ConfigError(f"output_dir {str(out)!r} is not writable ({str(existing)!r}: "
                           f"{exc.strerror or exc})") from exc
     if existing != out:
+        if resume:
+            logger.warning("resume=True (--resume), but output_dir %s does not exist: starting a new run there", out)
         return out
     foreign = foreign_entries(out / "adapter")
     if foreign or (out / "adapter").exists() and not (out / "adapter").is_dir():
@@ -76,6 +82,20 @@ def check_output_dir(config: TrainConfig, resume: bool) -> Path:
             "or choose another output_dir"
         )
     return out
+
+
+def remove_leftover_temporaries(out: Path) -> list[Path]:
+    """Delete the temporaries a killed run left in ``out`` (checkpoints, the adapter), whatever their age.
+
+    Call it holding the folder's lock: no live process then writes there, so every temporary is a
+    leftover (without the lock only old ones are, :func:`qolora.files.remove_stale_temporaries`).
+    """
+    removed = remove_stale_temporaries(out / "checkpoints", "step-*", older_than_s=0, pattern=True)
+    for name in ("adapter", *RUN_FILES):
+        removed += remove_stale_temporaries(out, name, older_than_s=0)
+    for path in removed:
+        logger.info("removed %s, left by an interrupted run", path)
+    return removed
 
 
 def clear_run(out: Path) -> None:

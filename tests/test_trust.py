@@ -675,6 +675,23 @@ def test_info_understands_a_merged_folder(tiny, finished_run, tmp_path, capsys):
     assert "merged checkpoint" in capsys.readouterr().out
 
 
+def test_a_resumed_run_removes_the_temporaries_a_killed_run_left(tiny, run_copy, caplog):
+    left = [run_copy / "checkpoints" / ".step-000099.tmp-abc123", run_copy / ".adapter.tmp-def456"]
+    for path in left:
+        path.mkdir()  # fresh: younger than the 6 h after which anyone may remove them
+    (left[0] / "adapter.safetensors").write_bytes(b"half")
+    with caplog.at_level(logging.INFO, logger="qolora.run_folder"):
+        finetune(tiny[0], tiny[1], **run_options(run_copy), resume=True)
+    assert not any(p.exists() for p in left)
+    assert "left by an interrupted run" in caplog.text
+
+
+def test_resume_of_a_folder_that_does_not_exist_says_it_starts_anew(tiny, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="qolora.run_folder"):
+        finetune(tiny[0], tiny[1], **run_options(tmp_path / "new"), resume=True)
+    assert "does not exist: starting a new run there" in caplog.text
+
+
 @pytest.mark.parametrize("damage", ["truncated adapter", "garbage manifest"])
 def test_info_on_a_run_marks_an_unusable_newest_checkpoint(run_copy, capsys, damage):
     newest = sorted((run_copy / "checkpoints").iterdir())[-1]
