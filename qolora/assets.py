@@ -22,6 +22,7 @@ half-written folder at the final path and concurrent converters cannot corrupt e
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -131,6 +132,27 @@ def _is_complete_model_dir(path: Path) -> bool:
     return path.is_dir() and all((path / name).is_file() for name in _MODEL_REQUIRED_FILES)
 
 
+@contextlib.contextmanager
+def _heartbeat(what: str, started: float, every_s: float = 10.0):
+    """Log ``what`` with the elapsed time every ``every_s`` seconds while the block runs (a long silent step)."""
+    import threading
+    import time
+
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            logger.info("%s (%.0f s)", what, time.perf_counter() - started)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Convert the GGUF checkpoint into a normal transformers folder at ``out_dir``.
 
@@ -161,7 +183,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     step(1, "reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     step(2, "dequantizing the Q4_1 GGUF weights (the longest part)")
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with _heartbeat("still dequantizing the GGUF weights", started):  # transformers reads the file before its bar
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     step(3, "building a bf16 copy and checking it")
 
     config = loaded.config

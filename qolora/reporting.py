@@ -112,6 +112,11 @@ def format_bytes(n: int) -> str:
 
 
 # ------------------------------------------------------------------------------------- plot
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """The mean of the last ``window`` values at each position (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
 def plot_losses(history: Sequence[Mapping], evals: Sequence[Mapping], path: Path) -> Path | None:
     """Draw train loss (per step, and smoothed) and eval loss against the step into ``path``.
 
@@ -135,12 +140,14 @@ def plot_losses(history: Sequence[Mapping], evals: Sequence[Mapping], path: Path
         if history:
             steps = [h["step"] for h in history]
             losses = [h["loss"] for h in history]
-            ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train (per step)")
-            window = max(1, len(losses) // 20)
+            # One step's loss is one batch's: it swings with which examples the batch holds (batches are grouped
+            # by length with group_by_length, so similar examples share a step). The running mean shows the trend.
+            ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1,
+                    label="train (each step one batch: swings with its examples)")
+            window = min(25, len(losses) // 8)
             if window > 1:
-                smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
-                          for i in range(len(losses))]
-                ax.plot(steps, smooth, color="tab:blue", linewidth=1.8, label=f"train (mean of {window})")
+                ax.plot(steps, running_mean(losses, window), color="tab:blue", linewidth=1.8,
+                        label=f"train (mean of the last {window} steps)")
         if evals:
             ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", color="tab:orange",
                     linewidth=1.8, label="eval")

@@ -200,3 +200,15 @@ def test_default_model_converts_loads_and_answers():
         out = model.generate(**enc, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_a_long_silent_step_logs_a_heartbeat(caplog):
+    import logging
+    import time
+
+    from qolora.assets import _heartbeat
+
+    with caplog.at_level(logging.INFO, logger="qolora.assets"), _heartbeat("still working", time.perf_counter(), 0.05):
+        time.sleep(0.3)
+    beats = [r.getMessage() for r in caplog.records if r.getMessage().startswith("still working (")]
+    assert len(beats) >= 2
