@@ -1,11 +1,11 @@
 """The ``qolora`` command: ``finetune``, ``merge``, ``info``, ``chat`` and ``plan``.
 
 ``qolora finetune`` with no arguments runs the built-in job (SmolLM2-135M-Instruct, 4-bit base,
-OLoRA rank 16, chatterbot English conversations) sized to finish in 5-11 minutes on a busy 2-core
-CPU (measured); every option maps to :func:`qolora.finetune.finetune`. ``qolora merge`` writes a merged
-full-precision checkpoint (:func:`qolora.merge.merge`), ``qolora info`` describes an adapter folder,
-a merged checkpoint, a run folder or a checkpoint, ``qolora chat`` talks to the result
-(:mod:`qolora.chat`). Option choices and defaults come from the library
+OLoRA rank 16, chatterbot English conversations) sized to finish in minutes on a 2-core CPU (the
+README's Quickstart gives the measured time); every option maps to :func:`qolora.finetune.finetune`.
+``qolora merge`` writes a merged full-precision checkpoint (:func:`qolora.merge.merge`), ``qolora info``
+describes an adapter folder, a merged checkpoint, a run folder or a checkpoint, ``qolora chat`` talks to
+the result (:mod:`qolora.chat`). Option choices and defaults come from the library
 (its constants and signatures), never repeated here.
 
 An error prints one line on stderr and exits with code 2 (``--debug`` shows the traceback).
@@ -66,8 +66,8 @@ def _add_finetune(sub) -> None:
         help="fine-tune a causal LM with a quantized base and OLoRA adapters",
         description="Fine-tune a causal LM: quantize the base to 4/8 bits once, attach OLoRA (or PiSSA / LoRA) "
                     "adapters, train them, save the adapter to OUTPUT_DIR/adapter. With no arguments: the built-in "
-                    "job (SmolLM2-135M-Instruct, 4-bit, OLoRA r=16, chatterbot English conversations), 5-11 "
-                    "minutes on a busy 2-core CPU.",
+                    "job (SmolLM2-135M-Instruct, 4-bit, OLoRA r=16, chatterbot English conversations), a few "
+                    "minutes on a 2-core CPU (the README's Quickstart gives the measured time).",
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None,

@@ -3,9 +3,9 @@
 torch's CPU tensors come from the C heap. glibc serves allocations under its (dynamic, up to 32 MiB)
 mmap threshold from heap arenas and keeps what is freed there for reuse, so a process that frees a
 stream of large temporaries, as :func:`qolora.prepare` does (one full-precision weight and its
-quantization slices per layer), carries their freed pages in its resident memory: measured on a
-4-layer TinyLlama-sized prepare, 180 MiB of freed heap still resident at the end (transformers' own
-4-bit load: 70 MiB), which raised prepare's RSS peak above the plain load's. :func:`trim` returns
+quantization slices per layer), carries their freed pages in its resident memory, which raised
+prepare's RSS peak above transformers' own 4-bit load's (benchmarks/results/init_cpu_*_mem_*.json).
+:func:`trim` returns
 those pages after each layer; it touches no live tensor. Elsewhere than glibc it does nothing.
 """
 

@@ -41,8 +41,8 @@ class TrainConfig:
 
     The defaults size the built-in job (SmolLM2-135M-Instruct in 4-bit on ~1,900 short chatterbot
     conversations: 40 steps of 8 examples, evals at 0/20/40 on 32 held-out examples, 2 sample answers of
-    up to 32 tokens before and after): measured 4.6 minutes on the 2-core CPU at load ~4 and 11 at load
-    7-9 (README); set ``max_steps`` and the eval / save intervals for real data.
+    up to 32 tokens before and after), a few minutes on a 2-core CPU (the README's Quickstart gives the
+    measured time); set ``max_steps`` and the eval / save intervals for real data.
 
     Attributes:
         output_dir: folder for metrics, plot, samples, checkpoints (and ``finetune``'s adapter).
