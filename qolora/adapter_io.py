@@ -40,6 +40,7 @@ from torch import nn
 
 from .base_reader import linear_layers
 from .config import AdapterConfig, ConfigError
+from .experts import ExpertSlot, expert_slots
 from .files import FolderKind, atomic_dir, check_out_dir, sha256_file, write_json
 from .forward_wrap import trainer_autocast
 from .inits import INITS
@@ -59,6 +60,7 @@ __all__ = [
     "remove_adapter_folder",
     "adapter_from_model",
     "peft_adapter_config",
+    "peft_targets",
     "write_adapter_files",
 ]
 
@@ -96,6 +98,8 @@ class LayerRecord:
         weight_norm: ``||W||`` (Frobenius), or None when unknown.
         quant_error: ``||W_res - deq(q(W_res))||``: how far the trained layer is from the same
             adapter on the full-precision residual (for LoRA: ``||W - deq(q(W))||``), or None.
+        expert: for one expert's projection of a MoE block, where it sits in transformers' fused 3-D
+            parameter (:class:`qolora.experts.ExpertSlot`; the PEFT export needs it); None otherwise.
     """
 
     shape: tuple[int, int]
@@ -104,10 +108,14 @@ class LayerRecord:
     fingerprint: str
     weight_norm: float | None = None
     quant_error: float | None = None
+    expert: ExpertSlot | None = None
 
     def to_dict(self) -> dict:
-        return {"shape": list(self.shape), "fan_in_fan_out": self.fan_in_fan_out, "quant": self.quant,
-                "fingerprint": self.fingerprint, "weight_norm": self.weight_norm, "quant_error": self.quant_error}
+        d = {"shape": list(self.shape), "fan_in_fan_out": self.fan_in_fan_out, "quant": self.quant,
+             "fingerprint": self.fingerprint, "weight_norm": self.weight_norm, "quant_error": self.quant_error}
+        if self.expert is not None:
+            d["expert"] = self.expert.to_dict()
+        return d
 
 
 @dataclass
@@ -138,6 +146,7 @@ class SavedAdapter:
     path: Path | None = None
     peft_target_modules: list[str] | None = None
     forward_autocast: dict | None = None
+    model_type: str | None = None
 
     @property
     def scale(self) -> float:
@@ -192,6 +201,7 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
         raise AdapterError("the model has no qolora adapter layers (AdapterLinear) to save")
     needs_residual = INITS[config.init].needs_residual
     rows = {r.name: r for r in record.report.layers}
+    slots = expert_slots(model)
     records, weights, init = {}, {}, {} if needs_residual else None
     for name, layer in layers:
         if needs_residual and layer.init_factors is None:
@@ -207,6 +217,7 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
             fingerprint=layer.base_fingerprint,
             weight_norm=None if row is None else float(row.weight_norm),
             quant_error=None if row is None else float(row.error),
+            expert=slots.get(name),
         )
         weights[name] = (layer.lora_A.weight.detach().to("cpu", copy=True).contiguous(),
                          layer.lora_B.weight.detach().to("cpu", copy=True).contiguous())
@@ -229,6 +240,7 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
         base_name_or_path=str(record.base_dir.resolve()) if record.base_dir.is_dir() else record.base,
         device_type=layers[0][1].base_layer.weight.device.type,
         forward_autocast=trainer_autocast(model),
+        model_type=getattr(getattr(model, "config", None), "model_type", None),
     )
     saved.peft_target_modules = _peft_target_modules(saved, model)
     return saved
@@ -243,15 +255,61 @@ def _is_sharded(model: nn.Module) -> bool:
 
 
 def _peft_target_modules(saved: SavedAdapter, model: nn.Module | None) -> list[str]:
-    """Short layer names (``q_proj``) when they select exactly the adapted layers, else full names."""
-    short = sorted({n.rsplit(".", 1)[-1] for n in saved.layers})
+    """Short layer names (``q_proj``) when they select exactly the adapted layers, else full names.
+
+    Experts' projections are not modules in transformers' model (PEFT adapts them as ``target_parameters``,
+    :func:`peft_targets`), so they are neither listed nor counted as layers a name could catch.
+    """
+    plain = [n for n, r in saved.layers.items() if r.expert is None]
+    short = sorted({n.rsplit(".", 1)[-1] for n in plain})
     if model is None:
         return short
     inside = {id(m.base_layer) for _, m in adapter_layers(model)}
-    others = [n for n, m in linear_layers(model).items() if id(m) not in inside and n not in saved.layers]
+    experts = expert_slots(model)
+    others = [n for n, m in linear_layers(model).items()
+              if id(m) not in inside and n not in saved.layers and n not in experts]
     if any(n.rsplit(".", 1)[-1] in short for n in others):
-        return list(saved.layers)  # a short name would also catch a layer that was not adapted
+        return plain  # a short name would also catch a layer that was not adapted
     return short
+
+
+def peft_targets(saved: SavedAdapter) -> tuple[list[str] | None, list[str]]:
+    """PEFT's ``(target_modules, target_parameters)`` for this adapter.
+
+    Experts' projections are targeted as the fused 3-D parameters they belong to (``experts.gate_up_proj``-style
+    suffixes when every such parameter is adapted, i.e. the targets were chosen by short names or by default;
+    full names when ``target_modules`` named layers in full). On transformers 5, PEFT rewrites the
+    ``target_modules`` of Mixtral- and Qwen2-MoE-style architectures as if they came from transformers 4
+    (``gate_proj`` / ``up_proj`` / ``down_proj`` become the fused experts' parameters and stop naming linear
+    layers): plain layers of those names (DeepSeek's shared experts, dense MLPs) are targeted as parameters
+    (``...mlp.gate_proj.weight``) instead, which PEFT leaves as they are.
+    """
+    plain = [n for n, r in saved.layers.items() if r.expert is None]
+    modules = saved.peft_target_modules or sorted({n.rsplit(".", 1)[-1] for n in plain})
+    remapped = _peft_remapped_names(saved.model_type)
+    moved = [n for n in plain if n.rsplit(".", 1)[-1] in remapped]
+    modules = [m for m in modules if m.rsplit(".", 1)[-1] not in remapped]
+    fused = sorted({r.expert.fused for r in saved.layers.values() if r.expert is not None})
+    targets = saved.config.target_modules
+    if targets is None or not any("." in t for t in targets):
+        fused = sorted({".".join(f.split(".")[-2:]) for f in fused})
+    return modules or None, fused + [f"{n}.weight" for n in moved]
+
+
+def _peft_remapped_names(model_type: str | None) -> set[str]:
+    """The ``target_modules`` names PEFT (on transformers 5) moves onto fused expert parameters for ``model_type``."""
+    if model_type is None:
+        return set()
+    try:  # PEFT's own tables where it is installed
+        from peft.utils import transformers_weight_conversion as peft_conversion
+
+        pattern, mapping = peft_conversion._MODEL_TO_CONVERSION_PATTERN, peft_conversion._MOE_TARGET_MODULE_MAPPING
+    except Exception:  # noqa: BLE001 - no PEFT (or another layout of it): its 0.21 tables
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
+
+        pattern = {**_MODEL_TO_CONVERSION_PATTERN, "mixtral": "mixtral"}
+        mapping = {"mixtral": ("gate", "w1", "w3", "w2"), "qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj")}
+    return set(mapping.get(pattern.get(model_type), ()))
 
 
 def peft_adapter_config(
@@ -271,6 +329,9 @@ def peft_adapter_config(
     cfg = saved.config
     if init_lora_weights is None:
         init_lora_weights = cfg.init if cfg.init in ("olora", "pissa") else True
+    modules, parameters = peft_targets(saved)
+    modules = target_modules or modules
+    extra = {"target_parameters": parameters} if parameters else {}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -280,9 +341,9 @@ def peft_adapter_config(
         "inference_mode": True,
         "r": cfg.rank if rank is None else rank,
         "lora_alpha": cfg.lora_alpha if alpha is None else alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": (target_modules or saved.peft_target_modules
-                           or sorted({n.rsplit(".", 1)[-1] for n in saved.layers})),
+        "lora_dropout": 0.0 if parameters else cfg.dropout,  # PEFT adapts 3-D parameters without dropout
+        "target_modules": modules,
+        **extra,
         "exclude_modules": None,
         "fan_in_fan_out": any(r.fan_in_fan_out for r in saved.layers.values()),
         "bias": "none",
@@ -386,7 +447,7 @@ def write_adapter_files(saved: SavedAdapter, folder: Path) -> list[str]:
         "scale": saved.scale,
         "device_type": saved.device_type,
         "base": {"name_or_path": None if saved.base_name_or_path is None else str(saved.base_name_or_path),
-                 "fingerprint": saved.fingerprint},
+                 "fingerprint": saved.fingerprint, "model_type": saved.model_type},
         "layers": {n: r.to_dict() for n, r in saved.layers.items()},
         "frozen_quantized_layers": saved.frozen_quantized,
         "forward_autocast": saved.forward_autocast,
@@ -560,7 +621,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
         layers = {
             name: LayerRecord(shape=tuple(r["shape"]), fan_in_fan_out=bool(r["fan_in_fan_out"]), quant=dict(r["quant"]),
                               fingerprint=str(r["fingerprint"]), weight_norm=r.get("weight_norm"),
-                              quant_error=r.get("quant_error"))
+                              quant_error=r.get("quant_error"),
+                              expert=ExpertSlot.from_dict(r["expert"]) if r.get("expert") is not None else None)
             for name, r in meta["layers"].items()
         }
     except (TypeError, KeyError, ValueError, AttributeError) as exc:
@@ -598,6 +660,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> SavedAdapter:
         config=config, layers=layers, weights=weights, init=init, forward_autocast=autocast,
         frozen_quantized=dict(meta.get("frozen_quantized_layers") or {}),
         base_name_or_path=meta["base"].get("name_or_path"), device_type=str(meta.get("device_type", "cpu")),
+        model_type=meta["base"].get("model_type"),
         path=folder,
         peft_target_modules=peft["target_modules"] if isinstance(peft.get("target_modules"), list) else None,
     )

@@ -55,12 +55,14 @@ class Piece:
         expert: the expert's index along the tensor's first dimension when the tensor holds every expert
             (the fused layout); None when it holds this expert alone.
         transposed: stored ``(in, rows)`` rather than ``(rows, in)``.
+        count: with ``expert``: how many experts the tensor holds.
     """
 
     key: str
     rows: int
     expert: int | None = None
     transposed: bool = False
+    count: int | None = None
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,8 @@ class _Fused:
 
     def stored_units(self, key: str) -> list[ExpertUnit]:
         """The fused tensor stored as the model holds it: one slice per expert."""
-        return [ExpertUnit(self.layer(e), (Piece(key, self.out, e, self.transposed),)) for e in range(self.count)]
+        return [ExpertUnit(self.layer(e), (Piece(key, self.out, e, self.transposed, self.count),))
+                for e in range(self.count)]
 
     def converted_units(self, sources, converter, stored_shape, where) -> list[ExpertUnit] | None:
         """Per-expert units for transformers' MoE converters (MergeModulelist(0) [+ Concatenate]); None for

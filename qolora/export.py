@@ -32,6 +32,7 @@ from .adapter_io import (
     peft_adapter_config,
     read_adapter,
 )
+from .experts import FUSED, peft_expert_factors
 from .files import FolderKind, atomic_dir, check_out_dir, write_json
 from .inits import adapter_scale
 
@@ -85,7 +86,7 @@ def export_lora(
         rank, alpha = cfg.rank, cfg.lora_alpha
     if not math.isclose(adapter_scale(alpha, rank, cfg.use_rslora), saved.scale, rel_tol=1e-12):  # pragma: no cover
         raise AssertionError("export changed the adapter scale")
-    tensors = {}
+    tensors, experts = {}, {}
     for name, (a, b) in saved.weights.items():
         a, b = a.float(), b.float()
         if saved.needs_residual:
@@ -93,8 +94,13 @@ def export_lora(
             a, b = torch.cat([a, a0.float()], 0), torch.cat([b, -b0.float()], 1)  # (2r, in), (out, 2r)
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(f"layer {name}: the adapter has non-finite values (did training diverge?)")
+        slot = saved.layers[name].expert
+        if slot is not None:  # gathered per fused 3-D parameter below
+            experts.setdefault(slot.fused, {})[slot.index] = (a, b, slot.count)
+            continue
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    tensors.update(_expert_tensors(experts))
     report = _export_report(saved, out, rank, alpha)
     peft_config = peft_adapter_config(saved, rank=rank, alpha=alpha, init_lora_weights=True,
                                       base_name_or_path=None if base is None else str(base))
@@ -106,6 +112,26 @@ def export_lora(
         write_json(tmp / EXPORT_REPORT, report)
     _warn_export(report)
     return report
+
+
+def _expert_tensors(experts: dict[str, dict[int, tuple]]) -> dict[str, torch.Tensor]:
+    """PEFT's tensors for adapted experts: per fused parameter (``...experts.gate_up_proj``), one ``lora_A`` /
+    ``lora_B`` pair over all its experts (:func:`qolora.experts.peft_expert_factors`; an expert left unadapted
+    gets zero factors). PEFT wraps the parameters of one experts module in turn, in the module's order
+    (``gate_up_proj`` innermost), so the inner one's keys carry one ``base_layer.`` more per wrapper around it."""
+    tensors = {}
+    for fused, by_index in experts.items():
+        module, _, param = fused.rpartition(".")
+        count = next(iter(by_index.values()))[2]
+        a0, b0 = next(iter(by_index.values()))[:2]
+        a = torch.stack([by_index[e][0] if e in by_index else torch.zeros_like(a0) for e in range(count)])
+        b = torch.stack([by_index[e][1] if e in by_index else torch.zeros_like(b0) for e in range(count)])
+        lora_a, lora_b = peft_expert_factors(a, b)
+        wrapped = [p for p in FUSED if f"{module}.{p}" in experts]
+        nesting = "base_layer." * (len(wrapped) - 1 - wrapped.index(param))
+        tensors[f"{PEFT_PREFIX}{module}.{nesting}lora_A.weight"] = lora_a
+        tensors[f"{PEFT_PREFIX}{module}.{nesting}lora_B.weight"] = lora_b
+    return tensors
 
 
 def _export_report(saved: SavedAdapter, out: Path, rank: int, alpha: float) -> dict:

@@ -202,17 +202,19 @@ def merge(
     with atomic_dir(out, overwrite, MERGED_CHECKPOINT) as tmp:
         writer = _ShardWriter(tmp, max_bytes)
         bar = tqdm(total=checkpoint.tensor_count(), desc=f"merge ({into})", unit="tensor", disable=not progress)
+        stacks = _StackedWrites()
         for item in checkpoint.stream(skeleton, set(saved.layers) | requantize, device):
             if isinstance(item, LinearWeight):
                 weight = merged_linear(item).to(out_dtype)
-                writer.add(item.key, _to_checkpoint(weight, item.module in transposed))
+                _write(writer, stacks, item.key, weight, item.pieces, item.module in transposed)
             else:
                 tensor = item.tensor
                 if tensor.is_floating_point():
                     tensor = tensor.to(train_dtype).to(out_dtype) if into == "trained" else tensor.to(out_dtype)
-                writer.add(item.key, tensor.contiguous())
+                _write(writer, stacks, item.key, tensor, item.pieces)
             del item
             bar.update(1)
+        stacks.finish()
         bar.close()
         shards = writer.finish()
         check.warn()
@@ -237,6 +239,46 @@ def merge(
         result["logit_check"] = compare_logits(base, adapter_dir, out, prompts, device=device,
                                                allow_base_mismatch=allow_base_mismatch)
     return result
+
+
+def _write(writer: _ShardWriter, stacks: _StackedWrites, key: str, tensor: torch.Tensor, pieces,
+           transposed: bool = False) -> None:
+    """Write ``tensor`` under the checkpoint key(s) it was read from, in their layout: an expert's ``(out, in)``
+    weight goes back as its pieces (:class:`qolora.checkpoint_layout.Piece`: gate and up rows to their own
+    tensors, or its slice of a fused tensor), anything else as it came."""
+    if pieces is None:
+        writer.add(key, _to_checkpoint(tensor, transposed))
+        return
+    row = 0
+    for piece in pieces:
+        part = _to_checkpoint(tensor[row: row + piece.rows], piece.transposed)
+        row += piece.rows
+        if piece.expert is None:
+            writer.add(piece.key, part)
+        else:
+            stacks.add(writer, piece, part)
+
+
+class _StackedWrites:
+    """Fused expert tensors ``(E, ...)`` filled expert by expert, each written once all its experts are in."""
+
+    def __init__(self):
+        self.pending: dict[str, tuple[torch.Tensor, set[int]]] = {}
+
+    def add(self, writer: _ShardWriter, piece, part: torch.Tensor) -> None:
+        if piece.key not in self.pending:
+            self.pending[piece.key] = (torch.empty((piece.count, *part.shape), dtype=part.dtype), set())
+        stack, filled = self.pending[piece.key]
+        stack[piece.expert].copy_(part)
+        filled.add(piece.expert)
+        if len(filled) == piece.count:
+            writer.add(piece.key, stack)
+            del self.pending[piece.key]
+
+    def finish(self) -> None:
+        if self.pending:  # pragma: no cover - the read plan hands out every expert of a fused tensor
+            key, (_, filled) = next(iter(self.pending.items()))
+            raise AdapterError(f"fused tensor {key} was written with experts {sorted(filled)} only")
 
 
 def _to_checkpoint(weight: torch.Tensor, transposed: bool) -> torch.Tensor:

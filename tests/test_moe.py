@@ -9,6 +9,7 @@ to PEFT's format for 3-D parameters.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -193,3 +194,84 @@ def test_gpt_neox_reads_its_embed_out_as_the_head(tiny):
     model = qolora.prepare(tiny["gpt_neox"], bits=4, rank=4, progress=False)
     stored = load_file(str(tiny["gpt_neox"] / "model.safetensors"))["embed_out.weight"]
     assert torch.equal(model.get_output_embeddings().weight, stored)
+
+
+# ----------------------------------------------------------------- train, save, reload, merge, export
+def train_steps(model, steps: int = 4, lr: float = 1e-2) -> list[float]:
+    """A few AdamW steps on one fixed batch; the losses before each step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    tokens, losses = ids(1, 4, 16), []
+    model.train()
+    for _ in range(steps):
+        loss = model(tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """Per MoE architecture: a 4-bit model trained a few steps, its losses and its saved adapter."""
+    root = tmp_path_factory.mktemp("trained")
+    out = {}
+    for arch in MOE:
+        model = qolora.prepare(tiny[arch], bits=4, rank=4, progress=False)
+        losses = train_steps(model)
+        out[arch] = (model, losses, qolora.save_adapter(model, root / arch))
+    return out
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_training_lowers_the_loss_and_moves_the_experts(trained, arch):
+    model, losses, _ = trained[arch]
+    assert losses[-1] < losses[0]
+    layers = dict(adapter_layers(model))
+    moved = [n for n, layer in layers.items() if ".experts." in n
+             and not torch.equal(layer.lora_B.weight.detach().cpu(), layer.init_factors[1])]
+    assert moved  # the routed experts train too
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_save_and_reload_is_exact(tiny, trained, arch):
+    model, _, adapter = trained[arch]
+    reloaded = qolora.load(tiny[arch], adapter, progress=False)
+    record = json.loads((adapter / "qolora_config.json").read_text())
+    slots = [r["expert"] for r in record["layers"].values() if "expert" in r]
+    assert slots and {s["count"] for s in slots} == {4}
+    tokens = ids(2)
+    assert torch.equal(logits(model, tokens), logits(reloaded, tokens))
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_the_merged_folder_loads_in_transformers_as_the_trained_model(tiny, trained, arch, tmp_path):
+    from safetensors import safe_open
+
+    _, _, adapter = trained[arch]
+    tokens = ids(3, 1, 12)[0].tolist()
+    result = qolora.merge(tiny[arch], adapter, tmp_path / "merged", dtype="fp32", prompts=[tokens], progress=False)
+    check = result["logit_check"]
+    assert check["max_abs_diff"] < 1e-4 * check["max_abs_logit"]
+    with safe_open(str(tiny[arch] / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == stored  # written back in the checkpoint's own (per-expert) layout
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_the_peft_export_loads_in_peft_as_the_trained_model(tiny, arch, tmp_path):
+    """At 16 bits the export is exact: PEFT's target_parameters adapters on the fused experts compute what
+    qolora's per-expert adapters computed."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = qolora.prepare(tiny[arch], bits=16, rank=4, progress=False)
+    train_steps(model, steps=2)
+    qolora.export_lora(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert {"experts.gate_up_proj", "experts.down_proj"} <= set(config["target_parameters"])
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny[arch]), tmp_path / "peft").eval()
+    tokens = ids(4)
+    torch.testing.assert_close(logits(peft_model, tokens), logits(model, tokens), atol=2e-5, rtol=1e-4)
