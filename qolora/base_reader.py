@@ -336,7 +336,7 @@ class BaseCheckpoint:
         hf_config = source.hf_config()
         if getattr(hf_config, "quantization_config", None) is not None:
             raise ConfigError(f"{name}: a source stored quantized is not supported")
-        hf_config_from_dict({"model_type": hf_config.model_type}, name)  # a known architecture
+        hf_config_from_dict(hf_config.to_dict(), name)  # a known architecture with plausible sizes
         return cls(Path(f"<{name}>"), hf_config, None, [], source=source)
 
     @classmethod

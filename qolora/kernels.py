@@ -43,7 +43,8 @@ from torch.nn import functional as F
 
 from .quant import quantization_kind
 
-__all__ = ["KERNEL_CHOICES", "check_kernels", "fused_adapter_linear", "note_fallback", "unsupported_reason"]
+__all__ = ["KERNEL_CHOICES", "check_kernels", "fused_adapter_linear", "fused_step", "note_fallback",
+           "unsupported_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,13 @@ def check_kernels(kernels: str) -> str:
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels={kernels!r} is not one of {', '.join(map(repr, KERNEL_CHOICES))}")
     return kernels
+
+
+def fused_step(kernels: str, bits: int) -> bool:
+    """Whether a model prepared with ``kernels`` and a ``bits``-bit base trains through the fused adapter step
+    (``"auto"`` and ``"compile"`` both use it; 8-bit bases take bitsandbytes' own path, see
+    :func:`unsupported_reason`). The memory planner models the step this says runs."""
+    return kernels != "off" and bits != 8
 
 
 def note_fallback(message: str) -> None:

@@ -91,6 +91,7 @@ from .base_reader import load_hf_config as read_config_file
 from .config import DTYPES, AdapterConfig, ConfigError, parse_size
 from .config_sizes import check_sizes
 from .host_embedding import check_untied, input_embedding_name
+from .kernels import check_kernels, fused_step
 from .loss import DEFAULT_CHUNK_BYTES
 from .memory_model import adapted_kinds, model_dims, optimizer_bytes, quantized_bytes, step_memory
 from .offload import check_offload, decoder_layers, spread
@@ -440,6 +441,10 @@ def plan(
                              device="cpu").problems()
     if optim not in OPTIMIZERS:
         problems.append(f"optim={optim!r} is not supported; allowed: {list(OPTIMIZERS)}")
+    try:
+        check_kernels(kernels)
+    except ValueError as exc:
+        problems.append(str(exc))
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("grad_accum", grad_accum)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"{name}={value!r} must be an integer >= 1")
@@ -539,7 +544,7 @@ def plan(
         return step_memory(d, B, T, adapted=adapted, r=rank, a=a, adapter_b=adapter_b, autocast=autocast, bits=bits,
                      padded=(B > 1) if padded is None else padded, checkpointing=checkpointed,
                      chunked=chunked_loss, chunk_bytes=loss_chunk_bytes, max_linear=max_linear,
-                     grads=adapters, states=states, fused=kernels == "auto" and bits != 8)
+                     grads=adapters, states=states, fused=fused_step(kernels, bits))
 
     def overhead(rest: int) -> tuple[int, int]:
         if device != "cuda":

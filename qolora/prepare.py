@@ -242,6 +242,21 @@ def _finish(model: nn.Module, device: torch.device, missing_layers: list[str], u
                 module._buffers[key] = buf.to(device)
 
 
+def _adapter_config(config: AdapterConfig | None, bits: int | None, rank: int | None, options: dict) -> AdapterConfig:
+    """The one AdapterConfig of a prepare call: ``config`` as given, or one made from bits/rank/options.
+
+    Raises:
+        ConfigError: ``config`` together with bits/rank/options (they would be dropped), or unknown options.
+    """
+    if config is None:
+        return _option_config(4 if bits is None else bits, 16 if rank is None else rank, options)
+    given = {**({"bits": bits} if bits is not None else {}), **({"rank": rank} if rank is not None else {}), **options}
+    if given:
+        raise ConfigError(f"pass either config= or bits/rank/options, not both: config already sets them (got "
+                          f"{', '.join(f'{k}={v!r}' for k, v in given.items())}); use config.replace(...) to change it")
+    return config
+
+
 def _option_config(bits: int, rank: int, options: dict) -> AdapterConfig:
     allowed = {f.name for f in fields(AdapterConfig)} - {"bits", "rank", "extra"}
     unknown = sorted(set(options) - allowed)
@@ -255,8 +270,8 @@ def _option_config(bits: int, rank: int, options: dict) -> AdapterConfig:
 # ---------------------------------------------------------------------------------------- public
 def prepare(
     model: str | Path | BaseCheckpoint,
-    bits: int = 4,
-    rank: int = 16,
+    bits: int | None = None,
+    rank: int | None = None,
     *,
     config: AdapterConfig | None = None,
     gradient_checkpointing: bool | str | int = False,
@@ -275,9 +290,9 @@ def prepare(
         model: a local checkpoint folder or a hub id (resolved through the local cache when
             ``HF_HUB_OFFLINE=1``), or a generated checkpoint such as
             :class:`qolora.synthetic.SyntheticCheckpoint` (:meth:`BaseCheckpoint.of`).
-        bits: 4 (NF4 by default), 8 or 16 (unquantized).
-        rank: adapter rank.
-        config: a full :class:`AdapterConfig` instead of ``bits``/``rank``/``options``.
+        bits: 4 (NF4 by default), 8 or 16 (unquantized); default 4.
+        rank: adapter rank; default 16.
+        config: a full :class:`AdapterConfig` instead of ``bits``/``rank``/``options`` (giving both is refused).
         gradient_checkpointing: enable non-reentrant gradient checkpointing; ``"offload"``: checkpointing whose
             saved layer inputs wait in pinned host memory (:mod:`qolora.offload_checkpointing`); an integer
             ``n``: checkpoint only the first ``n`` decoder layers and keep the activations of the others
@@ -322,7 +337,7 @@ def prepare(
             larger than the host memory available, ``offload_embedding`` not a bool or with tied
             embeddings; all before any weight is read.
     """
-    cfg = (config or _option_config(bits, rank, options)).validate()
+    cfg = _adapter_config(config, bits, rank, options).validate()
     try:
         gradient_checkpointing = checkpointing_mode(gradient_checkpointing)
         check_kernels(kernels)

@@ -58,3 +58,22 @@ def test_plan_exits_1_when_the_host_cannot_hold_the_offloaded_part(capsys):
 def test_an_alpha_that_would_swamp_the_model_is_refused(tiny_llama_dir, no_weight_reads):
     with pytest.raises(ConfigError, match=r"alpha=1e\+30 gives an adapter scale of 6.25e\+28"):
         qolora.prepare(tiny_llama_dir, bits=4, rank=16, alpha=1e30, device="cpu", progress=False)
+
+
+def test_plan_models_the_step_that_runs_for_each_kernels_choice():
+    auto, compiled, off = (plan("llama-3-8b", kernels=k, seq_len=512) for k in ("auto", "compile", "off"))
+    assert compiled.step_bytes == auto.step_bytes  # compile trains through the same fused adapter step
+    assert off.step_bytes != auto.step_bytes
+    eight = [plan("llama-3-8b", bits=8, kernels=k).step_bytes for k in ("compile", "off")]
+    assert eight[0] == eight[1]  # 8-bit bases take bitsandbytes' own path either way
+    with pytest.raises(ConfigError, match="kernels='fast' is not one of"):
+        plan("llama-3-8b", kernels="fast")
+
+
+def test_prepare_refuses_a_config_together_with_options(tiny_llama_dir, no_weight_reads):
+    from qolora import AdapterConfig
+
+    with pytest.raises(ConfigError, match=r"pass either config= or bits/rank/options, not both.*rank=64"):
+        qolora.prepare(tiny_llama_dir, config=AdapterConfig(rank=4, device="cpu"), rank=64, progress=False)
+    with pytest.raises(ConfigError, match="alpha=8"):
+        qolora.prepare(tiny_llama_dir, config=AdapterConfig(rank=4, device="cpu"), alpha=8, progress=False)
