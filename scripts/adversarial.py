@@ -5,7 +5,9 @@ Tried as a hostile or clumsy user would: every bad option value through the libr
 line, every kind of broken data file, every corruption of a base checkpoint through each entry point
 that reads one (prepare, finetune, load, merge, chat), tampered adapters, output folders that hold
 someone else's files, a folder busy with another run (a real second process holding its lock),
-hand-edited checkpoints, merges into the inputs.
+hand-edited checkpoints, merges into the inputs, every writer's overwrite aimed at a user's own
+folder, hostile config.json sizes through the planner and prepare, and bytes on qolora chat's
+standard input that are not UTF-8 (there the right answer is to skip the line and go on).
 
 A case *passes* when it ends in one clear qolora error (ConfigError, DataError, AdapterError,
 CheckpointError, FolderBusyError; on the command line: exit code 2 and one ``qolora: error:`` line,
@@ -72,6 +74,7 @@ class Case:
     cli: bool = False
     before_model: bool = False  # must fail before qolora.prepare runs
     workspace: Path | None = None  # files this case must leave untouched
+    succeeds: bool = False  # the right answer is to go on (a CLI exit code 0, no traceback), not an error
 
 
 @dataclass
@@ -479,6 +482,85 @@ def folder_cases(w: World, work: Path, holder_dir: Path) -> list[Case]:
     return cases
 
 
+def _user_repo(path: Path) -> Path:
+    """A folder a user owns: a git repository with src/ and data/ and notes."""
+    for rel, text in {".git/HEAD": "ref: refs/heads/main\n", "src/main.py": "print(1)\n", "data/a.csv": "1,2\n",
+                      "notes.txt": "mine"}.items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(text)
+    return path
+
+
+def overwrite_cases(w: World, work: Path) -> list[Case]:
+    """Every writer's overwrite=True / --overwrite aimed at a folder the user owns: refused, nothing deleted."""
+    from qolora.synthetic import SyntheticCheckpoint
+
+    def model():
+        return qolora.load(w.model, w.adapter, device="cpu", progress=False)
+
+    def repo(name: str) -> Path:
+        return _user_repo(work / f"repo-{name}")
+
+    writers = {
+        "qolora.merge": lambda out: qolora.merge(w.model, w.adapter, out, overwrite=True, progress=False),
+        "qolora merge --overwrite": lambda out: cli(["merge", str(w.model), str(w.adapter), str(out), "--overwrite",
+                                                     "--no-progress"]),
+        "qolora.save_adapter": lambda out: qolora.save_adapter(model(), out, overwrite=True),
+        "qolora.export_lora": lambda out: qolora.export_lora(w.adapter, out, overwrite=True),
+        "SyntheticCheckpoint.write": lambda out: SyntheticCheckpoint(w.model / "config.json").write(out,
+                                                                                                     overwrite=True),
+    }
+    cases = []
+    for name, write in writers.items():
+        out = repo(name.replace(" ", "-").replace(".", "-"))
+        cases.append(Case("overwrite", f"{name} over a user's git repository", lambda write=write, out=out: write(out),
+                          cli=name.startswith("qolora "), workspace=out))
+        adapter_copy = _copy(w.adapter, work / f"adapter-{name.replace(' ', '-')}")
+        (adapter_copy / "notes.txt").write_text("mine")
+        cases.append(Case("overwrite", f"{name} over an adapter folder holding the user's notes",
+                          lambda write=write, out=adapter_copy: write(out), cli=name.startswith("qolora "),
+                          workspace=adapter_copy))
+    return cases
+
+
+def planner_cases(w: World, work: Path) -> list[Case]:
+    """Hostile and mistyped config.json files through the planner (it hung on 1e9 layers) and prepare."""
+    base = json.loads((w.model / "config.json").read_text())
+    changes = {"num_hidden_layers 1e9": {"num_hidden_layers": 1e9}, "vocab_size 1e12": {"vocab_size": 1e12},
+               "hidden_size 1e9": {"hidden_size": 1e9}, "no hidden_size": {"hidden_size": None},
+               "no num_hidden_layers": {"num_hidden_layers": None}, "num_hidden_layers 0": {"num_hidden_layers": 0},
+               "num_hidden_layers -3": {"num_hidden_layers": -3}, "heads 2.5": {"num_attention_heads": 2.5},
+               "max_position_embeddings 1e15": {"max_position_embeddings": 1e15}}
+    cases = []
+    for what, change in changes.items():
+        folder = work / f"config-{what.replace(' ', '-')}"
+        folder.mkdir()
+        config = {k: v for k, v in {**base, **change}.items() if v is not None}
+        (folder / "config.json").write_text(json.dumps(config))
+        cases += [Case("planner", f"qolora plan with {what}", lambda f=folder: cli(["plan", str(f)]), cli=True),
+                  Case("planner", f"qolora.prepare with {what}",
+                       lambda f=folder: qolora.prepare(f, bits=4, rank=4, device="cpu", progress=False))]
+    return cases
+
+
+def stdin_cases(w: World, work: Path) -> list[Case]:
+    """Bytes on qolora chat's standard input that are not UTF-8: the line is skipped and the session goes on."""
+    inputs = {"a Latin-1 line": b"caf\xe9\nhello\n\n", "a lone continuation byte": b"\x80\n\n",
+              "binary noise then text": bytes(range(128, 256)) + b"\nhi\n\n"}
+
+    def chat(data: bytes) -> int:
+        stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+        with contextlib.redirect_stdout(io.StringIO()):
+            real, sys.stdin = sys.stdin, stdin
+            try:
+                return cli(["chat", "--adapter", str(w.adapter), "--max-new-tokens", "2", "--device", "cpu"])
+            finally:
+                sys.stdin = real
+
+    return [Case("chat-stdin", f"qolora chat reading {what}", lambda d=data: chat(d), cli=True, succeeds=True)
+            for what, data in inputs.items()]
+
+
 def chat_cases(w: World, work: Path) -> list[Case]:
     args = [[], ["--adapter", str(w.adapter), "--merged", str(w.model)], ["--adapter", str(work / "none")],
             ["--merged", str(work / "none")], ["--adapter", str(w.adapter), "--max-new-tokens", "0"],
@@ -505,6 +587,9 @@ def judge(case: Case, prepared: list) -> Outcome:
                         + (" (AFTER the model loaded)" if prepared and case.before_model else ""))
     except Exception as exc:  # noqa: BLE001 - anything else is a raw error: a failure
         return _checked(case, before, False, f"raw {type(exc).__name__}: {str(exc)[:160]}")
+    if case.succeeds:
+        ok = result == 0 and "Traceback" not in err.getvalue()
+        return _checked(case, before, ok, f"exit {result}: {err.getvalue()[-160:]!r}")
     if not case.cli:
         return _checked(case, before, False, "no error raised")
     lines = [ln for ln in err.getvalue().splitlines() if ln.startswith("qolora: error: ")
@@ -542,7 +627,8 @@ def run(limit_per_group: int | None = None, verbose: bool = True, keep: bool = F
         if holder.stdout.readline().strip() != "locked":
             raise RuntimeError("the lock-holding process did not start")
         groups = [option_cases(w, work), data_cases(w, work), base_cases(w, work), adapter_cases(w, work),
-                  merge_target_cases(w, work), folder_cases(w, work, busy), chat_cases(w, work)]
+                  merge_target_cases(w, work), folder_cases(w, work, busy), chat_cases(w, work),
+                  overwrite_cases(w, work), planner_cases(w, work), stdin_cases(w, work)]
         cases = [c for g in groups for c in (g if limit_per_group is None else _spread(g, limit_per_group))]
 
         prepared: list = []
