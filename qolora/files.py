@@ -166,8 +166,8 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, kind: FolderKind)
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
         why = (f"it has no {kind.record}, so qolora did not write it" if not (path / kind.record).is_file()
                else f"qolora's {what} does not write them")
-        raise ConfigError(f"{what} {str(path)!r} holds {shown}: {why}. overwrite replaces only a {what} qolora "
-                          "wrote, so nothing was changed; move them away or choose another path")
+        raise ConfigError(f"{what} {str(path)!r} holds {shown}: {why}. overwrite replaces only {what}s that "
+                          "qolora wrote, so nothing was changed; move them away or choose another path")
     return path
 
 
