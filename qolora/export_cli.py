@@ -1,16 +1,19 @@
-"""``qolora export ADAPTER OUT --format {gguf,peft,merged}``: one command for every way out of qolora.
+"""``qolora export ADAPTER OUT --format {gguf,merged,peft,gguf-lora}``: one command for every way out of qolora.
 
 * ``gguf``: the adapter merged into its base, one GGUF file for llama.cpp / Ollama / LM Studio, and an
   Ollama ``Modelfile`` beside it (:func:`qolora.gguf_export.export_gguf`);
 * ``merged``: the same merged weights as a plain transformers checkpoint folder for vLLM / TGI /
   transformers (:func:`qolora.merge.merge`);
-* ``peft``: a plain PEFT LoRA for the original full-precision base (:func:`qolora.export.export_lora`).
+* ``peft``: a plain PEFT LoRA for the original full-precision base (:func:`qolora.export.export_lora`);
+* ``gguf-lora``: the same LoRA as a llama.cpp adapter GGUF (``--lora``) for a GGUF of the original base
+  (:func:`qolora.gguf_export.export_gguf_lora`).
 
-``--base`` defaults to the base recorded in the adapter (``peft`` reads no base weight; it only records
-the base). ``--type`` is the tensor type: GGUF types for ``gguf``, ``bf16``/``fp16``/``fp32`` for
-``merged``; ``peft`` has none. The choices and defaults come from the library's constants. Errors
-are raised as :class:`~qolora.config.ConfigError` before any work; ``qolora``'s ``main`` prints them
-as one line and exits with code 2.
+``--base`` defaults to the base recorded in the adapter (``peft`` and ``gguf-lora`` read no base
+weight; they record the base, or read its config). ``--type`` is the tensor type: GGUF types for
+``gguf``, f32/f16/bf16/q8_0 for ``gguf-lora``, bf16/fp16/fp32 for ``merged``; ``peft`` has none. The
+choices and defaults come from the library's constants. Errors are raised as
+:class:`~qolora.config.ConfigError` before any work; ``qolora``'s ``main`` prints them as one line and
+exits with code 2.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import argparse
 
 __all__ = ["add_export_command", "FORMATS"]
 
-FORMATS = ("gguf", "merged", "peft")
+FORMATS = ("gguf", "merged", "peft", "gguf-lora")
 _MERGED_TYPES = {"bf16": "bf16", "fp16": "fp16", "f16": "fp16", "fp32": "fp32", "f32": "fp32"}
 
 
@@ -43,18 +46,21 @@ def add_export_command(subparsers) -> argparse.ArgumentParser:
         help="export an adapter: GGUF for llama.cpp/Ollama, a merged checkpoint, or a PEFT LoRA",
         description="Write ADAPTER in the format the place it will run wants: gguf (merged into its base, one "
                     "file for llama.cpp / Ollama / LM Studio, with an Ollama Modelfile beside it), merged (a plain "
-                    "transformers checkpoint folder for vLLM / TGI), peft (a LoRA for the original base). Streamed "
+                    "transformers checkpoint folder for vLLM / TGI), peft (a LoRA for the original base), gguf-lora "
+                    "(that LoRA as a llama.cpp --lora file). Streamed "
                     "tensor by tensor, written atomically; nothing existing is replaced without --overwrite.",
         epilog="GGUF types not available: " + " ".join(f"{', '.join(names)}: {why}." for why, names in why_not.items()),
     )
     p.add_argument("adapter", help="adapter folder (e.g. OUTPUT_DIR/adapter of qolora finetune)")
-    p.add_argument("out", help="gguf: the .gguf file to write (the Modelfile goes beside it); merged, peft: the folder")
-    p.add_argument("--format", required=True, choices=list(FORMATS), help="what to write")
+    p.add_argument("out", help="gguf, gguf-lora: the .gguf file to write (gguf: the Modelfile goes beside it); merged, "
+                               "peft: the folder")
+    p.add_argument("--format", required=True, choices=list(FORMATS), help="what to write (no default)")
     p.add_argument("--base", default=None,
                    help="the checkpoint the adapter was trained on (default: the base recorded in the adapter)")
     p.add_argument("--type", default=None, metavar="TYPE",
                    help=f"gguf: {', '.join(GGUF_TYPES)} (default q8_0; norms stay f32); merged: bf16, fp16, fp32 "
-                        "(default bf16); peft: none. K-quants (q4_k_m ...) are not available: see below")
+                        "(default bf16); gguf-lora: f32, f16, bf16, q8_0 (default f16); peft: none. K-quants (q4_k_m "
+                        "...) are not available: see below")
     p.add_argument("--into", default=INTO[0], choices=list(INTO),
                    help="gguf, merged: trained = exactly the function trained on the quantized base; original = the "
                         "update added to the full-precision weights")
@@ -71,23 +77,27 @@ def add_export_command(subparsers) -> argparse.ArgumentParser:
 
 def _check_args(args) -> None:
     from .config import ConfigError
-    from .gguf_export import GGUF_TYPES, gguf_type
+    from .gguf_export import GGUF_TYPES, LORA_TYPES, gguf_type
 
     problems = []
-    if args.format == "gguf" and args.type is not None:
+    if args.format in ("gguf", "gguf-lora") and args.type is not None:
         try:
             gguf_type(args.type)
+            if args.format == "gguf-lora" and args.type.lower() not in LORA_TYPES:
+                problems.append(f"--type={args.type!r} is not a type of a LoRA GGUF; allowed: {list(LORA_TYPES)}")
         except ConfigError as exc:
             problems.append(f"--type {exc}")
     elif args.format == "merged" and args.type is not None and args.type.lower() not in _MERGED_TYPES:
         problems.append(f"--type={args.type!r} is not a type of a merged checkpoint; allowed: bf16, fp16, fp32 "
                         f"(GGUF types, {list(GGUF_TYPES)}, go with --format gguf)")
-    elif args.format == "peft":
-        given = [flag for flag, value in (("--type", args.type), ("--device", args.device)) if value is not None]
+    if args.format in ("peft", "gguf-lora"):
+        given = [flag for flag, value in (("--type", args.type if args.format == "peft" else None),
+                                          ("--device", args.device)) if value is not None]
         given += ["--into original"] if args.into != "trained" else []
         given += ["--allow-base-mismatch"] if args.allow_base_mismatch else []
         if given:
-            problems.append(f"{', '.join(given)} do(es) not apply to --format peft (a LoRA; no base weight is read)")
+            problems.append(f"{', '.join(given)} do(es) not apply to --format {args.format} (a LoRA; no base weight "
+                            "is read)")
     if problems:
         raise ConfigError(problems)
 
@@ -98,6 +108,8 @@ def _export(args) -> int:
         return _export_gguf(args)
     if args.format == "merged":
         return _export_merged(args)
+    if args.format == "gguf-lora":
+        return _export_gguf_lora(args)
     return _export_peft(args)
 
 
@@ -113,6 +125,15 @@ def _export_gguf(args) -> int:
         note = "" if r["template_translated"] else " (chat template not translated: Ollama detects it from the file)"
         print(f"Ollama: ollama create NAME -f {r['modelfile']}{note}")
     print(f"llama.cpp: llama-cli -m {r['out_file']}")
+    return 0
+
+
+def _export_gguf_lora(args) -> int:
+    from .gguf_export import export_gguf_lora
+
+    r = export_gguf_lora(args.adapter, args.out, base=args.base, type=args.type or "f16", overwrite=args.overwrite)
+    print(f"exported a rank-{r['rank']} llama.cpp LoRA to {r['out_file']} ({r['bytes'] / 1e6:.1f} MB) for a GGUF of "
+          f"the original base: llama-cli -m BASE.gguf --lora {r['out_file']}")
     return 0
 
 

@@ -27,7 +27,12 @@ types, merges, special token ids, whether BOS/EOS are added, the chat template: 
 Beside it goes an Ollama ``Modelfile`` (``FROM ./NAME.gguf``, the chat template in Ollama's Go
 template syntax where qolora recognises it: ChatML, with a default system prompt as SmolLM2 and
 Qwen have; the stop tokens). Both are written to temporary siblings and renamed into place; an
-existing file is replaced only with ``overwrite``.
+existing file is replaced only with ``overwrite``, and only when qolora wrote it (its ``qolora.*``
+metadata, the Modelfile's first line).
+
+:func:`export_gguf_lora` writes the adapter instead as a llama.cpp LoRA GGUF (``--lora``, the format of
+llama.cpp's ``convert_lora_to_gguf.py``): the plain LoRA of :func:`qolora.export.export_lora`, for a
+GGUF of the original base.
 """
 
 from __future__ import annotations
@@ -50,8 +55,8 @@ from .base_reader import BaseCheckpoint, LinearWeight
 from .config import ConfigError
 from .files import atomic_file, atomic_write_text
 
-__all__ = ["export_gguf", "gguf_type", "ollama_modelfile", "recorded_base", "GGUF_TYPES", "UNAVAILABLE_TYPES",
-           "ARCHITECTURES", "MODELFILE"]
+__all__ = ["export_gguf", "export_gguf_lora", "gguf_type", "ollama_modelfile", "recorded_base", "GGUF_TYPES",
+           "LORA_TYPES", "UNAVAILABLE_TYPES", "ARCHITECTURES", "MODELFILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -295,9 +300,7 @@ def _write_metadata(writer, hf_config, arch: str, rope: dict, type: str, name: s
     """qolora's keys (``origin``), then architecture, RoPE, file type and tokenizer keys, as
     ``convert_hf_to_gguf.py`` writes them."""
     gguf = _gguf()
-    from .version import __version__
-
-    writer.add_string(MARKER_KEY, __version__)
+    writer.add_string(MARKER_KEY, _version())
     for key, value in origin.items():
         writer.add_string(f"qolora.{key}", str(value))
     c = hf_config
@@ -371,7 +374,8 @@ def _entry_type(gguf_name: str, shape: tuple[int, ...], wanted):
     """The GGML type of one tensor: F32 for 1-D tensors and norms, F16 where the rows do not divide into
     the wanted type's blocks (both as llama.cpp's converter), else ``wanted``."""
     gguf = _gguf()
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith((".weight", ".lora_a",
+                                                                                        ".lora_b")):
         return gguf.GGMLQuantizationType.F32
     block = gguf.GGML_QUANT_SIZES[wanted][0]
     if shape[-1] % block:
@@ -616,6 +620,106 @@ def export_gguf(
     logger.info("exported %s (%s, %s, %d tensors, %.1f MB) in %.1f s", path, result["architecture"], type, len(plan),
                 size / 1e6, result["seconds"])
     return result
+
+
+# ----------------------------------------------------------------------------------- LoRA GGUF
+LORA_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _lora_factors(saved: SavedAdapter, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain LoRA on the original base, as :func:`qolora.export.export_lora` writes it:
+    ``A' = [A; A0]``, ``B' = [B, -B0]`` (the adapter itself for ``init="lora"``)."""
+    a, b = (t.float() for t in saved.weights[name])
+    if saved.needs_residual:
+        a0, b0 = (t.float() for t in saved.init[name])
+        a, b = torch.cat([a, a0], 0), torch.cat([b, -b0], 1)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterError(f"layer {name}: the adapter has non-finite values (did training diverge?)")
+    return a, b
+
+
+def export_gguf_lora(
+    adapter_dir: str | os.PathLike,
+    out_file: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    type: str = "f16",
+    overwrite: bool = False,
+) -> dict:
+    """Write the adapter as a llama.cpp LoRA GGUF (``llama-cli -m BASE.gguf --lora OUT``), its converter's format.
+
+    Like :func:`qolora.export.export_lora` it is a plain LoRA for the *original* full-precision base
+    (rank 2r for OLoRA / PiSSA): on that base it computes ``W_res + s*B@A``, dropping the quantization
+    error of the residual that training saw (the merged GGUF of :func:`export_gguf` keeps it). Only the
+    base's ``config.json`` is read.
+
+    Args:
+        adapter_dir: a folder written by :func:`qolora.save_adapter`.
+        out_file: the ``.gguf`` file to write.
+        base: the checkpoint the adapter was trained on (default: the base recorded in the adapter).
+        type: ``f32``, ``f16``, ``bf16`` or ``q8_0`` (a factor whose rows do not divide into blocks: F16).
+        overwrite: replace an existing ``out_file`` written by qolora.
+
+    Returns:
+        ``out_file``, ``rank``, ``alpha``, ``scale``, ``tensors``, ``bytes``.
+
+    Raises:
+        ConfigError: a type other than :data:`LORA_TYPES`, an existing output, an unsupported
+            architecture, an adapted head tied to the embedding.
+        AdapterError: a bad adapter folder, or one with non-finite values.
+    """
+    if gguf_type(type) not in LORA_TYPES:
+        raise ConfigError(f"LoRA GGUF type {type!r} is not supported; allowed: {list(LORA_TYPES)}")
+    path, _ = _check_out_file(out_file, overwrite, modelfile=False)
+    gguf = _gguf()
+    saved = read_adapter(adapter_dir)
+    hf_config = BaseCheckpoint.open(str(base) if base is not None else recorded_base(saved, adapter_dir)).hf_config
+    arch, permute = _architecture(hf_config)
+    if getattr(hf_config, "tie_word_embeddings", False) and "lm_head" in saved.layers:
+        raise ConfigError("the adapter adapts lm_head, which this model ties to its embedding: llama.cpp cannot apply "
+                          "a LoRA to it; export --format gguf (merged) instead")
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], hf_config.num_hidden_layers)
+    heads = {"q_proj": hf_config.num_attention_heads,
+             "k_proj": getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads}
+    wanted = gguf.GGMLQuantizationType[GGUF_TYPES[gguf_type(type)][0]]
+    rank = 2 * saved.config.rank if saved.needs_residual else saved.config.rank
+    alpha = saved.scale * rank  # llama.cpp scales by alpha / rank, for LoRA and rsLoRA alike
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])
+    writer.add_string(MARKER_KEY, _version())
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for name in saved.layers:
+        target = name_map.get_name(f"{name}.weight", try_suffixes=(".weight",))
+        if target is None:
+            raise ConfigError(f"adapted layer {name} has no GGUF name in the gguf package's tensor map")
+        a, b = _lora_factors(saved, name)
+        module = name.rsplit(".", 1)[-1]
+        if permute and module in heads:
+            b = _permute_rows(b, heads[module])
+        for suffix, factor in ((".lora_a", a), (".lora_b", b)):
+            qtype = _entry_type(target + suffix, tuple(factor.shape), wanted)
+            data = gguf.quants.quantize(factor.contiguous().numpy(), qtype)
+            writer.add_tensor(target + suffix, data, raw_dtype=qtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        if path.exists() and not overwrite:  # appeared meanwhile
+            raise ConfigError(f"{str(path)!r} appeared while exporting; pass overwrite=True to replace it")
+    logger.info("exported a rank-%d llama.cpp LoRA (scale %g) to %s, for the ORIGINAL full-precision base: it drops "
+                "the residual's quantization error that training saw (the merged --format gguf keeps it)", rank,
+                saved.scale, path)
+    return {"out_file": str(path), "rank": rank, "alpha": alpha, "scale": saved.scale,
+            "tensors": 2 * len(saved.layers), "bytes": path.stat().st_size}
+
+
+def _version() -> str:
+    from .version import __version__
+
+    return __version__
 
 
 # ------------------------------------------------------------------------------------ Modelfile

@@ -27,6 +27,7 @@ from qolora.gguf_export import (
     UNAVAILABLE_TYPES,
     _pre_tokenizer_name,
     export_gguf,
+    export_gguf_lora,
     ollama_modelfile,
 )
 from qolora.merge import merge
@@ -209,6 +210,37 @@ def test_llama3_rope_gets_llama_cpps_frequency_factors(tmp_path):
     np.testing.assert_allclose(factors, (plain / scaled).numpy(), rtol=1e-5)
 
 
+def test_lora_gguf_applied_as_llama_cpp_applies_it_is_the_merge_into_the_original(trained, chat_model_dir, tmp_path):
+    """W + alpha/rank * B@A over the file's factors (Q/K rows permuted back as transformers' reader
+    does) equals merge(into="original"): names, shapes, permutation and alpha are llama.cpp's."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora.gguf"
+    result = export_gguf_lora(trained[0], out, base=chat_model_dir, type="f32")
+    reader = gguf.GGUFReader(out)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    alpha = fields["adapter.lora.alpha"]
+    factors = {t.name: torch.tensor(np.array(t.data)) for t in reader.tensors}
+    assert len(factors) == result["tensors"] == 2 * 14
+    merge(chat_model_dir, trained[0], tmp_path / "original", dtype="fp32", into="original", progress=False)
+    merged = load_file(tmp_path / "original" / "model.safetensors")
+    base = load_file(chat_model_dir / "model.safetensors")
+    unpermute = {"attn_q": 4, "attn_k": 2}  # heads, KV heads: transformers' LlamaTensorProcessor inverse
+    for layer in range(2):
+        for gguf_name, hf_name in (("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+                                   ("ffn_down", "mlp.down_proj")):
+            a = factors[f"blk.{layer}.{gguf_name}.weight.lora_a"]
+            b = factors[f"blk.{layer}.{gguf_name}.weight.lora_b"]
+            assert a.shape[0] == b.shape[1] == result["rank"] == 16
+            delta = alpha / a.shape[0] * b @ a
+            if gguf_name in unpermute:
+                n = unpermute[gguf_name]
+                delta = delta.reshape(n, delta.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(delta.shape)
+            key = f"model.layers.{layer}.{hf_name}.weight"
+            torch.testing.assert_close(base[key] + delta, merged[key], atol=1e-5, rtol=1e-4)
+
+
 # -------------------------------------------------------------------------- refused early
 def test_unavailable_types_are_refused_saying_why(trained, chat_model_dir, tmp_path, no_weight_reads):
     with pytest.raises(ConfigError, match="llama-quantize"):
@@ -388,6 +420,8 @@ def test_cli_exports_gguf_with_the_recorded_base_merged_and_peft(trained, chat_m
     assert relative(logits_of(from_folder(tmp_path / "m")), trained[1]) < 1e-6
     assert run_cli(["export", adapter, str(tmp_path / "p"), "--format", "peft"]) == 0
     assert (tmp_path / "p" / "adapter_model.safetensors").is_file()
+    assert run_cli(["export", adapter, str(tmp_path / "lora.gguf"), "--format", "gguf-lora", "--type", "q8_0"]) == 0
+    assert gguf.GGUFReader(tmp_path / "lora.gguf").fields["adapter.type"].contents() == "lora"
     out = capsys.readouterr().out
     assert "ollama create NAME -f" in out and "merged 14 adapted layers" in out
 
@@ -396,6 +430,7 @@ def test_cli_exports_gguf_with_the_recorded_base_merged_and_peft(trained, chat_m
     (["--format", "gguf", "--type", "q4_k_m"], "--type GGUF type 'q4_k_m' is not available: .*llama-quantize"),
     (["--format", "merged", "--type", "q8_0"], "not a type of a merged checkpoint"),
     (["--format", "peft", "--type", "f16"], "--type do\\(es\\) not apply to --format peft"),
+    (["--format", "gguf-lora", "--type", "q4_0"], "not a type of a LoRA GGUF"),
 ])
 def test_cli_refuses_bad_options_in_one_line_with_exit_code_2(trained, tmp_path, capsys, no_weight_reads, argv,
                                                               message):
@@ -462,7 +497,7 @@ def test_export_streams_with_memory_well_below_the_model_size(tmp_path):
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(os.path.dirname(os.path.dirname(qolora.__file__))),
                                           os.environ.get("PYTHONPATH", "")])}
-    args = "\t".join([str(adapter), str(base), str(tmp_path / "out.gguf"), str(tmp_path / "warm.gguf")])
+    args = "\t".join([str(adapter), str(base), str(tmp_path / "out.gguf"), str(tmp_path / "warm" / "warm.gguf")])
     proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD], input=args + "\n", capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -472,15 +507,24 @@ def test_export_streams_with_memory_well_below_the_model_size(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- llama.cpp
-@pytest.mark.slow
-def test_llama_cpp_answers_like_the_merged_model_on_the_real_smollm2(tmp_path):
-    """The real SmolLM2-135M-Instruct, a 4-bit OLoRA adapter trained 3 steps, exported f16 and q8_0:
-    llama.cpp (llama-cpp-python) gives the merged model's greedy answer and its perplexity on held-out text."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+HELD_OUT = ("The history of the bicycle begins in the early nineteenth century. The first machines had no pedals:"
+            " riders pushed themselves along with their feet. Later designs added cranks to the front wheel, "
+            "which grew larger and larger to go faster, until the safety bicycle, with two wheels of equal size "
+            "and a chain driving the rear one, replaced them. Today bicycles are used for commuting, sport and "
+            "travel all over the world, and many cities build separate lanes for them. Water boils at 100 degrees"
+            " Celsius at sea level. The Moon orbits the Earth about once a month, and the Earth orbits the Sun "
+            "once a year.")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct with a 4-bit OLoRA adapter trained 3 steps, and llama.cpp."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp's Python binding (pip install llama-cpp-python)")
     from transformers import AutoTokenizer
 
     from qolora.assets import default_model_dir
 
+    root = tmp_path_factory.mktemp("smollm2")
     base = default_model_dir()
     tok = AutoTokenizer.from_pretrained(base)
     model = qolora.prepare(base, bits=4, rank=8, device="cpu", progress=False)
@@ -490,40 +534,79 @@ def test_llama_cpp_answers_like_the_merged_model_on_the_real_smollm2(tmp_path):
         model(**text, labels=text["input_ids"]).loss.backward()
         opt.step()
         opt.zero_grad()
-    adapter = save_adapter(model.eval(), tmp_path / "adapter")
-    del model
-    merge(base, adapter, tmp_path / "merged", dtype="fp32", progress=False)
-    merged = from_folder(tmp_path / "merged")
-    held_out = ("Water boils at 100 degrees Celsius at sea level. The Moon orbits the Earth about once a month, "
-                "and the Earth orbits the Sun once a year.")
-    ids = tok(held_out).input_ids
-    with torch.no_grad():
-        ref_logits = merged(torch.tensor([ids])).logits[0].float()
-    ref_ppl = float(torch.nn.functional.cross_entropy(ref_logits[:-1], torch.tensor(ids[1:])).exp())
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, tokenize=False)
-    prompt_ids = tok(prompt).input_ids
-    with torch.no_grad():
-        ref_answer = merged.generate(torch.tensor([prompt_ids]), max_new_tokens=16, do_sample=False)
-    ref_answer = ref_answer[0, len(prompt_ids):]
-    for type, (logit_bound, ppl_bound) in {"f16": (0.02, 0.01), "q8_0": (0.08, 0.03)}.items():
-        out = tmp_path / type / "model.gguf"
-        export_gguf(adapter, out, base=base, type=type, progress=False)
-        llm = llama_cpp.Llama(str(out), n_ctx=256, logits_all=True, n_threads=1, verbose=False, seed=0)
-        assert llm.tokenize(held_out.encode(), add_bos=False, special=True) == ids  # same tokens
-        llm.reset()
+    adapter = save_adapter(model.eval(), root / "adapter")
+    return llama_cpp, base, tok, adapter, root
+
+
+def llama_logits(llama_cpp, path, ids, lora=None):
+    llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, n_threads=1, verbose=False, seed=0,
+                          **({"lora_path": str(lora)} if lora else {}))
+    try:
+        assert llm.tokenize(HELD_OUT.encode(), add_bos=False, special=True) == ids  # llama.cpp tokenizes alike
         llm.eval(ids)
-        got = torch.tensor(np.array(llm.scores[:len(ids)]), dtype=torch.float32)
-        ppl = float(torch.nn.functional.cross_entropy(got[:-1], torch.tensor(ids[1:])).exp())
-        rel = relative(got, ref_logits)
-        print(f"llama.cpp {type}: max |logit diff| {rel:.2%} of max |logit|, perplexity {ppl:.3f} vs merged "
-              f"{ref_ppl:.3f} ({ppl / ref_ppl - 1:+.2%})")
-        assert rel < logit_bound and abs(ppl / ref_ppl - 1) < ppl_bound
-        llm.reset()
-        answer = []
-        for token in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
-            if token == llm.token_eos() or len(answer) == len(ref_answer):
-                break
-            answer.append(token)
-        assert tok.decode(answer) == tok.decode(ref_answer[:len(answer)]) and len(answer) >= 8
-        del llm
+        return torch.tensor(np.array(llm.scores[:len(ids)]), dtype=torch.float32), llm
+    except BaseException:
+        llm.close()
+        raise
+
+
+def perplexity(logits, ids):
+    return float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).exp())
+
+
+@pytest.mark.slow
+def test_llama_cpp_answers_like_the_merged_model_on_the_real_smollm2(smollm2):
+    """llama.cpp (llama-cpp-python) on the f16 and q8_0 exports: the merged model's tokens, logits
+    within the type's error, its perplexity on held-out text, and its greedy chat answer."""
+    llama_cpp, base, tok, adapter, root = smollm2
+    merge(base, adapter, root / "merged", dtype="fp32", progress=False)
+    merged = from_folder(root / "merged")
+    ids = tok(HELD_OUT).input_ids
+    with torch.no_grad():
+        ref = merged(torch.tensor([ids])).logits[0].float()
+    prompt = tok(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         add_generation_prompt=True, tokenize=False)).input_ids
+    with torch.no_grad():
+        ref_answer = merged.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):]
+    for type, (logit_bound, ppl_bound) in {"f16": (0.01, 0.005), "q8_0": (0.08, 0.02)}.items():
+        out = root / type / "model.gguf"
+        export_gguf(adapter, out, base=base, type=type, progress=False)
+        got, llm = llama_logits(llama_cpp, out, ids)
+        try:
+            ppl, ref_ppl = perplexity(got, ids), perplexity(ref, ids)
+            print(f"llama.cpp {type}: max |logit diff| {relative(got, ref):.2%} of max |logit|, perplexity "
+                  f"{ppl:.3f} vs merged {ref_ppl:.3f} ({ppl / ref_ppl - 1:+.2%}) on {len(ids)} tokens")
+            assert relative(got, ref) < logit_bound and abs(ppl / ref_ppl - 1) < ppl_bound
+            answer = []
+            for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+                if token == llm.token_eos() or len(answer) == len(ref_answer):
+                    break
+                answer.append(token)
+            assert answer == ref_answer.tolist(), (tok.decode(answer), tok.decode(ref_answer))
+        finally:
+            llm.close()
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_the_lora_gguf_as_the_merge_into_the_original(smollm2):
+    """The base as GGUF (an untrained plain LoRA merged: exactly W) plus the exported --lora file gives
+    what the f32 GGUF of merge(into="original") gives, in llama.cpp; the base alone does not."""
+    llama_cpp, base, tok, adapter, root = smollm2
+    zero = save_adapter(qolora.prepare(base, bits=16, rank=4, init="lora", device="cpu", progress=False),
+                        root / "zero")  # B = 0: the merge is the base itself
+    export_gguf(zero, root / "base.gguf", base=base, type="f32", into="original", modelfile=False, progress=False)
+    export_gguf(adapter, root / "original.gguf", base=base, type="f32", into="original", modelfile=False,
+                progress=False)
+    export_gguf_lora(adapter, root / "lora.gguf", base=base, type="f32")
+    ids = tok(HELD_OUT).input_ids
+    results = {}
+    for name, path, lora in (("original", "original.gguf", None), ("base", "base.gguf", None),
+                             ("base+lora", "base.gguf", "lora.gguf")):
+        logits, llm = llama_logits(llama_cpp, root / path, ids, lora and root / lora)
+        llm.close()
+        results[name] = logits
+    with_lora, without = relative(results["base+lora"], results["original"]), relative(results["base"],
+                                                                                       results["original"])
+    print(f"llama.cpp base + LoRA GGUF vs merged-original GGUF: {with_lora:.3%} of max |logit| (base alone: "
+          f"{without:.3%})")
+    assert with_lora < 5e-3 and with_lora < 0.05 * without
