@@ -334,9 +334,8 @@ def _chat(args) -> int:
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        raw = sys.stdin.buffer.readline()
         try:
-            line = raw.decode("utf-8")
+            line = _stdin_line()
         except UnicodeDecodeError as exc:
             print(f"chat: skipped a line that is not UTF-8 text (byte {exc.start}); type it again", file=sys.stderr)
             continue
@@ -345,6 +344,12 @@ def _chat(args) -> int:
         history.append({"role": "user", "content": line.rstrip("\n")})
         answer = reply(model, tokenizer, history, **options)
         history.append({"role": "assistant", "content": answer})
+
+
+def _stdin_line() -> str:
+    """One line of standard input, decoded as UTF-8 whatever the locale says (UnicodeDecodeError if it is not)."""
+    raw = getattr(sys.stdin, "buffer", None)
+    return sys.stdin.readline() if raw is None else raw.readline().decode("utf-8")
 
 
 def _info(args) -> int:

@@ -435,12 +435,15 @@ def test_interrupted_merge_leaves_nothing_at_out_dir(tiny_llama_dir, saved4, tmp
     with pytest.raises(KeyboardInterrupt):
         merge(tiny_llama_dir, saved4[2], tmp_path / "merged", max_shard_size="100KB", progress=False)
     assert list(tmp_path.iterdir()) == []
-    (tmp_path / "merged").mkdir()
-    (tmp_path / "merged" / "old.txt").write_text("old")
+    monkeypatch.setattr(export, "_write_shard", real)
+    merge(tiny_llama_dir, saved4[2], tmp_path / "merged", progress=False)  # an earlier merge, to be overwritten
+    before = {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir()}
+    monkeypatch.setattr(export, "_write_shard", failing)
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         merge(tiny_llama_dir, saved4[2], tmp_path / "merged", max_shard_size="100KB", overwrite=True, progress=False)
-    assert [p.name for p in tmp_path.iterdir()] == ["merged"] and os.listdir(tmp_path / "merged") == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir()} == before  # the earlier merge, whole
 
 
 @pytest.mark.parametrize("kwargs, message", [
