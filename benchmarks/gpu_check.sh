@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a time-limited H100/H200 session (runs in under 9 minutes):
+# One prepared GPU check for a time-limited H100/H200 session (runs in under 9.5 minutes), the parts in
+# order of value, so that a run cut short still brings back the most important JSON:
 #
-#   1. train-step benchmark (issue 15), 8 Llama-3-8B-sized layers (full vocabulary), batch 1 x seq 2048,
-#      PagedAdamW8bit, bf16 autocast: PEFT, PEFT + Liger Kernel (if its wheel is carried) and qolora
-#      (default fused step, + kernels=compile, half the layers checkpointed, both), one process each;
+#   1. offload benchmark (the headline, issue 25): Llama-3-70B in 4-bit under a 24 GiB cap, the frozen base
+#      streamed from host memory: prepare's peak, tokens/s at seq 2048, the offloaded/resident step ratio;
 #   2. scale benchmark (issue 10): the plan's prediction vs torch.cuda.max_memory_allocated for the 8B
 #      shape in full and 8 layers of the 70B shape (also with checkpoints + input embedding on the host);
-#   3. the GPU tests: python -m pytest -m gpu -x -q.
+#   3. train-step benchmark (issue 15), 8 Llama-3-8B-sized layers (full vocabulary), batch 1 x seq 2048,
+#      PagedAdamW8bit, bf16 autocast: PEFT, PEFT + Liger Kernel (if its wheel is carried) and qolora
+#      (default fused step, + kernels=compile, half the layers checkpointed, both), one process each;
+#   4. the GPU tests: python -m pytest -m gpu -x -q (a 2-process NCCL step among them when 2 GPUs exist).
 #   (INIT=1 adds the init benchmark of 4 Llama-2-7B-sized layers first, as measured for 0.1.0.)
 #
 # Every part runs under its own `timeout` and the script goes on when one fails. Results (at most 8
 # files: the device tool brings back no more) go to $OUT:
-#   train_step_cuda_8b.{json,png}  scale.json  gpu_check.log  pytest_gpu.log  summary.txt
+#   scale_70b.json  scale.json  train_step_cuda_8b.{json,png}  gpu_check.log  pytest_gpu.log  summary.txt
 #
 # Usage, from the repository root on the GPU machine (bitsandbytes is not installed there; carry its
 # wheel in .whl/, see benchmarks/README.md):
@@ -52,11 +55,12 @@ part() {  # part NAME SECONDS CMD...: run under timeout (the whole process group
 if [ "${GPU_CHECK_SMOKE:-0}" = "1" ]; then
     DEVICE=cpu; SIZE=tiny; TRAIN_SIZE=tiny; SEQ=64; EXTRA_INIT="--skip-real"; EXTRA_TRAIN="--steps 2 --warmup 1"
     CONTENDERS=peft,qolora,qolora_compile   # (Liger is CUDA only)
-    INIT_LIMIT=240; TRAIN_LIMIT=300; SCALE_LIMIT=0; TEST_LIMIT=60
+    INIT_LIMIT=240; TRAIN_LIMIT=300; SCALE_LIMIT=0; TEST_LIMIT=60; OFFLOAD_LIMIT=240; OFFLOAD_ARGS="--tiny"
 else
     DEVICE=cuda; SIZE=7b; TRAIN_SIZE=8b; SEQ=2048; EXTRA_INIT="--skip-real"; EXTRA_TRAIN="--steps 6 --warmup 2"
     CONTENDERS=peft,peft_liger,qolora,qolora_compile,qolora_partial,qolora_partial_compile
-    INIT_LIMIT=200; TRAIN_LIMIT=270; SCALE_LIMIT=210; TEST_LIMIT=60   # + ~20 s set-up: at most ~9.5 min
+    INIT_LIMIT=200; TRAIN_LIMIT=150; SCALE_LIMIT=120; TEST_LIMIT=40   # + ~20 s set-up: at most ~9.5 min
+    OFFLOAD_LIMIT=230; OFFLOAD_ARGS="--shape llama-3-70b --cap 24GiB"
 fi
 
 # ---------------------------------------------------------------------------------------- setup
@@ -93,15 +97,17 @@ if [ "${INIT:-0}" = "1" ]; then
         --repeats "${INIT_REPEATS:-2}" --budget-s $(( INIT_LIMIT - 50 )) --timeout $(( INIT_LIMIT - 20 )) \
         $EXTRA_INIT --out "$OUT"
 fi
+part "offload (70B under a 24 GiB cap, $DEVICE)" "$OFFLOAD_LIMIT" \
+    $PY -m benchmarks.offload $OFFLOAD_ARGS --out "$OUT/scale_70b.json"
+if [ "$SCALE_LIMIT" -gt 0 ]; then
+    part "scale (8B in full, 8 layers of 70B, $DEVICE)" "$SCALE_LIMIT" \
+        $PY -m benchmarks.scale --device "$DEVICE" --out "$OUT/scale.json"
+fi
 part "train_step ($TRAIN_LAYERS x $TRAIN_SIZE, $DEVICE, 1 x $SEQ)" "$TRAIN_LIMIT" \
     $PY -m benchmarks.train_step --device "$DEVICE" --size "$TRAIN_SIZE" --layers "$TRAIN_LAYERS" --batch 1 \
     --seq "$SEQ" --rounds "${TRAIN_ROUNDS:-1}" --partial-layers $(( TRAIN_LAYERS / 2 )) \
     --contenders "${TRAIN_CONTENDERS:-$CONTENDERS}" \
     --budget-s $(( TRAIN_LIMIT - 40 )) --timeout $(( TRAIN_LIMIT - 15 )) $EXTRA_TRAIN --out "$OUT"
-if [ "$SCALE_LIMIT" -gt 0 ]; then
-    part "scale (8B in full, 8 layers of 70B, $DEVICE)" "$SCALE_LIMIT" \
-        $PY -m benchmarks.scale --device "$DEVICE" --out "$OUT/scale.json"
-fi
 
 # ------------------------------------------------------------------------------------------ tests
 # Collect everything (as CI would); if collection itself breaks on this machine (e.g. `datasets`
@@ -148,6 +154,9 @@ for path in sorted(out.glob("init_*.json")):
               f"  error {f(e, '.3f')}  x plain {f(d['speed_ratios'][c]['error_vs_plain'])}")
     for k, v in d["verdicts"].items():
         print(f"  {k}: {f(v['value'])} (target {v['target']}) {'MET' if v['met'] else 'MISSED' if v['met'] is False else 'n/a'}")
+for path in sorted(out.glob("scale_70b.json")):
+    d = json.loads(path.read_text())
+    print(f"\n{path.name}: {json.dumps({k: v for k, v in d.items() if not isinstance(v, (dict, list))})[:600]}")
 for path in sorted(out.glob("train_step_*.json")):
     d = json.loads(path.read_text())
     print(f"\n{path.name}: {d['machine'].get('device_name')}, {d['model_desc']}")
