@@ -475,35 +475,20 @@ def _write_tensor(f, data_start: int, entry: _Entry, tensor: torch.Tensor, via: 
 
 # ---------------------------------------------------------------------------------- merged stream
 def _merged_tensors(checkpoint: BaseCheckpoint, skeleton, saved: SavedAdapter, config, into: str,
-                    check: FingerprintCheck, device) -> Iterator[tuple[str, torch.Tensor, torch.dtype | None]]:
-    """``(model name, tensor, via)`` for every tensor of the base, as :func:`qolora.merge.merge` writes them
-    (before its output dtype): adapted layers merged, quantized ones ``deq(q(W))`` for ``into="trained"``;
-    ``via`` is the dtype a tensor handed out as stored goes through first (None: as it is)."""
-    from .merge import _merged_weight, _requantized_weight
+                    check: FingerprintCheck) -> Iterator[tuple[str, torch.Tensor, torch.dtype | None]]:
+    """``(model name, tensor, via)`` for every tensor of the merged model (:func:`qolora.merge.merged_stream`,
+    the stream :func:`qolora.merge.merge` writes); ``via`` is the dtype a tensor handed out as stored goes
+    through first (None: as it is), applied here slice by slice."""
+    from .merge import merged_stream
 
-    requantize = set(saved.frozen_quantized) if into == "trained" else set()
-    train_dtype = config.torch_dtype
-    merged = 0
-    for item in checkpoint.stream(skeleton, set(saved.layers) | requantize, device):
+    for item, via in merged_stream(checkpoint, skeleton, saved, config, into, check):
         if isinstance(item, LinearWeight):
-            if item.module in saved.layers:
-                merged += 1
-                weight = _merged_weight(item.module, item.weight, saved, config, into, check)
-            elif item.module in requantize:
-                weight = _requantized_weight(item.module, item.weight, saved, config)
-            else:
-                weight = item.weight.to(train_dtype) if into == "trained" else item.weight
-            yield f"{item.module}.weight", weight, None
+            yield f"{item.module}.weight", item.weight, None
         elif item.name is None:
             logger.warning("tensor %r of the base is no part of the model: left out of the GGUF", item.key)
         else:
-            floating = item.tensor.is_floating_point() and into == "trained"
-            yield item.name, item.tensor, train_dtype if floating else None
+            yield item.name, item.tensor, via
         del item
-    check.warn()
-    if merged != len(saved.layers):
-        raise AdapterError(f"the base checkpoint {checkpoint.dir} lacks the weights of "
-                           f"{len(saved.layers) - merged} adapted layer(s)")
 
 
 def _write_stream(path: Path, layout: tuple[int, int], plan: dict[str, _Entry], tensors, extra,
@@ -604,7 +589,7 @@ def export_gguf(
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         layout = _write_header(tmp, plan, arch, metadata)
-        tensors = _merged_tensors(checkpoint, skeleton, saved, config, into, check, config.torch_device)
+        tensors = _merged_tensors(checkpoint, skeleton, saved, config, into, check)
         _write_stream(tmp, layout, plan, tensors, extra, progress)
         if path.exists() and not overwrite:  # appeared meanwhile
             raise ConfigError(f"{str(path)!r} appeared while exporting; pass overwrite=True to replace it")

@@ -28,20 +28,20 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from .adapter_io import AdapterError, SavedAdapter, read_adapter
 from .adapter_load import FingerprintCheck, check_base_structure, load, resolve_device_config
-from .base_reader import BaseCheckpoint, LinearWeight, is_transposed
+from .base_reader import BaseCheckpoint, LinearWeight, OtherTensor, is_transposed
 from .config import ConfigError, parse_dtype, parse_size
 from .files import FolderKind, atomic_dir, check_out_dir, write_json
 from .inits import residual_
 from .quant import dequantize_weight, make_base_layer, quant_settings
 
-__all__ = ["merge", "compare_logits", "MERGE_RECORD"]
+__all__ = ["merge", "merged_stream", "compare_logits", "MERGE_RECORD"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,43 +184,26 @@ def merge(
     skeleton = checkpoint.skeleton()
     linears = check_base_structure(skeleton, saved, str(base))
     transposed = {n for n, m in linears.items() if is_transposed(m)}
-    requantize = set(saved.frozen_quantized) if into == "trained" else set()
     check = FingerprintCheck(saved, str(base), allow_base_mismatch)
-    train_dtype, device = config.torch_dtype, config.torch_device
-    counts = {"merged": 0, "requantized": 0}
-
-    def merged_linear(item: LinearWeight) -> torch.Tensor:
-        """The weight to write for linear layer ``item.module`` (fp32 (out, in) on ``device``, consumed)."""
-        if item.module in saved.layers:
-            counts["merged"] += 1
-            return _merged_weight(item.module, item.weight, saved, config, into, check)
-        if item.module in requantize:
-            counts["requantized"] += 1
-            return _requantized_weight(item.module, item.weight, saved, config)
-        return item.weight.to(train_dtype) if into == "trained" else item.weight  # as the trained model held it
+    counts: dict[str, int] = {}
 
     with atomic_dir(out, overwrite, MERGED_CHECKPOINT) as tmp:
         writer = _ShardWriter(tmp, max_bytes)
         bar = tqdm(total=checkpoint.tensor_count(), desc=f"merge ({into})", unit="tensor", disable=not progress)
         stacks = _StackedWrites()
-        for item in checkpoint.stream(skeleton, set(saved.layers) | requantize, device):
+        for item, via in merged_stream(checkpoint, skeleton, saved, config, into, check, counts):
             if isinstance(item, LinearWeight):
-                weight = merged_linear(item).to(out_dtype)
-                _write(writer, stacks, item.key, weight, item.pieces, item.module in transposed)
+                _write(writer, stacks, item.key, item.weight.to(out_dtype), item.pieces, item.module in transposed)
             else:
                 tensor = item.tensor
                 if tensor.is_floating_point():
-                    tensor = tensor.to(train_dtype).to(out_dtype) if into == "trained" else tensor.to(out_dtype)
+                    tensor = (tensor if via is None else tensor.to(via)).to(out_dtype)
                 _write(writer, stacks, item.key, tensor, item.pieces)
             del item
             bar.update(1)
         stacks.finish()
         bar.close()
         shards = writer.finish()
-        check.warn()
-        missing = len(saved.layers) - counts["merged"]
-        if missing:
-            raise AdapterError(f"the base checkpoint {base} lacks the weights of {missing} adapted layer(s)")
         _write_config(checkpoint.dir, tmp, out_dtype)
         _copy_side_files(checkpoint.dir, tmp)
         write_json(tmp / MERGE_RECORD, {
@@ -285,6 +268,47 @@ def _to_checkpoint(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     """(out, in) on any device -> the checkpoint's orientation, contiguous, on the CPU."""
     weight = weight.T if transposed else weight
     return weight.to("cpu").contiguous()
+
+
+def merged_stream(checkpoint: BaseCheckpoint, skeleton, saved: SavedAdapter, config, into: str,
+                  check: FingerprintCheck, counts: dict[str, int] | None = None
+                  ) -> Iterator[tuple[LinearWeight | OtherTensor, torch.dtype | None]]:
+    """The base's tensors as the merged model holds them, one at a time in checkpoint order: what
+    :func:`merge` and :func:`qolora.gguf_export.export_gguf` write, before their output dtype.
+
+    Yields ``(item, via)``: a :class:`LinearWeight` whose ``weight`` is the layer's merged fp32 ``(out, in)``
+    weight (an adapted layer's ``into`` weight; a frozen layer stored quantized ``deq(q(W))`` for
+    ``"trained"``; any other linear as the trained model held it), or an :class:`OtherTensor` as stored,
+    with ``via`` the dtype a floating one passes through first for ``"trained"`` (the training dtype), else
+    None. ``counts`` gets ``"merged"`` and ``"requantized"``. After the last item, the fingerprint
+    check's warnings are logged.
+
+    Raises:
+        AdapterError: the checkpoint lacks an adapted layer's weight.
+        BaseMismatchError: a base weight differs from the training base (unless allowed).
+    """
+    counts = {} if counts is None else counts
+    counts.update(merged=0, requantized=0)
+    requantize = set(saved.frozen_quantized) if into == "trained" else set()
+    train_dtype = config.torch_dtype
+    for item in checkpoint.stream(skeleton, set(saved.layers) | requantize, config.torch_device):
+        if isinstance(item, LinearWeight):
+            if item.module in saved.layers:
+                counts["merged"] += 1
+                item.weight = _merged_weight(item.module, item.weight, saved, config, into, check)
+            elif item.module in requantize:
+                counts["requantized"] += 1
+                item.weight = _requantized_weight(item.module, item.weight, saved, config)
+            elif into == "trained":
+                item.weight = item.weight.to(train_dtype)  # as the trained model held it
+            yield item, None
+        else:
+            yield item, train_dtype if into == "trained" and item.tensor.is_floating_point() else None
+        del item
+    check.warn()
+    missing = len(saved.layers) - counts["merged"]
+    if missing:
+        raise AdapterError(f"the base checkpoint {checkpoint.dir} lacks the weights of {missing} adapted layer(s)")
 
 
 def _merged_weight(name, weight, saved: SavedAdapter, config, into, check) -> torch.Tensor:
