@@ -1,11 +1,12 @@
-"""The ``qolora`` command: ``finetune``, ``merge``, ``info``, ``chat`` and ``plan``.
+"""The ``qolora`` command: ``finetune``, ``merge``, ``export``, ``info``, ``chat`` and ``plan``.
 
 ``qolora finetune`` with no arguments runs the built-in job (SmolLM2-135M-Instruct, 4-bit base,
 OLoRA rank 16, chatterbot English conversations) sized to finish in minutes on a 2-core CPU (the
 README's Quickstart gives the measured time); every option maps to :func:`qolora.finetune.finetune`.
 ``qolora merge`` writes a merged full-precision checkpoint (:func:`qolora.merge.merge`), ``qolora info``
 describes an adapter folder, a merged checkpoint, a run folder or a checkpoint, ``qolora chat`` talks to
-the result (:mod:`qolora.chat`). Option choices and defaults come from the library
+the result (:mod:`qolora.chat`), ``qolora export`` writes it where people run models (GGUF for llama.cpp /
+Ollama, a merged checkpoint, a PEFT LoRA: :mod:`qolora.export_cli`). Option choices and defaults come from the library
 (its constants and signatures), never repeated here.
 
 An error prints one line on stderr and exits with code 2 (``--debug`` shows the traceback).
@@ -229,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_info(sub)
     _add_chat(sub)
+    from .export_cli import add_export_command
     from .plan import add_parser as _add_plan
+
+    add_export_command(sub)
 
     _add_plan(sub)
     return parser

@@ -47,6 +47,7 @@ __all__ = [
     "atomic_file",
     "atomic_write_text",
     "check_out_dir",
+    "check_out_file",
     "remove_stale_temporaries",
     "sha256_file",
     "umask_permissions",
@@ -168,6 +169,28 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, kind: FolderKind)
                else f"qolora's {what} does not write them")
         raise ConfigError(f"{what} {str(path)!r} holds {shown}: {why}. overwrite replaces only {what}s that "
                           "qolora wrote, so nothing was changed; move them away or choose another path")
+    return path
+
+
+def check_out_file(path: str | os.PathLike, overwrite: bool, what: str, ours: Callable[[Path], bool]) -> Path:
+    """The file rule of ``overwrite`` (:func:`check_out_dir` for folders): an existing ``path`` is replaced only
+    with ``overwrite`` and when ``ours(path)`` proves qolora wrote it (e.g. a marker in its header).
+
+    Raises:
+        ConfigError: ``path`` is a folder or not a plain file; exists without ``overwrite``; or is not qolora's.
+    """
+    path = Path(path).expanduser()
+    if not (path.exists() or path.is_symlink()):
+        return path
+    if path.is_symlink() or not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} exists and is not a plain file; choose another path")
+    if not overwrite:
+        raise ConfigError(f"{what} {str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it, "
+                          "or choose another path")
+    if not ours(path):
+        raise ConfigError(f"{what} {str(path)!r} exists and qolora did not write it (no qolora marker): overwrite "
+                          f"replaces only a {what} that qolora wrote, so nothing was changed; move it away or "
+                          "choose another path")
     return path
 
 

@@ -53,7 +53,7 @@ from .adapter_io import AdapterError, SavedAdapter, read_adapter
 from .adapter_load import FingerprintCheck, check_base_structure, resolve_device_config
 from .base_reader import BaseCheckpoint, LinearWeight
 from .config import ConfigError
-from .files import atomic_file, atomic_write_text
+from .files import atomic_file, atomic_write_text, check_out_file
 
 __all__ = ["export_gguf", "export_gguf_lora", "gguf_type", "ollama_modelfile", "recorded_base", "GGUF_TYPES",
            "LORA_TYPES", "UNAVAILABLE_TYPES", "ARCHITECTURES", "MODELFILE"]
@@ -131,26 +131,17 @@ def gguf_type(type: str) -> str:
     raise ConfigError(f"GGUF type {type!r} is not available{reason}; allowed: {list(GGUF_TYPES)}")
 
 
-def _check_out_file(out_file: str | os.PathLike, overwrite: bool, modelfile: bool) -> tuple[Path, Path | None]:
+def _out_paths(out_file: str | os.PathLike, overwrite: bool, modelfile: bool) -> tuple[Path, Path | None]:
     """The .gguf path and the Modelfile path beside it; refuses what exists unless ``overwrite``."""
     path = Path(out_file).expanduser()
     if path.suffix.lower() != ".gguf":
         raise ConfigError(f"GGUF output {str(path)!r} must be a file name ending in .gguf, e.g. model.gguf")
     if path.is_dir():
         raise ConfigError(f"GGUF output {str(path)!r} is a folder; give a file path ending in .gguf")
+    check_out_file(path, overwrite, "GGUF file", _written_by_qolora)
     beside = path.parent / MODELFILE if modelfile else None
-    for target in (path, beside):
-        if target is None or not (target.exists() or target.is_symlink()):
-            continue
-        if target.is_symlink() or not target.is_file():
-            raise ConfigError(f"{str(target)!r} exists and is not a plain file; choose another path")
-        if not overwrite:
-            raise ConfigError(f"{str(target)!r} already exists; pass overwrite=True (--overwrite) to replace it, "
-                              "or choose another path")
-        if not _written_by_qolora(target):
-            raise ConfigError(f"{str(target)!r} exists and qolora did not write it (no qolora marker): overwrite "
-                              "replaces only a GGUF file or Modelfile qolora wrote, so nothing was changed; move it "
-                              "away or choose another path")
+    if beside is not None:
+        check_out_file(beside, overwrite, "Modelfile", _written_by_qolora)
     return path, beside
 
 
@@ -558,7 +549,7 @@ def export_gguf(
     type = gguf_type(type)
     if into not in INTO:
         raise ConfigError(f"into={into!r} is not supported; allowed: {list(INTO)}")
-    path, modelfile_path = _check_out_file(out_file, overwrite, modelfile)
+    path, modelfile_path = _out_paths(out_file, overwrite, modelfile)
     gguf = _gguf()
     saved = read_adapter(adapter_dir)
     base = str(base) if base is not None else recorded_base(saved, adapter_dir)
@@ -655,7 +646,7 @@ def export_gguf_lora(
     """
     if gguf_type(type) not in LORA_TYPES:
         raise ConfigError(f"LoRA GGUF type {type!r} is not supported; allowed: {list(LORA_TYPES)}")
-    path, _ = _check_out_file(out_file, overwrite, modelfile=False)
+    path, _ = _out_paths(out_file, overwrite, modelfile=False)
     gguf = _gguf()
     saved = read_adapter(adapter_dir)
     hf_config = BaseCheckpoint.open(str(base) if base is not None else recorded_base(saved, adapter_dir)).hf_config
