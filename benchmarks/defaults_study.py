@@ -5,8 +5,8 @@ Protocol (the defaults of this script)::
 
     model       the cached SmolLM2-135M-Instruct (qolora.assets), 4-bit NF4 base (blocksize 64, double
                 quantization), rank 16, alpha 16 (s = 1), every linear layer of the decoder
-    tasks       chat:  the chatterbot conversations (qolora's default data), prompt-masked, max 128 tokens,
-                       128 fixed held-out conversations
+    tasks       chat:  the chatterbot conversations (qolora's default data), each distinct conversation once
+                       (the file repeats many), prompt-masked, max 128 tokens, 128 fixed held-out conversations
                 pydoc: plain language modelling on another domain: the Python language reference that ships
                        with CPython (``pydoc_data.topics``, what ``help("if")`` shows), its topics in a fixed
                        hashed order, EOS between topics, cut into blocks of 128 tokens; the first 128 blocks
@@ -137,6 +137,7 @@ class StudySettings(conv.Settings):
     corpus: str = ""
     data_sha: str = ""
     protocol: str = PROTOCOL
+    dedupe: bool = True  # chat: drop repeated conversations before the split (held-out means unseen)
 
     def key(self) -> str:
         d = dataclasses.asdict(self)
@@ -176,6 +177,20 @@ def lm_blocks(tokenizer, items: Sequence[tuple[str, str]], block: int, limit: in
         if limit is not None and len(blocks) >= limit:
             return blocks[:limit]
     return blocks
+
+
+def distinct_conversations(records) -> tuple[list[int], int]:
+    """Indices of the first occurrence of each conversation (roles and case- and space-normalized contents), and
+    the number of records."""
+    keep, seen = [], set()
+    for i, r in enumerate(records):
+        msgs = r.get("messages") if isinstance(r, dict) else None
+        key = json.dumps([(m.get("role"), " ".join(str(m.get("content", "")).lower().split())) for m in msgs]
+                         if msgs else sorted((k, str(v)) for k, v in dict(r).items()))
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep, len(records)
 
 
 # ------------------------------------------------------------------------------------ LoftQ through PEFT
@@ -298,8 +313,10 @@ class StudyBench(conv.Bench):
         self.loftq_checks: list[dict] = []
 
     def data(self):
-        if self.s.task == "chat" or self._data is not None:
+        if self._data is not None or (self.s.task == "chat" and not self.s.dedupe):
             return super().data()
+        if self.s.task == "chat":
+            return self._chat_data()
         import datasets
 
         from qolora.finetune import load_tokenizer
@@ -317,6 +334,33 @@ class StudyBench(conv.Bench):
                 "eval_examples": len(eval_b), "eval_label_tokens": sum(len(b) - 1 for b in eval_b),
                 "block_tokens": self.s.max_length, "corpus": self.s.corpus, "seconds": time.perf_counter() - t0}
         logger.info("data (%s): %s", self.s.task, info)
+        self._data = (tokenizer, train_ds, eval_ds, info)
+        return self._data
+
+    def _chat_data(self):
+        """conv.Bench.data with repeated conversations dropped first (the first of each kept, in file order): the
+        chatterbot records repeat many conversations, which would otherwise sit on both sides of the split."""
+        from qolora.data import load_records, split_train_eval, tokenize_dataset
+        from qolora.finetune import load_tokenizer
+
+        t0 = time.perf_counter()
+        tokenizer = load_tokenizer(Path(self.s.model))
+        records = load_records(self.s.data)
+        keep, seen = distinct_conversations(records)
+        records = records.select(keep)
+        if self.s.max_examples is not None and len(records) > self.s.max_examples:
+            records = records.select(range(self.s.max_examples))
+        tokenized, stats = tokenize_dataset(records, tokenizer, max_length=self.s.max_length, mask_prompt=True)
+        n = len(tokenized)
+        n_eval = min(self.s.eval_examples, n // 2)
+        train_ds, eval_ds = split_train_eval(tokenized, n_eval / n, seed=self.s.split_seed)
+        if len(eval_ds) > n_eval:
+            eval_ds = eval_ds.select(range(n_eval))
+        label_tokens = sum(sum(1 for t in row if t != -100) for row in eval_ds["labels"])
+        info = {"records_in_file": seen, "distinct_records": len(keep), "records": len(records), "examples": n,
+                "train_examples": len(train_ds), "eval_examples": len(eval_ds), "eval_label_tokens": label_tokens,
+                "tokenize_stats": conv._as_dict(stats), "seconds": time.perf_counter() - t0}
+        logger.info("data (chat, repeated conversations dropped): %s", info)
         self._data = (tokenizer, train_ds, eval_ds, info)
         return self._data
 

@@ -49,6 +49,7 @@ def assets(tmp_path_factory):
     with open(data, "w") as f:
         for i in range(40):
             q, a = QA[i % len(QA)]
+            q = f"{q} (question {i})"  # distinct conversations: repeated ones are dropped before the split
             f.write(json.dumps({"messages": [{"role": "user", "content": q},
                                              {"role": "assistant", "content": a}]}) + "\n")
     return model, data
@@ -98,6 +99,13 @@ def test_the_pydoc_corpus_is_fixed_and_cut_into_full_blocks(assets):
     flat = [t for b in blocks for t in b]
     assert tok.eos_token_id in flat  # topics end with EOS
     assert ds.lm_blocks(tok, CORPUS, 24, limit=5) == blocks[:5]
+
+
+def test_repeated_conversations_are_dropped_before_the_split():
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in [("Hi", "Hello."), ("hi ", "hello."), ("Who?", "Me."), ("Hi", "Hello.")]]
+    keep, n = ds.distinct_conversations(rows)
+    assert keep == [0, 2] and n == 4
 
 
 def test_q41_grid_fit_tells_grid_weights_from_continuous_ones():
