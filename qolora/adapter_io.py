@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base_reader import linear_layers
+from .base_reader import GUARD_MODEL_TYPE, linear_layers
 from .config import AdapterConfig, ConfigError
 from .experts import ExpertSlot, expert_slots
 from .files import FolderKind, atomic_dir, check_out_dir, sha256_file, write_json
@@ -73,7 +73,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 QOLORA_CONFIG = "qolora_config.json"
 INIT_WEIGHTS = "qolora_init.safetensors"
 GUARD_CONFIG = "config.json"  # model_type qolora_adapter: transformers' from_pretrained refuses the folder
-GUARD_MODEL_TYPE = "qolora_adapter"
 PEFT_PREFIX = "base_model.model."
 
 

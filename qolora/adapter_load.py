@@ -25,7 +25,7 @@ from .forward_wrap import apply_autocast
 from .host_embedding import check_offload_embedding
 from .layer import adapter_layers
 from .model_record import ModelRecord
-from .offload import offload_layers_for
+from .placement import offload_layers_for
 from .prepare import adopt, build_model
 from .quant import quant_settings
 

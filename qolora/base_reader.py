@@ -62,6 +62,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: The model_type of the config.json qolora writes into an adapter folder: transformers' from_pretrained
+#: refuses the folder, and qolora's reader names it (qolora.adapter_io writes it).
+GUARD_MODEL_TYPE = "qolora_adapter"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _FILES_FROM_HUB = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 _INDEXES = (("model.safetensors.index.json", "model.safetensors"),
@@ -111,8 +114,6 @@ def hf_config_from_dict(raw: Mapping, source: str):
     """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    from .adapter_io import GUARD_MODEL_TYPE  # lazily: adapter_io reads checkpoints through this module
 
     model_type = raw.get("model_type")
     if model_type == GUARD_MODEL_TYPE:

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .export_cli import add_export_command
     from .plan import add_parser as _add_plan
 
-    add_export_command(sub)
+    add_export_command(sub, formatter_class=_Help)
 
     _add_plan(sub)
     return parser

@@ -26,23 +26,24 @@ FORMATS = ("gguf", "merged", "peft", "gguf-lora")
 _MERGED_TYPES = {"bf16": "bf16", "fp16": "fp16", "f16": "fp16", "fp32": "fp32", "f32": "fp32"}
 
 
-def add_export_command(subparsers) -> argparse.ArgumentParser:
+def add_export_command(subparsers, formatter_class: type = argparse.ArgumentDefaultsHelpFormatter
+                       ) -> argparse.ArgumentParser:
     """Register ``qolora export`` on an argparse subparsers object.
 
     Args:
         subparsers: what ``ArgumentParser.add_subparsers()`` returned.
+        formatter_class: the help formatter of the other commands (the ``qolora`` command passes its own).
 
     Returns:
         The ``export`` parser (its handler is set as ``func``).
     """
-    from .cli import _Help
     from .gguf_export import GGUF_TYPES, INTO, UNAVAILABLE_TYPES
 
     why_not: dict[str, list[str]] = {}
     for name, why in UNAVAILABLE_TYPES.items():
         why_not.setdefault(why, []).append(name)
     p = subparsers.add_parser(
-        "export", formatter_class=_Help,
+        "export", formatter_class=formatter_class,
         help="export an adapter: GGUF for llama.cpp/Ollama, a merged checkpoint, or a PEFT LoRA",
         description="Write ADAPTER in the format the place it will run wants: gguf (merged into its base, one "
                     "file for llama.cpp / Ollama / LM Studio, with an Ollama Modelfile beside it), merged (a plain "

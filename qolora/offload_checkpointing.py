@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["OffloadedCheckpointing", "checkpointing_mode", "find_offloaded_checkpointing", "install"]
+__all__ = ["OffloadedCheckpointing", "check_checkpointed_layers", "checkpointing_mode", "enable_gradient_checkpointing",
+           "find_offloaded_checkpointing", "install", "require_layer_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,3 +165,40 @@ def find_offloaded_checkpointing(model: nn.Module) -> OffloadedCheckpointing | N
             if isinstance(func, OffloadedCheckpointing):
                 return func
     return None
+
+
+def enable_gradient_checkpointing(model: nn.Module, offload: bool = False, layers: int | None = None) -> None:
+    """Non-reentrant checkpointing: works with a frozen embedding and trainable adapters only.
+
+    ``offload=True``: each checkpointed layer's saved input waits in host memory until its recompute
+    (:class:`qolora.offload_checkpointing.OffloadedCheckpointing`); False turns that off again.
+    ``layers=n``: only the first ``n`` decoder layers are checkpointed; the others keep their
+    activations (no recompute). The backward pass reaches the last layers first, so theirs are the
+    activations freed first. None: every layer.
+
+    Raises:
+        ConfigError: ``layers`` is more than the model has.
+    """
+    if layers is not None:
+        from .offload import decoder_layers  # the streaming module's rule for finding the decoder layers
+
+        _, decoder = decoder_layers(model)
+        require_layer_count(layers, len(decoder))
+        if offload:
+            from .config import ConfigError
+
+            raise ConfigError("offloaded checkpointing applies to every layer; give 'offload' or a number of "
+                              "layers, not both")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if offload:
+        install(model, OffloadedCheckpointing(kwargs))
+    if layers is not None:
+        for index, layer in enumerate(decoder):
+            if hasattr(layer, "gradient_checkpointing"):  # transformers' GradientCheckpointingLayer
+                layer.gradient_checkpointing = index < layers
+    if hasattr(model, "config"):
+        model.config.use_cache = False

@@ -96,6 +96,7 @@ from .loss import DEFAULT_CHUNK_BYTES
 from .memory_model import adapted_kinds, model_dims, optimizer_bytes, quantized_bytes, step_memory
 from .offload import check_offload, decoder_layers, spread
 from .offload_checkpointing import check_checkpointed_layers, checkpointing_mode
+from .train_config import OPTIMIZERS
 
 __all__ = ["MemoryPlan", "plan", "load_hf_config", "builtin_configs", "add_parser", "run"]
 
@@ -397,7 +398,7 @@ def plan(
             :func:`qolora.prepare` (``target_modules=None``: every linear layer but the head).
         seq_len, batch_size: tokens per example and examples per micro-batch.
         grad_accum: micro-batches per step (does not change the peak: one micro-batch lives at a time).
-        optim: one of :data:`qolora.train.OPTIMIZERS`.
+        optim: one of :data:`qolora.train_config.OPTIMIZERS`.
         gradient_checkpointing: recompute each layer in the backward pass; ``"offload"``: and keep the
             checkpointed layer inputs in host memory (:mod:`qolora.offload_checkpointing`; CUDA only: on
             ``device="cpu"`` it is ordinary checkpointing); an integer ``k``: only the first ``k`` decoder
@@ -433,8 +434,6 @@ def plan(
     Raises:
         ConfigError: bad options or a config that cannot be built (all problems at once for options).
     """
-    from .train_config import OPTIMIZERS
-
     problems = AdapterConfig(bits=bits, rank=rank, alpha=alpha, quant_type=quant_type, blocksize=blocksize,
                              double_quant=double_quant, adapter_dtype=adapter_dtype, dtype=compute_dtype,
                              target_modules=tuple(target_modules) if target_modules is not None else None,
@@ -691,7 +690,6 @@ def _suggest(model, current: MemoryPlan, options: dict, hf_config) -> list[dict]
 # --------------------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``qolora plan`` on an argparse subparsers object; choices come from the library's constants."""
-    from .train import OPTIMIZERS
 
     bits_choices = [4, 8, 16]
     assert not AdapterConfig(bits=bits_choices[0]).problems()  # the same set AdapterConfig accepts

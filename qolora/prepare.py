@@ -55,14 +55,9 @@ from .inits import INITS, refine_factors, residual_
 from .kernels import check_kernels
 from .layer import AdapterLinear, mark_only_adapters_trainable, replace_module, set_kernels
 from .model_record import LayerReport, ModelRecord, QuantReport, attach_record
-from .offload import LayerOffload, check_gpu_memory, check_offload, decoder_layers, offload_layers_for
-from .offload_checkpointing import (
-    OffloadedCheckpointing,
-    check_checkpointed_layers,
-    checkpointing_mode,
-    install,
-    require_layer_count,
-)
+from .offload import LayerOffload, check_gpu_memory, check_offload
+from .offload_checkpointing import check_checkpointed_layers, checkpointing_mode, enable_gradient_checkpointing
+from .placement import offload_layers_for
 from .quant import make_base_layer, quantization_error, quantize_dequantize
 from .threads import cpu_thread_policy
 
@@ -383,36 +378,3 @@ def prepare(
     for problem in report.suspicious_layers():
         logger.warning("%s: is the checkpoint file damaged? %s", name, problem)
     return net
-
-
-def enable_gradient_checkpointing(model: nn.Module, offload: bool = False, layers: int | None = None) -> None:
-    """Non-reentrant checkpointing: works with a frozen embedding and trainable adapters only.
-
-    ``offload=True``: each checkpointed layer's saved input waits in host memory until its recompute
-    (:class:`qolora.offload_checkpointing.OffloadedCheckpointing`); False turns that off again.
-    ``layers=n``: only the first ``n`` decoder layers are checkpointed; the others keep their
-    activations (no recompute). The backward pass reaches the last layers first, so theirs are the
-    activations freed first. None: every layer.
-
-    Raises:
-        ConfigError: ``layers`` is more than the model has.
-    """
-    if layers is not None:
-        _, decoder = decoder_layers(model)
-        require_layer_count(layers, len(decoder))
-        if offload:
-            raise ConfigError("offloaded checkpointing applies to every layer; give 'offload' or a number of "
-                              "layers, not both")
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if offload:
-        install(model, OffloadedCheckpointing(kwargs))
-    if layers is not None:
-        for index, layer in enumerate(decoder):
-            if hasattr(layer, "gradient_checkpointing"):  # transformers' GradientCheckpointingLayer
-                layer.gradient_checkpointing = index < layers
-    if hasattr(model, "config"):
-        model.config.use_cache = False

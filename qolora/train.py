@@ -69,7 +69,7 @@ from .files import folder_lock
 from .layer import adapter_parameters, adapter_state_dict
 from .loss import causal_lm_loss_sum
 from .model_record import record_of
-from .offload_checkpointing import find_offloaded_checkpointing
+from .offload_checkpointing import enable_gradient_checkpointing, find_offloaded_checkpointing
 from .optim import lr_factor, make_optimizer, resolve_precision
 from .run_folder import METRICS_FILE, check_output_dir, clear_run, refuse_resume, resume_problems, trajectory
 from .train_config import DEFAULT_LR, MIXED_PRECISION, OPTIMIZERS, TrainConfig, TrainingError, TrainResult, default_lr
@@ -420,8 +420,6 @@ def _set_gradient_checkpointing(model: nn.Module, on: bool | str | int) -> None:
     """True: checkpointing on (offloaded if the model was prepared so); ``"offload"``: on and offloaded; an integer
     ``n``: only the first ``n`` decoder layers; False: off."""
     if not isinstance(on, (bool, str)):  # a layer count: set exactly as asked
-        from .prepare import enable_gradient_checkpointing
-
         enable_gradient_checkpointing(model, layers=on)
         return
     active = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x name
@@ -431,8 +429,6 @@ def _set_gradient_checkpointing(model: nn.Module, on: bool | str | int) -> None:
         if not hasattr(model, "gradient_checkpointing_enable"):
             logger.warning("%s does not support gradient checkpointing; training without it", type(model).__name__)
             return
-        from .prepare import enable_gradient_checkpointing  # the loop does not need prepare otherwise
-
         enable_gradient_checkpointing(model, offload=on == "offload")
     elif not on and active:
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
@@ -578,17 +574,3 @@ def _loop(run: _Run) -> None:
                 run.plot()
             if config.save_every and run.step % config.save_every == 0:
                 run.save()
-
-
-def __getattr__(name: str):
-    """``from qolora.train import finetune`` (qolora 0.1's documented import) keeps working, with a
-    DeprecationWarning: the pipeline lives above the loop, in :mod:`qolora.finetune`."""
-    if name == "finetune":
-        import warnings
-
-        warnings.warn("qolora.train.finetune moved: use qolora.finetune (or qolora.finetune.finetune)",
-                      DeprecationWarning, stacklevel=2)
-        from .finetune import finetune
-
-        return finetune
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

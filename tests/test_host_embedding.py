@@ -257,13 +257,13 @@ def test_plan_offers_it_first_and_auto_uses_it_before_layers():
 
 
 def test_a_host_too_small_for_the_embedding_is_refused(monkeypatch):
-    from qolora import offload
+    from qolora import placement
     from qolora.config import AdapterConfig
     from qolora.plan import load_hf_config
 
     config = load_hf_config("llama-3-70b")
-    monkeypatch.setattr(offload, "available_host_bytes", lambda: 1 << 30)
+    monkeypatch.setattr(placement, "available_host_bytes", lambda: 1 << 30)
     with pytest.raises(ConfigError, match=r"needs 1\.96 GiB of host memory for the input embedding .*1\.00 GiB"):
-        offload._check_embedding_room(config, AdapterConfig(dtype="bf16"))
-    monkeypatch.setattr(offload, "available_host_bytes", lambda: 4 << 30)
-    offload._check_embedding_room(config, AdapterConfig(dtype="bf16"))
+        placement._check_embedding_room(config, AdapterConfig(dtype="bf16"))
+    monkeypatch.setattr(placement, "available_host_bytes", lambda: 4 << 30)
+    placement._check_embedding_room(config, AdapterConfig(dtype="bf16"))

@@ -16,7 +16,8 @@ import torch
 import qolora
 from qolora import ConfigError, adapter_parameters, adapter_state_dict, prepare
 from qolora.base_reader import BaseCheckpoint
-from qolora.offload import OffloadedLayers, decoder_layers, offload_layers_for, spread
+from qolora.offload import OffloadedLayers, decoder_layers, spread
+from qolora.placement import offload_layers_for
 from qolora.plan import plan
 from qolora.synthetic import SyntheticCheckpoint
 from qolora.train import TrainConfig, train
@@ -164,9 +165,9 @@ def test_offload_choices_and_host_check(llama3, monkeypatch):
         _build(llama3, "gpu")
     assert _build(llama3, "auto").qolora.offload is None  # on the CPU there is nothing to fit
     assert _build(llama3, "none").qolora.offload is None
-    import qolora.offload as off
+    import qolora.placement as placement
 
-    monkeypatch.setattr(off, "available_host_bytes", lambda: 1000)
+    monkeypatch.setattr(placement, "available_host_bytes", lambda: 1000)
     cfg = qolora.AdapterConfig(bits=4, rank=4, device="cpu").validate()
     with pytest.raises(ConfigError, match=r"needs 0\.\d+ GiB of host memory, but only 0\.00 GiB is available"):
         offload_layers_for(BaseCheckpoint.open(llama3).hf_config, cfg, "cpu")
