@@ -366,9 +366,7 @@ def split_train_eval(
     """Split a dataset into train and eval parts, deterministically.
 
     The rows are shuffled with ``seed``; ``round(n * eval_fraction)`` of them (at least 1, at
-    most ``n - 1``) go to eval. Identical examples (the same ``input_ids``) stay together on one side,
-    so no held-out example is also trained on (a repeated record would otherwise be measured on what
-    the model saw); eval then takes whole groups and may hold a few more rows.
+    most ``n - 1``) go to eval.
 
     Args:
         dataset: At least 2 rows.
@@ -397,24 +395,11 @@ def split_train_eval(
     import numpy as np
 
     n_eval = min(max(1, int(round(n * eval_fraction))), n - 1)
-    groups: dict[object, list[int]] = {}  # identical examples, in order of first appearance
-    keys = (tuple(ids) for ids in dataset["input_ids"]) if "input_ids" in dataset.column_names else range(n)
-    for index, key in enumerate(keys):
-        groups.setdefault(key, []).append(index)
-    members = list(groups.values())
-    order = np.random.default_rng(seed).permutation(len(members))  # all distinct: a permutation of the rows
-    eval_idx: list[int] = []
-    for g in order.tolist():  # whole groups to eval until it is full, so no eval example is also trained on
-        if len(eval_idx) >= n_eval or len(eval_idx) + len(members[g]) > n - 1:
-            break
-        eval_idx += members[g]
-    chosen = set(eval_idx)
-    train_idx = [i for i in range(n) if i not in chosen]
-    eval_idx.sort()
-    repeats = n - len(members)
+    order = np.random.default_rng(seed).permutation(n)
+    eval_idx = sorted(order[:n_eval].tolist())
+    train_idx = sorted(order[n_eval:].tolist())
     logger.info(
-        "Split %d examples into %d train / %d eval (seed=%d)%s", n, len(train_idx), len(eval_idx), seed,
-        f"; {repeats} repeat another example and stay on its side" if repeats else "",
+        "Split %d examples into %d train / %d eval (seed=%d)", n, len(train_idx), n_eval, seed
     )
     return dataset.select(train_idx), dataset.select(eval_idx)
 

@@ -548,16 +548,3 @@ def test_collator_on_tokenized_dataset(tok):
     n0, n1 = len(out[0]["input_ids"]), len(out[1]["input_ids"])
     assert batch["input_ids"].shape == (2, max(n0, n1))
     assert int(batch["attention_mask"].sum()) == n0 + n1
-
-
-def test_split_keeps_identical_examples_on_one_side():
-    unique = datasets.Dataset.from_dict({"input_ids": [[i] for i in range(20)], "labels": [[i] for i in range(20)]})
-    import numpy as np
-
-    _, held = split_train_eval(unique, 0.25, seed=3)  # no repeats: the same split as a plain permutation
-    assert sorted(x[0] for x in held["input_ids"]) == sorted(np.random.default_rng(3).permutation(20)[:5].tolist())
-    repeated = datasets.Dataset.from_dict({"input_ids": [[i % 7] for i in range(28)], "labels": [[0]] * 28})
-    for seed in range(5):
-        train, held = split_train_eval(repeated, 0.25, seed=seed)
-        assert not set(map(tuple, train["input_ids"])) & set(map(tuple, held["input_ids"]))
-        assert len(train) + len(held) == 28 and len(held) >= 7
