@@ -214,38 +214,40 @@ def train_steps(model, steps: int = 4, lr: float = 1e-2) -> list[float]:
 
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory):
-    """Per MoE architecture: a 4-bit model trained a few steps, its losses and its saved adapter."""
+    """Per architecture: a 4-bit model trained a few steps, its losses and its saved adapter."""
     root = tmp_path_factory.mktemp("trained")
     out = {}
-    for arch in MOE:
+    for arch in ALL:
         model = qolora.prepare(tiny[arch], bits=4, rank=4, progress=False)
         losses = train_steps(model)
         out[arch] = (model, losses, qolora.save_adapter(model, root / arch))
     return out
 
 
-@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("arch", ALL)
 def test_training_lowers_the_loss_and_moves_the_experts(trained, arch):
     model, losses, _ = trained[arch]
     assert losses[-1] < losses[0]
+    if arch not in MOE:
+        return
     layers = dict(adapter_layers(model))
     moved = [n for n, layer in layers.items() if ".experts." in n
              and not torch.equal(layer.lora_B.weight.detach().cpu(), layer.init_factors[1])]
     assert moved  # the routed experts train too
 
 
-@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("arch", ALL)
 def test_save_and_reload_is_exact(tiny, trained, arch):
     model, _, adapter = trained[arch]
     reloaded = qolora.load(tiny[arch], adapter, progress=False)
     record = json.loads((adapter / "qolora_config.json").read_text())
     slots = [r["expert"] for r in record["layers"].values() if "expert" in r]
-    assert slots and {s["count"] for s in slots} == {4}
+    assert {s["count"] for s in slots} == ({4} if arch in MOE else set())
     tokens = ids(2)
     assert torch.equal(logits(model, tokens), logits(reloaded, tokens))
 
 
-@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("arch", ALL)
 def test_the_merged_folder_loads_in_transformers_as_the_trained_model(tiny, trained, arch, tmp_path):
     from safetensors import safe_open
 
@@ -260,7 +262,7 @@ def test_the_merged_folder_loads_in_transformers_as_the_trained_model(tiny, trai
         assert set(f.keys()) == stored  # written back in the checkpoint's own (per-expert) layout
 
 
-@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("arch", ALL)
 def test_the_peft_export_loads_in_peft_as_the_trained_model(tiny, arch, tmp_path):
     """At 16 bits the export is exact: PEFT's target_parameters adapters on the fused experts compute what
     qolora's per-expert adapters computed."""
@@ -271,7 +273,21 @@ def test_the_peft_export_loads_in_peft_as_the_trained_model(tiny, arch, tmp_path
     train_steps(model, steps=2)
     qolora.export_lora(model, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert {"experts.gate_up_proj", "experts.down_proj"} <= set(config["target_parameters"])
+    if arch in MOE:
+        assert {"experts.gate_up_proj", "experts.down_proj"} <= set(config["target_parameters"])
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny[arch]), tmp_path / "peft").eval()
     tokens = ids(4)
     torch.testing.assert_close(logits(peft_model, tokens), logits(model, tokens), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", [dict(bits=8), dict(bits=4, init="pissa"), dict(bits=4, init="lora"),
+                                     dict(bits=4, refine=1, gradient_checkpointing=True)])
+def test_experts_take_every_init_and_bit_width(tiny, options):
+    model = qolora.prepare(tiny["qwen3_moe"], rank=4, compare_plain=True, progress=False, **options)
+    report = model.qolora.report
+    experts = [r for r in report.layers if ".experts." in r.name]
+    assert len(experts) == 16
+    if options.get("init") != "lora":  # LoRA leaves the base as it is: plain quantization's error
+        assert report.total_error < report.total_plain_error
+    losses = train_steps(model, steps=3)
+    assert losses[-1] < losses[0]
