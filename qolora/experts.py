@@ -251,3 +251,21 @@ def peft_expert_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor,
     lora_a = a.reshape(e * r, in_features)  # (E*r, in)
     lora_b = b.permute(1, 2, 0).reshape(b.shape[1], r * e)  # (out, r, E) -> (out, r*E)
     return lora_a.contiguous(), lora_b.contiguous()
+
+
+# ------------------------------------------------------------------------------------- counting
+def moe_counts(model: nn.Module, experts_per_token: int) -> dict | None:
+    """What the plan says about a split-experts ``model`` (``meta`` is fine): the number of experts, how many
+    a token is routed to, the MoE layers, one expert's parameters (its ``gate_up_proj`` and ``down_proj``),
+    and the model's total parameters against those one token uses (``active``: every parameter outside the
+    routed experts, and ``experts_per_token / num_experts`` of theirs). None for a model without experts."""
+    blocks = [m for m in model.modules() if isinstance(m, SplitExperts)]
+    if not blocks:
+        return None
+    expert_params = sum(p.numel() for b in blocks for name, p in b.named_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    first = blocks[0]
+    per_expert = 3 * first.hidden_dim * first.intermediate_dim
+    return {"num_experts": first.num_experts, "experts_per_token": experts_per_token, "moe_layers": len(blocks),
+            "expert_params": per_expert, "total_params": total,
+            "active_params": total - expert_params + expert_params * experts_per_token // first.num_experts}

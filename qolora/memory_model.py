@@ -29,6 +29,8 @@ class Dims:
     attn_dropout: float
     resid_dropout: float
     activation: str
+    experts_per_token: int = 0  # a Mixture-of-Experts model: k of ``num_experts`` routed experts per token
+    num_experts: int = 0
 
 
 def model_dims(hf_config) -> Dims:
@@ -45,9 +47,31 @@ def model_dims(hf_config) -> Dims:
     if mt not in LLAMA_LIKE:
         logger.warning("activation estimate for model_type %r uses the Llama-style layer formula (validated for "
                        "llama, mistral, qwen2 and gpt2 only)", mt)
-    return Dims("llama", text.num_hidden_layers, h, text.intermediate_size, heads,
+    return Dims("llama", text.num_hidden_layers, h, mlp_width(text), heads,
                  getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size,
-                 float(getattr(text, "attention_dropout", 0.0) or 0.0), 0.0, getattr(text, "hidden_act", "silu"))
+                 float(getattr(text, "attention_dropout", 0.0) or 0.0), 0.0, getattr(text, "hidden_act", "silu"),
+                 *moe_dims(text))
+
+
+def mlp_width(text) -> int:
+    """The MLP width a token goes through: ``intermediate_size``, or for a Mixture-of-Experts config the experts
+    it is routed to (``num_experts_per_tok`` x the expert width) plus any shared expert. A MoE layer's
+    activations are then estimated as a dense MLP of that width (not validated against a measurement)."""
+    k = getattr(text, "num_experts_per_tok", None)
+    if not k:
+        return text.intermediate_size
+    expert = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+    shared = (getattr(text, "shared_expert_intermediate_size", None)
+              or (getattr(text, "n_shared_experts", None) or 0) * expert)
+    return k * expert + shared
+
+
+def moe_dims(text) -> tuple[int, int]:
+    """``(experts per token, experts)`` of a Mixture-of-Experts config, ``(0, 0)`` for a dense one."""
+    k = getattr(text, "num_experts_per_tok", None) or 0
+    experts = next((getattr(text, a) for a in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if isinstance(getattr(text, a, None), int)), 0)
+    return (k, experts) if k and experts else (0, 0)
 
 
 def quantized_bytes(out_f: int, in_f: int, bits: int, blocksize: int, double_quant: bool, dtype_bytes: int) -> int:
@@ -115,7 +139,10 @@ def llama_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adap
     inputs = inputs_bytes(N, [(d.h, ["q_proj", "k_proj", "v_proj"]), (q, ["o_proj"]), (d.h, ["gate_proj", "up_proj"]),
                                (d.i, ["down_proj"])], adapted, a, adapter_b, autocast, bits, fused)
     lora = N * r * (a if autocast else adapter_b) * len(adapted)
-    return norms + attn + mlp + inputs + lora
+    # A MoE layer (the experts' loop of qolora.experts): per routed (token, expert) its gathered input and its
+    # output before the routing weight are kept, and the router's logits and fp32 probabilities per token.
+    moe = N * d.experts_per_token * 2 * d.h * a + N * d.num_experts * (a + 4) if d.experts_per_token else 0
+    return norms + attn + mlp + inputs + lora + moe
 
 
 def gpt2_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,

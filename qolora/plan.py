@@ -86,10 +86,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base_reader import hf_config_from_dict, layer_shape, linear_layers, meta_skeleton, select_targets
+from .base_reader import (
+    hf_config_from_dict,
+    layer_shape,
+    linear_layers,
+    meta_skeleton,
+    rank_problem,
+    select_targets,
+)
 from .base_reader import load_hf_config as read_config_file
 from .config import DTYPES, AdapterConfig, ConfigError, parse_size
 from .config_sizes import check_sizes
+from .experts import is_router, moe_counts
 from .host_embedding import check_untied, input_embedding_name
 from .kernels import check_kernels, fused_step
 from .loss import DEFAULT_CHUNK_BYTES
@@ -322,6 +330,11 @@ class MemoryPlan:
                  f"{'component':<{width}}  {'GiB':>8}  note", "-" * (width + 40)]
         lines += [f"{name:<{width}}  {_gib(b):>8}  {note}".rstrip() for name, b, note in rows]
         lines.append("-" * (width + 40))
+        if moe := self.details.get("moe"):
+            lines.append(f"experts: {moe['num_experts']} per layer in {moe['moe_layers']} layers, "
+                         f"{moe['experts_per_token']} per token, {moe['expert_bytes'] / 2**20:.1f} MiB each "
+                         f"quantized; parameters {moe['active_params'] / 1e9:.2f}B active of "
+                         f"{moe['total_params'] / 1e9:.2f}B")
         lines.append(f"{'total (predicted peak)':<{width}}  {_gib(self.total_bytes):>8}  "
                      f"weights {_gib(self.weights_bytes)}, peak at the {self.peak_moment}")
         on_host = self.offload is not None or self.checkpoint_host_bytes or self.embedding_host_bytes
@@ -482,9 +495,8 @@ def plan(
     skeleton = skeleton_for_plan(hf_config, cdtype)
     linears = linear_layers(skeleton)
     targets = select_targets(linears, tuple(target_modules) if target_modules is not None else None)
-    smallest = min((min(layer_shape(linears[n])) for n in targets), default=0)
-    if rank > smallest:
-        raise ConfigError(f"rank={rank} is larger than the smallest targeted layer allows (<= {smallest})")
+    if problem := rank_problem(linears, targets, rank):
+        raise ConfigError(problem)
 
     quantized = other = 0
     linear_weights = set()
@@ -496,7 +508,10 @@ def plan(
         head, sep, rest = name.partition(layers_name + ".")
         return int(rest.split(".", 1)[0]) if sep and not head else None
 
+    kept = set(targets)  # MoE routers not targeted stay unquantized (counted with the other weights)
     for name, mod in linears.items():
+        if is_router(mod) and name not in kept:
+            continue
         out_f, in_f = layer_shape(mod)
         nbytes = quantized_bytes(out_f, in_f, bits, blocksize, double_quant, a)
         quantized += nbytes
@@ -610,6 +625,12 @@ def plan(
         checkpoint_host_bytes=details["checkpoint_host_bytes"], offload_embedding=on_host,
         embedding_host_bytes=emb_host,
     )
+    text_config = getattr(hf_config, "text_config", None) or hf_config
+    if moe := moe_counts(skeleton, getattr(text_config, "num_experts_per_tok", 0) or 0):
+        expert = next(n for n in linears if ".experts.0." in n).rsplit(".", 1)[0]
+        moe["expert_bytes"] = sum(quantized_bytes(*layer_shape(linears[f"{expert}.{p}"]), bits, blocksize,
+                                                  double_quant, a) for p in ("gate_up_proj", "down_proj"))
+        result.details["moe"] = moe
     if gpu is not None and _search:
         limit = int(getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", 0)
                     or 131072)

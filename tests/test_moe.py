@@ -291,3 +291,32 @@ def test_experts_take_every_init_and_bit_width(tiny, options):
         assert report.total_error < report.total_plain_error
     losses = train_steps(model, steps=3)
     assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------------------------------- plan
+def test_plan_gives_the_moe_configs_on_24_gib():
+    from qolora.plan import plan
+
+    mixtral = plan("mixtral-8x7b", gpu_memory="24GiB", offload="auto")
+    qwen = plan("qwen3-30b-a3b", gpu_memory="24GiB")
+    assert mixtral.fits and qwen.fits
+    for p, total, active in ((mixtral, 46.70e9, 12.88e9), (qwen, 30.53e9, 3.35e9)):
+        moe = p.details["moe"]
+        assert moe["total_params"] == pytest.approx(total, rel=1e-3)
+        assert moe["active_params"] == pytest.approx(active, rel=1e-3)
+        assert "per token" in p.format_table()
+    assert qwen.details["moe"]["num_experts"] == 128 and qwen.n_adapted_layers == 48 * (4 + 2 * 128)
+
+
+def test_plan_counts_each_expert_and_keeps_routers_in_16_bits(tiny):
+    """The plan's weights and adapters are the prepared model's bytes: every expert quantized, the router not."""
+    from qolora.plan import plan
+    from test_plan import _model_bytes
+
+    for arch in MOE:
+        p = plan(str(tiny[arch]), rank=4, device="cpu", compute_dtype="fp32")
+        model = qolora.prepare(tiny[arch], bits=4, rank=4, progress=False)
+        assert p.weights_bytes + p.adapter_bytes == pytest.approx(_model_bytes(model), rel=1e-3)
+        assert p.n_adapted_layers == len(dict(adapter_layers(model)))
+    with pytest.raises(ConfigError, match=r"shared_expert_gate \(1x64\).*--target-modules"):
+        plan(str(tiny["qwen2_moe"]), rank=4, target_modules=["shared_expert_gate", "q_proj"])
