@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
+from .base_reader import meta_skeleton
 from .config import parse_size
 from .files import FolderKind, atomic_dir, check_out_dir
-from .plan import load_hf_config, skeleton_for_plan
+from .plan import load_hf_config
 
 __all__ = ["SyntheticCheckpoint"]
 
@@ -58,6 +59,8 @@ class SyntheticCheckpoint:
                  num_layers: int | None = None):
         config = load_hf_config(name_or_config)
         config = config.__class__.from_dict(config.to_dict())  # own copy
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
         if num_layers is not None:
             if num_layers < 1:
                 raise ValueError(f"num_layers={num_layers} must be >= 1")
@@ -67,7 +70,8 @@ class SyntheticCheckpoint:
         config.dtype = dtype
         self.name = str(name_or_config) if isinstance(name_or_config, (str, os.PathLike)) else config.model_type
         self.seed, self.dtype, self._config = seed, dtype, config
-        skeleton = skeleton_for_plan(config, dtype)
+        skeleton = meta_skeleton(config, dtype, split=False)  # transformers' names (fused MoE experts)
+        skeleton.tie_weights()
         params = {id(p): n for n, p in skeleton.named_parameters()}  # tied parameters once, first name
         state = skeleton.state_dict()
         specs = []
@@ -120,7 +124,7 @@ class SyntheticCheckpoint:
         # the values are a function of (seed, key, device type).
         g = torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
         out = torch.empty(shape, dtype=dtype, device=device)
-        flat = out.view(shape[0], -1)
+        flat = out.view(-1, shape[-1])  # rows of the last dimension (a fused expert tensor: every expert's)
         rows = max(1, _BLOCK_ELEMENTS // max(1, flat.shape[1]))
         for start in range(0, flat.shape[0], rows):
             block = torch.randn(min(rows, flat.shape[0] - start), flat.shape[1], generator=g, device=device).mul_(0.02)

@@ -320,3 +320,18 @@ def test_plan_counts_each_expert_and_keeps_routers_in_16_bits(tiny):
         assert p.n_adapted_layers == len(dict(adapter_layers(model)))
     with pytest.raises(ConfigError, match=r"shared_expert_gate \(1x64\).*--target-modules"):
         plan(str(tiny["qwen2_moe"]), rank=4, target_modules=["shared_expert_gate", "q_proj"])
+
+
+def test_a_synthetic_moe_checkpoint_streams_and_writes_in_transformers_layout(tmp_path):
+    """SyntheticCheckpoint names an MoE model as transformers does (fused experts): prepare streams it one
+    expert slice at a time with no disk, and the written folder loads in plain transformers to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from qolora.synthetic import SyntheticCheckpoint
+
+    synthetic = SyntheticCheckpoint(tiny_config("qwen3_moe"), dtype=torch.float32)
+    assert ("model.layers.0.mlp.experts.gate_up_proj", (4, 48, 64), torch.float32) in synthetic.tensors
+    streamed = qolora.prepare(BaseCheckpoint.from_source(synthetic, name="tiny-moe"), bits=16, rank=4, progress=False)
+    folder = synthetic.write(tmp_path / "synthetic")
+    reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+    torch.testing.assert_close(logits(streamed, ids()), logits(reference, ids()), atol=2e-5, rtol=1e-4)
