@@ -5,21 +5,27 @@ this module rather than three loops that drift apart::
 
     BaseCheckpoint.open("folder-or-hub-id")      config.json checked (no remote code), shards listed
         .skeleton(dtype)                         the model on the meta device: names, shapes, no memory
-        .stream(skeleton, wanted, device)        one tensor at a time, in file order:
+                                                 (MoE experts split into one linear layer each: qolora.experts)
+        .read_plan(skeleton)                     which tensors make which weight, from the headers alone
+        .stream(skeleton, wanted, device)        one weight at a time, in storage order:
             LinearWeight(module, key, W)         W: fp32 (out, in) on ``device`` for each wanted linear
                                                  layer (and each layer stored quantized, dequantized)
             OtherTensor(key, name, tensor)       everything else, as stored, on the CPU
 
-What the stream takes care of, once for everyone: checkpoint key -> model name (with or without the
-base-model prefix), the parts of a layer stored quantized by bitsandbytes (gathered, dequantized),
-GPT-2 ``Conv1D`` weights stored ``(in, out)`` (transposed), widening to fp32 on the device (moving
-the stored dtype is cheaper than converting on the host first), and the checks that make a corrupt
-checkpoint fail with its tensor and file named before it can poison a model: every tensor's shape
-against the skeleton, no NaN/inf in any floating tensor, unreadable shards, index files pointing
-outside the folder. ``config.json`` is read with ``trust_remote_code=False``: a folder whose model
-needs its own Python code is refused, never run.
+What the stream takes care of, once for everyone: checkpoint key -> model name by transformers' own
+rules for the architecture (its renamings, e.g. GPT-NeoX's ``embed_out`` -> ``lm_head``, and its
+conversions, e.g. per-expert MoE tensors -> the fused experts, read one expert's slices at a time:
+:mod:`qolora.checkpoint_layout`), with or without the base-model prefix; the parts of a layer stored
+quantized by bitsandbytes (gathered, dequantized); GPT-2 ``Conv1D`` weights stored ``(in, out)``
+(transposed); widening to fp32 on the device (moving the stored dtype is cheaper than converting on the
+host first); and the checks that make a corrupt checkpoint fail with its tensor and file named before it
+can poison a model: before any weight is read, every tensor's shape against the skeleton and every
+weight of the model made by some tensor (those no rule maps are named); then no NaN/inf in any floating
+tensor, unreadable shards, index files pointing outside the folder. ``config.json`` is read with
+``trust_remote_code=False``: a folder whose model needs its own Python code is refused, never run.
 
-Safetensors shards are memory-mapped, so peak memory is one tensor at a time, never the model.
+Safetensors shards are memory-mapped and read by key (a fused expert tensor by slice), so peak memory
+is one weight at a time, never the model.
 """
 
 from __future__ import annotations
