@@ -67,8 +67,10 @@ class AdapterConfig:
             ``W - B @ A``).
         init: ``"olora"`` (default), ``"pissa"`` or ``"lora"``.
         target_modules: names of linear layers to adapt, matched against the last component of the
-            module name (``"q_proj"``) or the full dotted name; ``None`` = every linear layer of the
-            model except the output head.
+            module name (``"q_proj"``; a MoE expert's ``"gate_up_proj"`` / ``"down_proj"``) or the full
+            dotted name; ``None`` = every linear layer of the model, every expert of a MoE block included,
+            except the output head and MoE routers (``mlp.gate``, ``shared_expert_gate``: kept in 16 bits,
+            adapted only when named here).
         use_rslora: rank-stabilised scale ``alpha / sqrt(r)``.
         dropout: dropout on the adapter input.
         quant_type: ``"nf4"`` or ``"fp4"`` (4-bit only).
