@@ -93,7 +93,8 @@ def _add_finetune(sub) -> None:
                    help="olora/pissa: K rounds of quantization-aware refinement of the init (refit the adapter to "
                         "what quantizing the residual loses; 0: off)")
     g.add_argument("--target-modules", type=_csv, default=None,
-                   help="comma-separated layer names to adapt, e.g. q_proj,v_proj (default: every linear layer)")
+                   help="comma-separated layer names to adapt, e.g. q_proj,v_proj (default: every linear layer but the "
+                        "output head and MoE routers such as shared_expert_gate)")
     g.add_argument("--dropout", type=float, default=0.0, help="adapter dropout")
     g.add_argument("--quant-storage", default="uint8", choices=["uint8", "bf16", "fp16", "fp32"],
                    help="storage dtype of the packed 4-bit weights (--fsdp needs a float one: bf16 on GPUs, fp32 on "
