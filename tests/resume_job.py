@@ -4,8 +4,8 @@
 already, so the job costs no interpreter start-up (torch + transformers + bitsandbytes imports take
 5-10 s per process on a busy 2-core machine), and it is still a process of its own: what it holds in
 memory dies with it, so a job resumed after a SIGKILLed one can only use what reached the disk. Where
-forking is unsafe (CUDA initialised in this process, or no ``os.fork``), the job runs in a fresh
-``python resume_job.py ...`` instead. Each job logs to ``<output_dir>.log``.
+forking is unsafe (CUDA initialised in this process, ``kernels="compile"``, or no ``os.fork``), the job
+runs in a fresh ``python resume_job.py ...`` instead. Each job logs to ``<output_dir>.log``.
 """
 
 from __future__ import annotations
@@ -100,7 +100,10 @@ def start(model_dir, data, out, resume: bool = False, kill_at: int = 0, kernels:
     import torch
 
     args = [str(model_dir), str(data), str(out), resume, kill_at, kernels]
-    if hasattr(os, "fork") and not torch.cuda.is_available():
+    # kernels="compile" runs in a fresh interpreter: a fork of a process whose Inductor compile workers or
+    # OpenMP pools have started can block forever on a lock one of their threads held (seen: a child at 0%
+    # CPU on a futex for 13 minutes in a slow-suite run).
+    if hasattr(os, "fork") and not torch.cuda.is_available() and kernels != "compile":
         _warm_imports()  # once here, not in every fork
         pid = os.fork()
         if pid == 0:
