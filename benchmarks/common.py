@@ -108,7 +108,7 @@ def worker_main(fn: Callable[[dict, MemoryProbe], dict], argv: list[str] | None 
 
         torch.set_num_threads(int(payload["threads"]))
         try:  # an explicit choice: qolora's busy-CPU policy (1 thread under load) must not override it
-            from qolora.threads import set_threads
+            from qolora.devices import set_threads
 
             set_threads(int(payload["threads"]))
         except ImportError:
@@ -510,8 +510,8 @@ def synthetic_checkpoint(size: str, layers: int, *, seed: int = 0, std: float = 
 
 
 def real_model_dir() -> Path:
-    """The real pretrained SmolLM2-135M-Instruct, converted once by :mod:`qolora.assets`."""
-    from qolora.assets import default_model_dir
+    """The real pretrained SmolLM2-135M-Instruct, converted once by :mod:`qolora.data.assets`."""
+    from qolora.data.assets import default_model_dir
 
     return Path(default_model_dir())
 

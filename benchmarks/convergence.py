@@ -23,7 +23,7 @@ minutes; far from the optimum the rates differ by far more than the seeds do, ne
 at one rate: ~0.003 apart at LoRA 3e-5, ~0.15 at LoRA 1e-2), which is where the extra seeds go.
 Finished runs are reused when switching plans.
 
-A run whose loss or gradient turns NaN/inf (``qolora.train.TrainingError``) is recorded as
+A run whose loss or gradient turns NaN/inf (``qolora.training.loop.TrainingError``) is recorded as
 ``diverged`` with the curve up to that point; it counts as infinitely bad when picking rates.
 
 Every finished run is appended (and fsynced) to ``<out>_runs.jsonl`` at once, keyed by its settings;
@@ -45,7 +45,7 @@ Usage::
     python -m benchmarks.convergence --report-only            # rebuild json/png/md from the JSONL
 
 ``--model`` takes any local transformers folder (default: the cached SmolLM2-135M-Instruct) and
-``--data`` any file :func:`qolora.data.load_records` reads (default: the chatterbot conversations).
+``--data`` any file :func:`qolora.data.tokens.load_records` reads (default: the chatterbot conversations).
 """
 
 from __future__ import annotations
@@ -329,8 +329,7 @@ class Bench:
     # ---------------------------------------------------------------- lazily built pieces
     def data(self):
         if self._data is None:
-            from qolora.data import load_records, split_train_eval, tokenize_dataset
-            from qolora.finetune import load_tokenizer
+            from qolora.data.tokens import load_records, load_tokenizer, split_train_eval, tokenize_dataset
 
             t0 = time.perf_counter()
             tokenizer = load_tokenizer(Path(self.s.model))
@@ -397,7 +396,7 @@ class Bench:
         for r in self.runs:
             if r["key"] == key and key in self.done:
                 return r
-        from qolora.train import TrainConfig, TrainingError, train
+        from qolora.training.loop import TrainConfig, TrainingError, train
 
         tokenizer, train_ds, eval_ds, _ = self.data()
         net, prep_s = self.model(init, seed, bits)
@@ -447,7 +446,7 @@ class Bench:
         if self.keep_run_plots:
             yield
             return
-        from qolora import reporting
+        from qolora.training import reporting
 
         original = reporting.plot_losses
         reporting.plot_losses = lambda *a, **k: None
@@ -939,7 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.convergence", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="local transformers folder (default: the cached SmolLM2-135M-Instruct)")
-    p.add_argument("--data", help="records file for qolora.data.load_records (default: chatterbot conversations)")
+    p.add_argument("--data", help="records file for load_records (qolora.data; default: chatterbot conversations)")
     p.add_argument("--out", help="output prefix: <out>.json/.png/.md and <out>_runs.jsonl "
                                  "(default benchmarks/results/convergence; with --quick a temp folder)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 6 steps, 1 seed, 2 rates per init, 128 records, "
@@ -1016,7 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ceiling_seeds = args.ceiling_seeds or (0,)
     max_extend = args.max_extend if args.max_extend is not None else (1 if q else 3)
 
-    from qolora import assets
+    from qolora.data import assets
 
     model = Path(args.model).expanduser().resolve() if args.model else assets.default_model_dir()
     data = Path(args.data).expanduser().resolve() if args.data else assets.default_dataset_path()

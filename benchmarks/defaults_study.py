@@ -3,7 +3,7 @@ real horizon, resumable across sessions.
 
 Protocol (the defaults of this script)::
 
-    model       the cached SmolLM2-135M-Instruct (qolora.assets), 4-bit NF4 base (blocksize 64, double
+    model       the cached SmolLM2-135M-Instruct (qolora.data.assets), 4-bit NF4 base (blocksize 64, double
                 quantization), rank 16, alpha 16 (s = 1), every linear layer of the decoder
     tasks       chat:  the chatterbot conversations (qolora's default data), each distinct conversation once
                        (the file repeats many), prompt-masked, max 128 tokens, 128 fixed held-out conversations
@@ -42,7 +42,7 @@ mean regret over both tasks and the horizons.
 init's weight error; the same on a copy of the model whose weights are made genuinely 16-bit (the
 Q4_1 grid its GGUF weights sit on, blocks of 32 along the input dimension, is broken by adding uniform
 noise within each block's half step, so the weights still round to the same Q4_1 values), and the
-weight errors on a random synthetic checkpoint of the same architecture (``qolora.synthetic``).
+weight errors on a random synthetic checkpoint of the same architecture (``qolora.base.synthetic``).
 
 Usage::
 
@@ -269,7 +269,7 @@ def loftq_factors(model_dir: str, *, rank: int, alpha: float, dtype: str, quant_
                    for n, m in peft_lora_layers(pm).items()}
         info = {"how": pm.loftq_how, "seconds": time.perf_counter() - t0, "layers": len(factors)}
         # keep the PEFT model's dequantized bases for the transplant check (cheap: the model is small)
-        from qolora.quant import dequantize_weight
+        from qolora.base.quant import dequantize_weight
 
         info["_bases"] = {n: dequantize_weight(m.base_layer).cpu() for n, m in peft_lora_layers(pm).items()}
         del pm
@@ -281,8 +281,8 @@ def loftq_factors(model_dir: str, *, rank: int, alpha: float, dtype: str, quant_
 def apply_loftq_factors(net, factors: dict, bases: dict) -> dict:
     import torch
 
-    from qolora.layer import adapter_layers
-    from qolora.quant import dequantize_weight
+    from qolora.adapters.layer import adapter_layers
+    from qolora.base.quant import dequantize_weight
 
     mine = dict(adapter_layers(net))
     if set(mine) != set(factors):
@@ -319,7 +319,7 @@ class StudyBench(conv.Bench):
             return self._chat_data()
         import datasets
 
-        from qolora.finetune import load_tokenizer
+        from qolora.data.tokens import load_tokenizer
 
         t0 = time.perf_counter()
         tokenizer = load_tokenizer(Path(self.s.model))
@@ -340,8 +340,7 @@ class StudyBench(conv.Bench):
     def _chat_data(self):
         """conv.Bench.data with repeated conversations dropped first (the first of each kept, in file order): the
         chatterbot records repeat many conversations, which would otherwise sit on both sides of the split."""
-        from qolora.data import load_records, split_train_eval, tokenize_dataset
-        from qolora.finetune import load_tokenizer
+        from qolora.data.tokens import load_records, load_tokenizer, split_train_eval, tokenize_dataset
 
         t0 = time.perf_counter()
         tokenizer = load_tokenizer(Path(self.s.model))
@@ -775,7 +774,7 @@ def held_out_batches(tokenizer, task: str, data_path: Path, corpus, n_eval: int,
     import torch
 
     if task == "chat":
-        from qolora.data import load_records, split_train_eval, tokenize_dataset
+        from qolora.data.tokens import load_records, split_train_eval, tokenize_dataset
 
         records = load_records(data_path)
         tokenized, _ = tokenize_dataset(records, tokenizer, max_length=max_length, mask_prompt=True)
@@ -847,7 +846,7 @@ def degridded_checkpoint(model_dir: Path, out_dir: Path, *, seed: int = 0, block
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qolora.finetune import load_tokenizer
+    from qolora.data.tokens import load_tokenizer
 
     marker = out_dir / "degridded.json"
     if marker.is_file() and (out_dir / "model.safetensors").is_file():
@@ -918,7 +917,7 @@ def step0_variant(model_dir: Path, tasks: dict[str, Any], *, rank: int, alpha: f
         if init == "loftq":
             pm = peft_loftq_model(model_dir, rank=rank, alpha=alpha, dtype=dtype)
             err = 0.0
-            from qolora.quant import dequantize_weight
+            from qolora.base.quant import dequantize_weight
 
             for name, m in peft_lora_layers(pm).items():
                 w = weights[name].float()
@@ -1012,8 +1011,8 @@ def step0_markdown(payload: dict) -> str:
 
 def run_step0(args, model_dir: Path, data_path: Path, prefix: Path) -> dict:
     from benchmarks.common import bench_cache_dir
-    from qolora import synthetic
-    from qolora.finetune import load_tokenizer
+    from qolora.base import synthetic
+    from qolora.data.tokens import load_tokenizer
 
     rank, alpha = args.rank, args.alpha
     n_eval = args.step0_examples
@@ -1052,7 +1051,7 @@ def run_step0(args, model_dir: Path, data_path: Path, prefix: Path) -> dict:
                                                      contenders=[c for c in contenders if c[1] != "loftq"],
                                                      eval_models=False)
     payload["variants"]["synthetic"]["description"] = (
-        "a random checkpoint of the same architecture (qolora.synthetic, N(0, 0.02) weights, bf16): weight "
+        "a random checkpoint of the same architecture (qolora.base.synthetic, N(0, 0.02) weights, bf16): weight "
         "errors only (a random model's held-out loss means nothing)")
     payload["seconds"] = time.perf_counter() - t0
     return _write_step0(payload, prefix)
@@ -1074,7 +1073,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.defaults_study", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="local transformers folder (default: the cached SmolLM2-135M-Instruct)")
-    p.add_argument("--data", help="chat records for qolora.data.load_records (default: chatterbot conversations)")
+    p.add_argument("--data", help="chat records for load_records (qolora.data; default: chatterbot conversations)")
     p.add_argument("--out", help="output prefix (default benchmarks/results/defaults_study; --quick: a temp folder)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma list from chat,pydoc")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma list from {','.join(CONTENDERS)}")
@@ -1202,7 +1201,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
     import qolora
-    from qolora import assets
+    from qolora.data import assets
 
     logger.info("qolora from %s; torch threads %d", qolora.__file__, torch.get_num_threads())
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -101,7 +101,7 @@ def _effective_weights(model, contender: str):
     import bitsandbytes as bnb
     import torch
 
-    from qolora.layer import AdapterLinear
+    from qolora.adapters.layer import AdapterLinear
 
     def deq(layer):
         w = layer.weight

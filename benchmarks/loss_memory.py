@@ -1,4 +1,4 @@
-"""Issue 10, item 1: peak memory of one training step's loss, full logits vs chunked (qolora.loss).
+"""Issue 10, item 1: peak memory of one training step's loss, full logits vs chunked (qolora.memory.chunked_loss).
 
 Model: a random Llama with hidden 256, 2 decoder layers (8 / 4 heads, intermediate 688) and Llama-3's
 vocabulary, 128,256 tokens (untied head), prepared by ``qolora.prepare(dir, bits=4, rank=16,
@@ -8,9 +8,9 @@ the prepared dtype (fp32 on the CPU). One forward + backward of a 4 x 1024-token
 labelled (no prompt masking: the chunked path's gather saves nothing here, only chunking counts), with
 each contender's loss:
 
-* ``plain``   -- ``qolora.loss.plain_causal_lm_loss_sum``: ``model(...).logits`` ``(4, 1024, 128256)``,
+* ``plain``   -- ``qolora.memory.chunked_loss.plain_causal_lm_loss_sum``: ``model(...).logits`` ``(4, 1024, 128256)``,
   upcast, ``F.cross_entropy(..., reduction="sum")`` (what ``qolora.train`` does today);
-* ``chunked`` -- ``qolora.loss.causal_lm_loss_sum`` with its default chunk (~128 MiB of fp32 logits);
+* ``chunked`` -- ``qolora.memory.chunked_loss.causal_lm_loss_sum`` with its default chunk (~128 MiB of fp32 logits);
 * ``decoder`` -- a reference, not a loss: the decoder backbone alone, backpropagating
   ``mean(hidden**2)`` (no head, no logits). Its peak is what the decoder's own (checkpointed)
   activations and recomputation cost; a loss's own share is roughly its peak minus this one.
@@ -52,7 +52,8 @@ from benchmarks import common  # noqa: E402
 logger = logging.getLogger("benchmarks.loss_memory")
 
 CONTENDERS = ["plain", "chunked", "decoder"]
-LABELS = {"plain": "full logits (today)", "chunked": "chunked (qolora.loss)", "decoder": "decoder only (reference)"}
+LABELS = {"plain": "full logits (today)", "chunked": "chunked (qolora.memory.chunked_loss)",
+          "decoder": "decoder only (reference)"}
 TARGET_PEAK_VS_LOGITS = 0.5
 SIZE = "tiny-v128k"  # the "tiny" shapes with Llama-3's vocabulary; registered here, not in common.SIZES' table
 common.SIZES.setdefault(SIZE, {**common.SIZES["tiny"], "vocab_size": 128256})
@@ -63,7 +64,7 @@ def worker(payload: dict, probe: common.MemoryProbe) -> dict:
     import torch
 
     import qolora
-    from qolora.loss import (
+    from qolora.memory.chunked_loss import (
         causal_lm_loss_sum,
         default_chunk_tokens,
         plain_causal_lm_loss_sum,

@@ -11,7 +11,7 @@ One process, one model::
 
 The synthetic weights are generated on the device (a CUDA generator per tensor key: no checkpoint is
 carried, nothing is written) and streamed into :func:`qolora.prepare` through
-:meth:`qolora.base_reader.BaseCheckpoint.from_source`. Writes ``benchmarks/results/<device>/scale_70b.json``.
+:meth:`qolora.base.reader.BaseCheckpoint.from_source`. Writes ``benchmarks/results/<device>/scale_70b.json``.
 
 ``--tiny`` runs the same code on the CPU with two decoder layers of the Llama-3-8B shape scaled down
 (seq 64, batches 1 and 2), so the script is tested (tests/test_offload.py); there the "cap" is not
@@ -59,9 +59,9 @@ def _sync(device) -> None:
 
 def _train(model, *, batch: int, seq: int, steps: int, device, optim: str, autocast) -> dict:
     """``steps`` optimizer steps on fixed random batches; times, losses, peak memory, streamer counters."""
-    from qolora.layer import adapter_parameters
-    from qolora.optim import make_optimizer
-    from qolora.train import loss_sum
+    from qolora.adapters.layer import adapter_parameters
+    from qolora.training.loop import loss_sum
+    from qolora.training.optim import make_optimizer
 
     params = [p for _, p in adapter_parameters(model)]
     optimizer = make_optimizer(optim, params, 1e-4, 0.0)
@@ -98,13 +98,13 @@ def _train(model, *, batch: int, seq: int, steps: int, device, optim: str, autoc
 
 
 def _adapters(model) -> dict:
-    from qolora.layer import adapter_state_dict
+    from qolora.adapters.layer import adapter_state_dict
 
     return {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
 
 
 def _restore(model, state: dict) -> None:
-    from qolora.layer import adapter_parameters
+    from qolora.adapters.layer import adapter_parameters
 
     with torch.no_grad():
         for name, p in adapter_parameters(model):
@@ -113,11 +113,11 @@ def _restore(model, state: dict) -> None:
 
 def main(argv=None) -> Path:
     import qolora
-    from qolora.base_reader import BaseCheckpoint
+    from qolora.base.reader import BaseCheckpoint
+    from qolora.base.synthetic import SyntheticCheckpoint
     from qolora.config import parse_size
-    from qolora.optim import resolve_precision
-    from qolora.plan import plan
-    from qolora.synthetic import SyntheticCheckpoint
+    from qolora.planning.plan import plan
+    from qolora.training.optim import resolve_precision
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke run on 2 scaled-down Llama-3-8B layers")

@@ -60,8 +60,7 @@ TARGETS = {"gap_recovered": 0.5, "weight_error_ratio": 0.85, "refine5_time_ratio
 # ------------------------------------------------------------------------------------------- data
 def held_out(model_dir: Path, data: Path, n_eval: int, max_length: int, split_seed: int = 0):
     """The fixed held-out examples (as the convergence benchmark splits them) and the tokenizer."""
-    from qolora.data import load_records, split_train_eval, tokenize_dataset
-    from qolora.finetune import load_tokenizer
+    from qolora.data.tokens import load_records, load_tokenizer, split_train_eval, tokenize_dataset
 
     tokenizer = load_tokenizer(model_dir)
     records = load_records(data)
@@ -209,7 +208,7 @@ def peft_loftq_on_cpu() -> dict:
 
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
-    import qolora.assets as assets
+    import qolora.data.assets as assets
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rank", type=int, default=16)

@@ -1,7 +1,7 @@
 """Issue 10, item 5: Llama-3-8B and Llama-3-70B shapes at full width, prepare + a training step,
 measured against ``qolora.plan``'s prediction for exactly the same job.
 
-Models come from :class:`qolora.synthetic.SyntheticCheckpoint` (the public architecture numbers in
+Models come from :class:`qolora.base.synthetic.SyntheticCheckpoint` (the public architecture numbers in
 ``qolora/configs``), streamed straight into ``qolora.prepare`` with no disk: each weight is generated
 on the compute device, quantized once, and freed. Setup as the planner's defaults: 4-bit NF4 with
 double quantization, OLoRA rank 16 on every linear layer of the decoder, gradient checkpointing,
@@ -63,11 +63,11 @@ def _worker(payload: dict, probe: MemoryProbe) -> dict:
     import torch
 
     import qolora
-    from qolora.layer import adapter_parameters
-    from qolora.optim import make_optimizer, resolve_precision
-    from qolora.plan import plan
-    from qolora.synthetic import SyntheticCheckpoint
-    from qolora.train import loss_sum
+    from qolora.adapters.layer import adapter_parameters
+    from qolora.base.synthetic import SyntheticCheckpoint
+    from qolora.planning.plan import plan
+    from qolora.training.loop import loss_sum
+    from qolora.training.optim import make_optimizer, resolve_precision
 
     device, seq, batch = payload["device"], payload["seq"], payload["batch"]
     source = SyntheticCheckpoint(payload["shape"], num_layers=payload["layers"], dtype=torch.bfloat16)
@@ -158,7 +158,7 @@ def _jobs(args) -> list[dict]:
             "checkpointing": "offload" if args.gradient_checkpointing == "offload" else True,
             "offload_embedding": args.offload_embedding}
     if args.device.startswith("cuda"):
-        from qolora.plan import plan
+        from qolora.planning.plan import plan
 
         longest = plan("llama-3-8b", seq_len=2048, gpu_memory="24GiB").max_seq_len or 2048
         return [{**base, "shape": "llama-3-8b", "layers": 32, "seq": 2048},

@@ -16,11 +16,11 @@ and non-reentrant gradient checkpointing, under autocast (bf16 on CUDA, none on 
   ``benchmarks/README.md``);
 * ``qolora_plain``    -- ``qolora.prepare(..., kernels="off")`` with the same full-logits loss: what
   qolora 0.2.0 ran (its OLoRA model, the PEFT-style adapter path);
-* ``qolora_chunked``  -- the same model with the training loop's loss (``qolora.train.loss_sum``: the
+* ``qolora_chunked``  -- the same model with the training loop's loss (``qolora.training.loop.loss_sum``: the
   chunked loss, gradients computed in its forward pass);
 * ``qolora``          -- the default: ``kernels="auto"`` (the fused adapter step) + the loop's loss;
 * ``qolora_compile``  -- the default with ``kernels="compile"``: each decoder layer's training forward
-  compiled by ``torch.compile`` (``qolora.compiled_layers``); its first (untimed) step compiles, and
+  compiled by ``torch.compile`` (``qolora.adapters.compiled_layers``); its first (untimed) step compiles, and
   ``first_step_s`` records what that cost (later processes reuse Inductor's on-disk cache);
 * ``qolora_partial``  -- the default with ``gradient_checkpointing=N`` (``--partial-layers N``, only
   the first N decoder layers recompute), N chosen so the measured peak stays at or under PEFT's;
@@ -119,7 +119,7 @@ def _qolora_train_parts(device: str):
 
         import torch
 
-        qtrain = importlib.import_module("qolora.train")  # the module (``qolora.train`` is also the function)
+        qtrain = importlib.import_module("qolora.training.loop")  # the module (``qolora.train`` is also the function)
 
         make_optimizer, resolve_precision = qtrain.make_optimizer, qtrain.resolve_precision
         mode, autocast, scaler = resolve_precision("auto", torch.device(device))
@@ -127,7 +127,7 @@ def _qolora_train_parts(device: str):
         return None
     if scaler is not None:  # fp16 + GradScaler (pre-bf16 GPUs): not what this benchmark compares
         return None
-    return make_optimizer, autocast, f"qolora.train.make_optimizer + resolve_precision({mode!r})"
+    return make_optimizer, autocast, f"qolora.training.loop.make_optimizer + resolve_precision({mode!r})"
 
 
 def _autocast(device: str):
@@ -145,13 +145,13 @@ def _step(model, params, opt, autocast, clip: float = 1.0, loss_from: str = "log
     """One optimizer step as ``qolora.train`` runs it (``_Run.train_step`` with one micro-batch): the
     summed next-token cross-entropy under autocast / label tokens, backward, clip the adapters'
     gradient norm, step, ``zero_grad(set_to_none=True)``. ``loss_from``: ``"logits"``: the full fp32
-    logits; ``"chunked"``: the loop's own ``qolora.train.loss_sum``; ``"model"``: the model's own mean
+    logits; ``"chunked"``: the loop's own ``qolora.training.loop.loss_sum``; ``"model"``: the model's own mean
     loss from ``labels`` (with Liger, its fused linear cross-entropy)."""
     import torch
     from torch.nn import functional as F
 
     if loss_from == "chunked":
-        from qolora.train import loss_sum
+        from qolora.training.loop import loss_sum
 
     def step(x):  # x: (B, T) token ids, also the labels
         labels = x[:, 1:]  # (B, T-1): token t predicts t+1

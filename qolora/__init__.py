@@ -7,19 +7,20 @@
     qolora.export_lora(...) / qolora.merge(...)                  # plain LoRA / merged checkpoint
 """
 
-from .adapter_io import AdapterError, BaseMismatchError, read_adapter, save_adapter
-from .adapter_load import load
-from .config import AdapterConfig, ConfigError
-from .export import export_lora
-from .finetune import finetune
+from .adapters.layer import AdapterLinear, adapter_parameters, adapter_state_dict
+from .config import AdapterConfig
+from .errors import ConfigError
+from .export.merge import merge
+from .export.peft import export_lora
 from .inits import INITS
-from .layer import AdapterLinear, adapter_parameters, adapter_state_dict
-from .merge import merge
-from .model_record import ModelRecord, QuantReport
-from .prepare import enable_gradient_checkpointing, prepare
-from .run_checkpoints import CheckpointError
-from .train import train
-from .train_config import TrainConfig, TrainingError, TrainResult
+from .model.adapter_folder import AdapterError, BaseMismatchError, read_adapter, save_adapter
+from .model.load import load
+from .model.prepare import enable_gradient_checkpointing, prepare
+from .model.record import ModelRecord, QuantReport
+from .training.checkpoints import CheckpointError
+from .training.finetune import finetune
+from .training.loop import train
+from .training.options import TrainConfig, TrainingError, TrainResult
 from .version import __version__ as __version__
 
 __all__ = [

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import ConfigError
 from .inits import INITS, adapter_scale
 
-__all__ = ["AdapterConfig", "BITS", "ConfigError", "DTYPES", "QUANT_TYPES", "parse_dtype", "parse_size"]
+__all__ = ["AdapterConfig", "BITS", "DTYPES", "QUANT_TYPES", "parse_dtype", "parse_size"]
 
 BITS = (4, 8, 16)
 QUANT_TYPES = ("nf4", "fp4")
@@ -36,13 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
 _STORAGE = {"uint8": torch.uint8, **DTYPES}
 
 
-class ConfigError(ValueError):
-    """Bad user input to qolora; the message lists every problem found."""
 
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        text = self.problems[0] if len(self.problems) == 1 else "\n  - " + "\n  - ".join(self.problems)
-        super().__init__(text)
 
 
 def parse_dtype(value: str | torch.dtype, what: str, allowed: dict[str, torch.dtype] = DTYPES) -> torch.dtype:
@@ -119,7 +114,7 @@ class AdapterConfig:
 
     @property
     def torch_device(self) -> torch.device:
-        from .distributed import local_device  # a bare "cuda" under torchrun means cuda:LOCAL_RANK
+        from .devices import local_device  # a bare "cuda" under torchrun means cuda:LOCAL_RANK
 
         if self.device == "auto":
             return local_device("cuda" if torch.cuda.is_available() else "cpu")
@@ -205,7 +200,7 @@ class AdapterConfig:
             return []
         if not isinstance(dev, str) or not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
             return [f"device={dev!r} is not supported; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'"]
-        from .distributed import world
+        from .devices import world
 
         w = world()
         if ":" in dev and w.distributed and int(dev[5:]) != w.local_rank:  # every rank would share that GPU

@@ -163,7 +163,7 @@ def refine_factors(
         a: the init's A (r, in). b: the init's B (out, r). Both fp32 on ``weight``'s device.
         scale: adapter scale s.
         quantize_dequantize: ``Q``: quantizes a weight exactly as the base layer will and returns it
-            dequantized, fp32 (e.g. :func:`qolora.quant.quantize_dequantize` bound to a config).
+            dequantized, fp32 (e.g. :func:`qolora.base.quant.quantize_dequantize` bound to a config).
         rounds: K >= 0; 0 returns ``(a, b, [])`` untouched.
         init: ``"olora"`` (orthonormal B, ``A = B^T T / s``) or ``"pissa"`` (top-r SVD split).
         generator: seeds PiSSA's randomised SVD (one draw per round).

@@ -51,10 +51,10 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import qolora  # noqa: E402
-import qolora.chat  # noqa: E402
+import qolora.cli.chat  # noqa: E402
 from qolora import AdapterError, CheckpointError, ConfigError  # noqa: E402
-from qolora.cli import main as cli  # noqa: E402
-from qolora.data import DataError  # noqa: E402
+from qolora.cli.main import main as cli  # noqa: E402
+from qolora.data.tokens import DataError  # noqa: E402
 from qolora.files import FolderBusyError, sha256_file  # noqa: E402
 from tiny_models import make_tiny_llama  # noqa: E402
 from tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
@@ -493,7 +493,7 @@ def _user_repo(path: Path) -> Path:
 
 def overwrite_cases(w: World, work: Path) -> list[Case]:
     """Every writer's overwrite=True / --overwrite aimed at a folder the user owns: refused, nothing deleted."""
-    from qolora.synthetic import SyntheticCheckpoint
+    from qolora.base.synthetic import SyntheticCheckpoint
 
     def model():
         return qolora.load(w.model, w.adapter, device="cpu", progress=False)
@@ -632,7 +632,7 @@ def run(limit_per_group: int | None = None, verbose: bool = True, keep: bool = F
         cases = [c for g in groups for c in (g if limit_per_group is None else _spread(g, limit_per_group))]
 
         prepared: list = []
-        finetune_module = importlib.import_module("qolora.finetune")
+        finetune_module = importlib.import_module("qolora.training.finetune")
         real_prepare = finetune_module.prepare
 
         def counting_prepare(*args, **kwargs):

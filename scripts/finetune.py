@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 
 import qolora
 from qolora import TrainConfig, train
-from qolora.assets import default_dataset_path, default_model_dir
-from qolora.data import load_records, split_train_eval, tokenize_dataset
+from qolora.data.assets import default_dataset_path, default_model_dir
+from qolora.data.tokens import load_records, split_train_eval, tokenize_dataset
 
 
 def main() -> None:

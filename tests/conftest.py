@@ -65,7 +65,7 @@ def chat_jsonl(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenized(chat_model_dir, chat_jsonl):
-    from qolora.data import load_records, split_train_eval, tokenize_dataset
+    from qolora.data.tokens import load_records, split_train_eval, tokenize_dataset
 
     tok = make_tiny_tokenizer()
     ds, _ = tokenize_dataset(load_records(chat_jsonl), tok, max_length=64)
@@ -76,7 +76,7 @@ def tokenized(chat_model_dir, chat_jsonl):
 @pytest.fixture
 def no_weight_reads(monkeypatch):
     """Fail the test if a checkpoint weight is read: the error must come before heavy work."""
-    from qolora.base_reader import BaseCheckpoint, TensorStore
+    from qolora.base.reader import BaseCheckpoint, TensorStore
 
     def boom(*a, **k):
         raise AssertionError("a checkpoint weight was read before the error")

@@ -7,10 +7,10 @@ import sys
 import torch
 
 from qolora import AdapterConfig, prepare
-from qolora import distributed as dist
-from qolora.fsdp import fsdp_problems, full_adapter_state, shard_model
-from qolora.layer import adapter_parameters
-from qolora.train import loss_sum
+from qolora.adapters.layer import adapter_parameters
+from qolora.training import distributed as dist
+from qolora.training.fsdp import fsdp_problems, full_adapter_state, shard_model
+from qolora.training.loop import loss_sum
 
 model_dir, out = sys.argv[1], sys.argv[2]
 with dist.session("cpu") as world:

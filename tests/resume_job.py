@@ -32,8 +32,8 @@ def job(model_dir: str, data: str, out: str, resume: bool = False, kill_at: int 
     import torch
 
     from qolora import prepare
-    from qolora.data import load_records, split_train_eval, tokenize_dataset
-    from qolora.train import TrainConfig, train
+    from qolora.data.tokens import load_records, split_train_eval, tokenize_dataset
+    from qolora.training.loop import TrainConfig, train
     from tiny_tokenizer import make_tiny_tokenizer
 
     torch.set_num_threads(1)
@@ -58,7 +58,7 @@ def job(model_dir: str, data: str, out: str, resume: bool = False, kill_at: int 
     if kernels == "compile":  # it really ran compiled (a backend failure would have fallen back to eager)
         from torch._dynamo.utils import counters
 
-        from qolora import compiled_layers
+        from qolora.adapters import compiled_layers
 
         assert counters["stats"]["unique_graphs"] > 0 and not compiled_layers._broken, (
             dict(counters["stats"]), compiled_layers._broken)
@@ -70,8 +70,8 @@ def _warm_imports() -> None:
     import bitsandbytes  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    import qolora.data  # noqa: F401
-    import qolora.train  # noqa: F401
+    import qolora.data.tokens  # noqa: F401
+    import qolora.training.loop  # noqa: F401
     import tiny_tokenizer  # noqa: F401
 
 

@@ -1,4 +1,4 @@
-"""Tests of qolora.assets: cache location, default chat data, default model conversion."""
+"""Tests of qolora.data.assets: cache location, default chat data, default model conversion."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from qolora import assets
-from qolora.assets import (
+from qolora.data import assets
+from qolora.data.assets import (
     DATA_INSTALL_COMMAND,
     DEFAULT_MODEL_NAME,
     MODEL_INSTALL_COMMAND,
@@ -68,7 +68,7 @@ def test_conversation_edge_cases():
 
 @pytest.mark.skipif(not HAS_CORPUS, reason="chatterbot-corpus not installed")
 def test_default_dataset_path_feeds_the_loader(monkeypatch, tmp_path):
-    from qolora.data import detect_format, load_records
+    from qolora.data.tokens import detect_format, load_records
 
     monkeypatch.setenv("QOLORA_CACHE", str(tmp_path))
     path = default_dataset_path()
@@ -206,9 +206,10 @@ def test_a_long_silent_step_logs_a_heartbeat(caplog):
     import logging
     import time
 
-    from qolora.assets import _heartbeat
+    from qolora.data.assets import _heartbeat
 
-    with caplog.at_level(logging.INFO, logger="qolora.assets"), _heartbeat("still working", time.perf_counter(), 0.05):
+    beat = _heartbeat("still working", time.perf_counter(), 0.05)
+    with caplog.at_level(logging.INFO, logger="qolora.data.assets"), beat:
         time.sleep(0.3)
     beats = [r.getMessage() for r in caplog.records if r.getMessage().startswith("still working (")]
     assert len(beats) >= 2

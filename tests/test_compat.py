@@ -6,7 +6,7 @@ qolora 0.1.0's ``load`` gives for it on a CPU whose bitsandbytes dequantizes cor
 ``expected.json`` says how they were made, and why the first recorded logits were wrong).
 
 The fixture's layers have rows of 32 or 64 with blocks of 64: the shapes bitsandbytes' AVX-512 CPU
-kernel dequantizes wrongly. :mod:`qolora.bnb_cpu_fix` replaces that kernel where it is wrong; the
+kernel dequantizes wrongly. :mod:`qolora.base.bnb_cpu_fix` replaces that kernel where it is wrong; the
 second test emulates such a CPU so that the guard is exercised on any machine.
 """
 
@@ -59,7 +59,7 @@ def test_the_fixture_loads_right_on_a_cpu_whose_bitsandbytes_kernel_is_wrong():
     script = AVX512_KERNEL + textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-        from qolora.bnb_cpu_fix import cpu_dequantize_agrees, ensure_cpu_dequantize_correct
+        from qolora.base.bnb_cpu_fix import cpu_dequantize_agrees, ensure_cpu_dequantize_correct
         assert not cpu_dequantize_agrees()        # the emulated kernel is wrong on these shapes
         from test_compat import _fixture_logits
         logits, want = _fixture_logits()          # qolora's first bitsandbytes use registers the fix

@@ -1,4 +1,4 @@
-"""kernels="compile": decoder layers' training forward under torch.compile (qolora.compiled_layers)."""
+"""kernels="compile": decoder layers' training forward under torch.compile (qolora.adapters.compiled_layers)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import qolora
-from qolora import compiled_layers
-from qolora.compiled_layers import compiled_layer_count
-from qolora.layer import adapter_parameters, set_kernels
-from qolora.train import loss_sum
+from qolora.adapters import compiled_layers
+from qolora.adapters.compiled_layers import compiled_layer_count
+from qolora.adapters.layer import adapter_parameters, set_kernels
+from qolora.training.loop import loss_sum
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -100,7 +100,7 @@ def test_switching_kernels_compiles_and_restores(tiny_llama_dir):
     set_kernels(model, "compile")
     set_kernels(model, "compile")  # idempotent: one wrapper, not a wrapper of a wrapper
     assert compiled_layer_count(model) == 2 and isinstance(layer.__dict__["forward"], compiled_layers._TrainingForward)
-    assert {a.kernels for _, a in qolora.layer.adapter_layers(model)} == {"compile"}
+    assert {a.kernels for _, a in qolora.adapters.layer.adapter_layers(model)} == {"compile"}
     # A deep copy (e.g. a trainer's) compiles its own layers, not the original's.
     twin = copy.deepcopy(model)
     assert twin.model.layers[0].forward.layer is twin.model.layers[0]
@@ -124,11 +124,11 @@ def test_backend_failure_falls_back_to_eager_and_logs_once(tiny_llama_dir, monke
         return run
 
     monkeypatch.setattr(compiled_layers, "_compiled", failing_compile)
-    monkeypatch.setattr(qolora.kernels, "_logged", set())
+    monkeypatch.setattr(qolora.adapters.kernels, "_logged", set())
     batch = _batch(384)
     want = _step(qolora.prepare(tiny_llama_dir, bits=4, rank=4, progress=False).train(), batch)
     model = qolora.prepare(tiny_llama_dir, bits=4, rank=4, progress=False, kernels="compile").train()
-    with caplog.at_level(logging.INFO, logger="qolora.kernels"):
+    with caplog.at_level(logging.INFO, logger="qolora.adapters.kernels"):
         got = _step(model, batch)
         _step(model, batch)
     assert len(calls) == 1  # tried once; every later call is eager without trying again
@@ -138,8 +138,8 @@ def test_backend_failure_falls_back_to_eager_and_logs_once(tiny_llama_dir, monke
 
 
 def test_cli_and_finetune_accept_compile():
-    from qolora import cli
-    from qolora.kernels import check_kernels
+    from qolora.adapters.kernels import check_kernels
+    from qolora.cli import main as cli
 
     assert cli.build_parser().parse_args(["finetune", "--kernels", "compile"]).kernels == "compile"
     assert check_kernels("compile") == "compile"
@@ -153,7 +153,7 @@ def test_compile_composes_with_the_memory_options(tmp_path, monkeypatch):
     from tiny_models import make_tiny_llama
 
     monkeypatch.setattr(compiled_layers, "BACKEND", "aot_eager")
-    monkeypatch.setattr(qolora.kernels, "_logged", set())
+    monkeypatch.setattr(qolora.adapters.kernels, "_logged", set())
     folder = make_tiny_llama(tmp_path / "m", tie=False)
     batch = _batch(384)
     for options, compiles in (({"offload": "cpu", "offload_embedding": True}, True),
@@ -169,7 +169,7 @@ def test_compile_composes_with_the_memory_options(tmp_path, monkeypatch):
         for a, b in zip(want[1], got[1]):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     assert "kernels='compile': torch.compile cannot trace offloaded gradient checkpointing" in "".join(
-        qolora.kernels._logged)
+        qolora.adapters.kernels._logged)
 
 
 def test_fsdp_sharded_layers_stay_eager_and_keep_checkpointing(tmp_path, monkeypatch):
@@ -177,11 +177,11 @@ def test_fsdp_sharded_layers_stay_eager_and_keep_checkpointing(tmp_path, monkeyp
     import torch.distributed as dist
 
     from qolora.config import AdapterConfig
-    from qolora.fsdp import shard_model
+    from qolora.training.fsdp import shard_model
     from tiny_models import make_tiny_llama
 
     monkeypatch.setattr(compiled_layers, "BACKEND", "aot_eager")
-    monkeypatch.setattr(qolora.kernels, "_logged", set())
+    monkeypatch.setattr(qolora.adapters.kernels, "_logged", set())
     folder = make_tiny_llama(tmp_path / "m", tie=False)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
@@ -199,4 +199,4 @@ def test_fsdp_sharded_layers_stay_eager_and_keep_checkpointing(tmp_path, monkeyp
 
     assert len(calls) == 2  # both layers checkpointed
     assert counters["stats"]["unique_graphs"] == 0
-    assert any("FSDP-sharded layers are not compiled" in m for m in qolora.kernels._logged)
+    assert any("FSDP-sharded layers are not compiled" in m for m in qolora.adapters.kernels._logged)

@@ -1,4 +1,4 @@
-"""qolora.config_sizes: a hostile or mistyped config.json is refused at once, naming the field."""
+"""qolora.base.config_sizes: a hostile or mistyped config.json is refused at once, naming the field."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 
 import qolora
-from qolora.config import ConfigError
-from qolora.config_sizes import size_problems
-from qolora.plan import plan
+from qolora.base.config_sizes import size_problems
+from qolora.errors import ConfigError
+from qolora.planning.plan import plan
 
 LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 384}

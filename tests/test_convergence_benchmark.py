@@ -88,7 +88,7 @@ def test_best_rate_uses_the_mean_over_seeds_and_treats_divergence_as_worst():
 def test_smallest_sweep_writes_json_png_table_and_resumes(assets, tmp_path, monkeypatch):
     model, data = assets
     out = tmp_path / "res" / "convergence"
-    qtrain = importlib.import_module("qolora.train")  # the module (qolora.train is also the function)
+    qtrain = importlib.import_module("qolora.training.loop")  # the module (qolora.train is also the function)
 
     real_train = qtrain.train
 

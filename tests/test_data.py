@@ -11,7 +11,7 @@ import datasets
 import pytest
 import torch
 
-from qolora.data import (
+from qolora.data.tokens import (
     FORMATS,
     IGNORE_INDEX,
     SUPPORTED_SUFFIXES,
@@ -159,7 +159,7 @@ def test_load_empty(tmp_path, name, content):
 
 
 def test_load_hub_name_offline_is_a_data_error(monkeypatch):
-    import qolora.data as data
+    import qolora.data.tokens as data
 
     def fake_load_dataset(name, split=None):
         raise ConnectionError(f"offline: {name} {split}")
@@ -172,7 +172,7 @@ def test_load_hub_name_offline_is_a_data_error(monkeypatch):
 
 
 def test_data_module_imports_without_datasets():
-    """qolora/data.py and qolora/records.py must not import datasets (or torch) at module level.
+    """qolora/data/tokens.py and qolora/data/records.py must not import datasets (or torch) at module level.
 
     The package's ``__init__`` imports torch, so the two modules are imported under a bare package
     object that skips it.
@@ -181,7 +181,7 @@ def test_data_module_imports_without_datasets():
     code = (
         "import importlib, sys, types\n"
         f"pkg = types.ModuleType('qolora'); pkg.__path__ = [{package!r}]; sys.modules['qolora'] = pkg\n"
-        "importlib.import_module('qolora.data')\n"
+        "importlib.import_module('qolora.data.tokens')\n"
         "assert 'datasets' not in sys.modules, 'datasets imported'\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
@@ -368,11 +368,11 @@ def test_which_records_were_cut_and_which_dropped(tok):
 
 
 def test_the_finetune_warning_says_what_happened_to_which_record(tok, caplog):
-    from qolora.finetune import _warn_about_lengths
+    from qolora.training.finetune import _warn_about_lengths
 
     ds = datasets.Dataset.from_list([_qa(2, 2), _qa(2, 80), _qa(80, 2)])
     _, stats = tokenize_dataset(ds, tok, max_length=40)
-    with caplog.at_level("WARNING", logger="qolora.finetune"):
+    with caplog.at_level("WARNING", logger="qolora.training.finetune"):
         _warn_about_lengths(stats, 40, "my.jsonl")
     text = caplog.text
     assert "1 of 3 examples were dropped: longer than max_length=40 with no answer token within it (records 2)" in text

@@ -87,7 +87,7 @@ def test_paired_stats_say_when_a_difference_is_inside_the_noise():
 
 
 def test_the_pydoc_corpus_is_fixed_and_cut_into_full_blocks(assets):
-    from qolora.finetune import load_tokenizer
+    from qolora.data.tokens import load_tokenizer
 
     items, info = ds.pydoc_corpus()
     again, info2 = ds.pydoc_corpus()

@@ -22,10 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qolora import distributed as dist
 from qolora import finetune
-from qolora.data_order import DataOrder
-from qolora.run_checkpoints import CheckpointError, list_checkpoints
+from qolora.training import distributed as dist
+from qolora.training.checkpoints import CheckpointError, list_checkpoints
+from qolora.training.data_order import DataOrder
 from tiny_chat import events
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,7 +220,8 @@ def test_kill_then_resume_under_two_processes(tmp_path, chat_model_dir, chat_jso
 
 def test_an_explicit_gpu_index_under_a_launch_is_refused(monkeypatch):
     """--device cuda:0 under torchrun would put every rank on GPU 0: refused before any work."""
-    from qolora.config import AdapterConfig, ConfigError
+    from qolora.config import AdapterConfig
+    from qolora.errors import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

@@ -1,4 +1,4 @@
-"""Saving, reloading, exporting and merging trained adapters (qolora.adapter_io, qolora.export).
+"""Saving, reloading, exporting and merging trained adapters (qolora.model.adapter_folder, qolora.export.peft).
 
 Tiny random checkpoints on the CPU. The adapters are trained for a few AdamW steps first, so that
 B != B0 and a mix-up of trained and initial factors cannot go unnoticed.
@@ -16,7 +16,12 @@ import pytest
 import torch
 
 import qolora
-from qolora.adapter_io import (
+from qolora.adapters.layer import adapter_layers
+from qolora.config import parse_size
+from qolora.errors import ConfigError
+from qolora.export.merge import merge
+from qolora.export.peft import export_lora
+from qolora.model.adapter_folder import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     INIT_WEIGHTS,
@@ -25,11 +30,7 @@ from qolora.adapter_io import (
     BaseMismatchError,
     save_adapter,
 )
-from qolora.adapter_load import load
-from qolora.config import ConfigError, parse_size
-from qolora.export import export_lora
-from qolora.layer import adapter_layers
-from qolora.merge import merge
+from qolora.model.load import load
 from tiny_models import make_tiny_llama
 
 VOCAB = 320
@@ -230,7 +231,7 @@ def test_merged_weights_are_the_trained_effective_weights(tiny_llama_dir, tmp_pa
     merge(tiny_llama_dir, adapter, tmp_path / "merged", dtype="fp32", progress=False)
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     # A freshly loaded (bit-identical) model: after a forward pass bitsandbytes moves an 8-bit
-    # weight's statistics to layer.state and qolora.quant.dequantize_weight cannot find them (core bug).
+    # weight's statistics to layer.state and qolora.base.quant.dequantize_weight cannot find them (core bug).
     for name, layer in adapter_layers(load(tiny_llama_dir, adapter, progress=False)):
         want = layer.effective_weight().detach()
         assert (merged[f"{name}.weight"] - want).abs().max() <= 1e-6 * want.abs().max(), name
@@ -422,7 +423,7 @@ def test_existing_output_folders_are_refused_unless_overwrite(tiny_llama_dir, sa
 
 
 def test_interrupted_merge_leaves_nothing_at_out_dir(tiny_llama_dir, saved4, tmp_path, monkeypatch):
-    export = importlib.import_module("qolora.merge")
+    export = importlib.import_module("qolora.export.merge")
     real, calls = export._write_shard, []
 
     def failing(path, tensors):
@@ -472,7 +473,7 @@ import torch
 torch.set_num_threads(1)
 import accelerate, bitsandbytes, safetensors.torch  # noqa: F401 (warm imports)
 import transformers.models.llama.modeling_llama  # noqa: F401 (warm imports)
-from qolora.merge import merge
+from qolora.export.merge import merge
 
 def anon():
     with open("/proc/self/status") as f:

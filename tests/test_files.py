@@ -16,7 +16,7 @@ import torch
 
 import qolora
 from qolora import files
-from qolora.config import ConfigError
+from qolora.errors import ConfigError
 
 
 def _user_folder(path: Path) -> dict[str, str]:
@@ -104,7 +104,7 @@ def test_an_empty_folder_may_be_overwritten_but_not_the_current_one(adapter, tmp
 
 
 def test_a_synthetic_checkpoint_overwrites_only_its_own_folder(tmp_path):
-    from qolora.synthetic import SyntheticCheckpoint
+    from qolora.base.synthetic import SyntheticCheckpoint
 
     config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64}

@@ -13,10 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from qolora import AdapterConfig, ConfigError, TrainConfig, finetune, prepare, train
-from qolora.data import load_records, tokenize_dataset
-from qolora.finetune import load_tokenizer
-from qolora.fsdp import fsdp_problems, shard_model
-from qolora.run_checkpoints import CheckpointError
+from qolora.data.tokens import load_records, load_tokenizer, tokenize_dataset
+from qolora.training.checkpoints import CheckpointError
+from qolora.training.fsdp import fsdp_problems, shard_model
 from test_distributed import OPTIONS, _adapter, _cli_args, _finish, _max_rel_diff, _torchrun
 from tiny_chat import events
 

@@ -1,4 +1,4 @@
-"""GGUF export (qolora.gguf_export) and ``qolora export`` (qolora.export_cli), checked by real readers.
+"""GGUF export (qolora.export.gguf) and ``qolora export`` (qolora.cli.export), checked by real readers.
 
 Tiny random models with the tiny byte-level BPE ChatML tokenizer, on the CPU. The reader is
 transformers' own GGUF loader (``from_pretrained(folder, gguf_file=...)``): it rebuilds the config,
@@ -17,11 +17,10 @@ import pytest
 import torch
 
 import qolora
-from qolora import cli
-from qolora.adapter_io import save_adapter
-from qolora.config import ConfigError
-from qolora.export_cli import add_export_command
-from qolora.gguf_export import (
+from qolora.cli import main as cli
+from qolora.cli.export import add_export_command
+from qolora.errors import ConfigError
+from qolora.export.gguf import (
     GGUF_TYPES,
     MODELFILE,
     UNAVAILABLE_TYPES,
@@ -30,7 +29,8 @@ from qolora.gguf_export import (
     export_gguf_lora,
     ollama_modelfile,
 )
-from qolora.merge import merge
+from qolora.export.merge import merge
+from qolora.model.adapter_folder import save_adapter
 from tiny_tokenizer import CHAT_TEMPLATE, make_tiny_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -267,7 +267,7 @@ def test_the_listed_types_are_exactly_what_gguf_can_write():
 def test_other_architectures_are_refused_by_name_before_any_weight(tiny_gpt2_dir, tmp_path, monkeypatch):
     adapter = save_adapter(qolora.prepare(tiny_gpt2_dir, bits=16, rank=4, device="cpu", progress=False),
                            tmp_path / "adapter")
-    from qolora.base_reader import BaseCheckpoint
+    from qolora.base.reader import BaseCheckpoint
 
     monkeypatch.setattr(BaseCheckpoint, "tensors", lambda *a, **k: pytest.fail("a weight was read"))
     with pytest.raises(ConfigError, match="does not support architecture 'gpt2'.*supported: \\['llama'"):
@@ -345,7 +345,7 @@ def test_outputs_are_never_replaced_without_overwrite_nor_when_not_qolora_s(trai
 
 def test_overwrite_replaces_its_own_export_and_an_interrupted_one_leaves_the_old(trained, chat_model_dir, tmp_path,
                                                                                 monkeypatch):
-    import qolora.gguf_export as g
+    import qolora.export.gguf as g
 
     out = tmp_path / "model.gguf"
     export_gguf(trained[0], out, base=chat_model_dir, type="f16", progress=False)
@@ -454,7 +454,7 @@ _MEMORY_CHILD = r"""
 import json, sys, threading, time
 import torch
 torch.set_num_threads(1)
-from qolora.gguf_export import export_gguf
+from qolora.export.gguf import export_gguf
 adapter, base, out, warm = sys.stdin.readline().rstrip("\n").split("\t")
 export_gguf(adapter, warm, base=base, type="q8_0", progress=False)  # every import and lazy init, on the same model
 def anon():
@@ -522,7 +522,7 @@ def smollm2(tmp_path_factory):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp's Python binding (pip install llama-cpp-python)")
     from transformers import AutoTokenizer
 
-    from qolora.assets import default_model_dir
+    from qolora.data.assets import default_model_dir
 
     root = tmp_path_factory.mktemp("smollm2")
     base = default_model_dir()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import qolora
-from qolora.layer import adapter_layers
+from qolora.adapters.layer import adapter_layers
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,4 @@
-"""qolora models in transformers' Trainer, TRL's SFTTrainer and lm-eval's HFLM (qolora.hf_compat, forward_wrap).
+"""qolora models in transformers' Trainer, TRL's SFTTrainer and lm-eval's HFLM (qolora.model.hf_compat, forward_wrap).
 
 Tiny random 4-bit Llamas on the CPU, trained a few real optimizer steps by the real trainers.
 """
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import qolora
-from qolora.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_WEIGHTS, QOLORA_CONFIG, AdapterError
-from qolora.config import ConfigError
-from qolora.forward_wrap import remove_autocast, trainer_autocast
-from qolora.hf_compat import load_adapter_weights, trainer_class
-from qolora.layer import adapter_layers
+from qolora.adapters.layer import adapter_layers
+from qolora.errors import ConfigError
+from qolora.model.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INIT_WEIGHTS, QOLORA_CONFIG, AdapterError
+from qolora.model.forward_wrap import remove_autocast, trainer_autocast
+from qolora.model.hf_compat import load_adapter_weights, trainer_class
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 

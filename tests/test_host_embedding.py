@@ -1,4 +1,4 @@
-"""The input embedding in host memory (:mod:`qolora.host_embedding`): the same numbers as ``nn.Embedding``,
+"""The input embedding in host memory (:mod:`qolora.memory.host_embedding`): the same numbers as ``nn.Embedding``,
 the same training step bit for bit, transformers' view of the model unchanged, refused where it cannot work,
 and planned (on the CPU host and device are one memory, so the module runs but nothing moves)."""
 
@@ -14,9 +14,9 @@ from torch import nn
 
 import qolora
 from qolora import ConfigError, adapter_state_dict, load, merge, save_adapter
-from qolora.cli import build_parser, main
-from qolora.host_embedding import HostEmbedding, host_embeddings, input_embedding_name
-from qolora.plan import plan
+from qolora.cli.main import build_parser, main
+from qolora.memory.host_embedding import HostEmbedding, host_embeddings, input_embedding_name
+from qolora.planning.plan import plan
 from test_offload_checkpointing import loss_and_grads  # the same check: loss and every trainable gradient
 from tiny_models import make_tiny_llama
 from tiny_tokenizer import make_tiny_tokenizer
@@ -129,7 +129,7 @@ def test_save_reload_and_merge_do_not_depend_on_it(untied_dir, tmp_path):
 
 
 def test_dequantize_model_casts_the_host_weight_too(untied_dir):
-    from qolora.chat import dequantize_model
+    from qolora.cli.chat import dequantize_model
 
     model = prepared(untied_dir, True)
     dequantize_model(model, torch.bfloat16)
@@ -162,15 +162,15 @@ def test_refused_before_any_weight_is_read(tiny_llama_dir, tiny_gpt2_dir, untied
 
 
 def test_fsdp_refuses_a_model_with_it(untied_dir):
-    from qolora.fsdp import fsdp_problems
+    from qolora.training.fsdp import fsdp_problems
 
     assert any("offload_embedding=True" in p for p in fsdp_problems(prepared(untied_dir, True)))
     assert not any("offload_embedding" in p for p in fsdp_problems(prepared(untied_dir, False)))
 
 
 def test_an_embedding_that_is_not_plain_is_refused():
-    from qolora.base_reader import meta_skeleton
-    from qolora.plan import load_hf_config
+    from qolora.base.hf_config import load_hf_config
+    from qolora.base.reader import meta_skeleton
 
     class Scaled(nn.Embedding):
         def forward(self, ids):
@@ -190,7 +190,7 @@ def test_finetune_refuses_a_tied_model_before_reading_data(chat_model_dir, tmp_p
 
 
 def test_finetune_and_the_cli_pass_it_on(untied_dir, chat_jsonl, tmp_path, monkeypatch, capsys):
-    finetune_module = importlib.import_module("qolora.finetune")  # the package exports the function by that name
+    finetune_module = importlib.import_module("qolora.training.finetune")  # qolora.finetune is the function
 
     seen = {}
 
@@ -257,9 +257,9 @@ def test_plan_offers_it_first_and_auto_uses_it_before_layers():
 
 
 def test_a_host_too_small_for_the_embedding_is_refused(monkeypatch):
-    from qolora import placement
+    from qolora.base.hf_config import load_hf_config
     from qolora.config import AdapterConfig
-    from qolora.plan import load_hf_config
+    from qolora.planning import placement
 
     config = load_hf_config("llama-3-70b")
     monkeypatch.setattr(placement, "available_host_bytes", lambda: 1 << 30)

@@ -1,4 +1,4 @@
-"""The fused adapter step (qolora.kernels) against the plain path, and partial gradient checkpointing."""
+"""The fused adapter step (qolora.adapters.kernels) against the plain path, and partial gradient checkpointing."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from torch import nn
 
 import qolora
 from qolora import ConfigError
+from qolora.adapters.kernels import _FusedAdapterLinear, unsupported_reason
+from qolora.adapters.layer import AdapterLinear, adapter_parameters, set_kernels
+from qolora.base.quant import make_base_layer
 from qolora.config import AdapterConfig
-from qolora.kernels import _FusedAdapterLinear, unsupported_reason
-from qolora.layer import AdapterLinear, adapter_parameters, set_kernels
-from qolora.quant import make_base_layer
-from qolora.train import loss_sum
+from qolora.training.loop import loss_sum
 
 
 def _layer(bits: int, bias: bool = True, dropout: float = 0.0, compute_dtype: str | None = None) -> AdapterLinear:
@@ -80,9 +80,9 @@ def test_fused_within_bf16_tolerance_under_autocast(bits, x_dtype):
 
 
 def test_fallbacks_are_named_and_logged(caplog, monkeypatch):
-    import qolora.kernels
+    import qolora.adapters.kernels
 
-    monkeypatch.setattr(qolora.kernels, "_logged", set())  # each reason is logged once per process
+    monkeypatch.setattr(qolora.adapters.kernels, "_logged", set())  # each reason is logged once per process
     eight = _layer(8)
     assert "8-bit" in unsupported_reason(eight.base_layer)
     hooked = _layer(4)
@@ -92,7 +92,7 @@ def test_fallbacks_are_named_and_logged(caplog, monkeypatch):
     wrapped = _layer(4)
     wrapped.base_layer.forward = wrapped.base_layer.forward  # what accelerate's add_hook_to_module does
     assert "wrapped" in unsupported_reason(wrapped.base_layer)
-    with caplog.at_level(logging.INFO, logger="qolora.kernels"):
+    with caplog.at_level(logging.INFO, logger="qolora.adapters.kernels"):
         y, *_ = _run(eight, "auto", autocast=False)
     assert any("8-bit" in r.getMessage() for r in caplog.records)
     plain, *_ = _run(eight, "off", autocast=False)
@@ -113,7 +113,7 @@ def test_prepare_kernels_switch(tiny_llama_dir, monkeypatch):
     results = {}
     for kernels in ("off", "auto"):
         model = qolora.prepare(tiny_llama_dir, bits=4, rank=4, progress=False, kernels=kernels).train()
-        assert {layer.kernels for _, layer in qolora.layer.adapter_layers(model)} == {kernels}
+        assert {layer.kernels for _, layer in qolora.adapters.layer.adapter_layers(model)} == {kernels}
         calls = _count_fused(monkeypatch)
         loss = loss_sum(model, batch)
         loss.backward()
@@ -146,7 +146,7 @@ def test_partial_checkpointing_same_gradients(tiny_llama_dir):
 
 
 def test_partial_checkpointing_in_the_loop_config():
-    from qolora.train_config import TrainConfig
+    from qolora.training.options import TrainConfig
 
     TrainConfig(gradient_checkpointing=12).validate()
     with pytest.raises(ConfigError, match="number of decoder layers"):
@@ -156,7 +156,7 @@ def test_partial_checkpointing_in_the_loop_config():
 def test_cli_kernels_and_checkpointed_layers(capsys):
     import json
 
-    from qolora import cli
+    from qolora.cli import main as cli
 
     parser = cli.build_parser()
     args = parser.parse_args(["finetune", "--kernels", "off", "--gradient-checkpointing", "4"])

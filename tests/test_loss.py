@@ -1,4 +1,4 @@
-"""The chunked causal-LM loss (qolora.loss): same loss and gradients as the full-logits loss, less memory.
+"""The chunked causal-LM loss (qolora.memory.chunked_loss): the full-logits loss and gradients, less memory.
 
 * the tensor function against ``F.cross_entropy`` on explicit logits (fp32), all chunkings;
 * the model-level function against ``model(...).logits`` + CE on tiny Llama / GPT-2 / qolora 4-bit models;
@@ -17,8 +17,8 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qolora import adapter_parameters, prepare
-from qolora import loss as qloss
-from qolora.loss import (
+from qolora.memory import chunked_loss as qloss
+from qolora.memory.chunked_loss import (
     causal_lm_loss_sum,
     chunked_cross_entropy_sum,
     chunked_loss_unsupported_reason,
@@ -174,10 +174,11 @@ def test_softcapping_model_falls_back(caplog):
     reason = chunked_loss_unsupported_reason(model)
     assert reason is not None and "final_logit_softcapping" in reason
     qloss._logged_fallbacks.clear()
-    with caplog.at_level(logging.INFO, logger="qolora.loss"):
+    with caplog.at_level(logging.INFO, logger="qolora.memory.chunked_loss"):
         _compare_model(model)
         _compare_model(model)
-    fallbacks = [r for r in caplog.records if r.name == "qolora.loss" and "final_logit_softcapping" in r.getMessage()]
+    fallbacks = [r for r in caplog.records
+                 if r.name == "qolora.memory.chunked_loss" and "final_logit_softcapping" in r.getMessage()]
     assert len(fallbacks) == 1 and fallbacks[0].levelno == logging.INFO  # logged once
 
 
@@ -243,7 +244,7 @@ def test_no_full_logits_allocation():
 def test_gradients_made_in_the_forward_pass_only_when_needed(monkeypatch):
     """Training: the chunk's gradient is made while its logits exist (two head matmuls per chunk, none
     recomputed in the backward pass); evaluation (no grad) makes none."""
-    import qolora.loss as loss_module
+    import qolora.memory.chunked_loss as loss_module
 
     calls = []
     accumulate = loss_module._accumulate_chunk_grads

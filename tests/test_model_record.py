@@ -1,4 +1,4 @@
-"""qolora.model_record: the quantization report flags layers whose weights look corrupted."""
+"""qolora.model.record: the quantization report flags layers whose weights look corrupted."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qolora
-from qolora.model_record import LayerReport, QuantReport
+from qolora.model.record import LayerReport, QuantReport
 from tiny_models import make_tiny_llama
 
 
@@ -20,7 +20,7 @@ def test_a_damaged_base_weight_is_named_after_prepare(tmp_path, caplog):
     garbage.view(-1)[:1024] = torch.empty(1024).uniform_(-1e6, 1e6)  # 4 KiB of fp32 overwritten
     tensors[key] = garbage
     save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
-    with caplog.at_level(logging.WARNING, logger="qolora.prepare"):
+    with caplog.at_level(logging.WARNING, logger="qolora.model.prepare"):
         qolora.prepare(base, bits=4, rank=4, device="cpu", progress=False)
     flagged = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
     assert len(flagged) == 1 and "model.layers.2.mlp.up_proj: weight RMS" in flagged[0], flagged

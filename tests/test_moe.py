@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import qolora
-from qolora.base_reader import BaseCheckpoint, linear_layers, select_targets
-from qolora.config import ConfigError
-from qolora.experts import SplitExperts, is_router
-from qolora.layer import adapter_layers
+from qolora.adapters.layer import adapter_layers
+from qolora.base.experts import SplitExperts, is_router
+from qolora.base.reader import BaseCheckpoint, linear_layers, select_targets
+from qolora.errors import ConfigError
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 ALL = (*MOE, "gpt_neox")
@@ -295,7 +295,7 @@ def test_experts_take_every_init_and_bit_width(tiny, options):
 
 # ------------------------------------------------------------------------------------------- plan
 def test_plan_gives_the_moe_configs_on_24_gib():
-    from qolora.plan import plan
+    from qolora.planning.plan import plan
 
     mixtral = plan("mixtral-8x7b", gpu_memory="24GiB", offload="auto")
     qwen = plan("qwen3-30b-a3b", gpu_memory="24GiB")
@@ -310,7 +310,7 @@ def test_plan_gives_the_moe_configs_on_24_gib():
 
 def test_plan_counts_each_expert_and_keeps_routers_in_16_bits(tiny):
     """The plan's weights and adapters are the prepared model's bytes: every expert quantized, the router not."""
-    from qolora.plan import plan
+    from qolora.planning.plan import plan
     from test_plan import _model_bytes
 
     for arch in MOE:
@@ -327,7 +327,7 @@ def test_a_synthetic_moe_checkpoint_streams_and_writes_in_transformers_layout(tm
     expert slice at a time with no disk, and the written folder loads in plain transformers to the same logits."""
     from transformers import AutoModelForCausalLM
 
-    from qolora.synthetic import SyntheticCheckpoint
+    from qolora.base.synthetic import SyntheticCheckpoint
 
     synthetic = SyntheticCheckpoint(tiny_config("qwen3_moe"), dtype=torch.float32)
     assert ("model.layers.0.mlp.experts.gate_up_proj", (4, 48, 64), torch.float32) in synthetic.tensors

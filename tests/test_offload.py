@@ -1,4 +1,4 @@
-"""Offloading the frozen base to host memory (qolora.offload), on the CPU: the whole mechanism runs.
+"""Offloading the frozen base to host memory (qolora.memory.base_streaming), on the CPU: the whole mechanism runs.
 
 On the CPU "host" and "device" are one memory, but fetch and release are real (each storage freed and
 refilled by a copy), so outputs and gradients must be bit-identical to the resident model, and the
@@ -15,12 +15,12 @@ import torch
 
 import qolora
 from qolora import ConfigError, adapter_parameters, adapter_state_dict, prepare
-from qolora.base_reader import BaseCheckpoint
-from qolora.offload import OffloadedLayers, decoder_layers, spread
-from qolora.placement import offload_layers_for
-from qolora.plan import plan
-from qolora.synthetic import SyntheticCheckpoint
-from qolora.train import TrainConfig, train
+from qolora.base.reader import BaseCheckpoint
+from qolora.base.synthetic import SyntheticCheckpoint
+from qolora.memory.base_streaming import OffloadedLayers, decoder_layers, spread
+from qolora.planning.placement import offload_layers_for
+from qolora.planning.plan import plan
+from qolora.training.loop import TrainConfig, train
 from tiny_models import make_tiny_llama
 
 L = 3
@@ -165,7 +165,7 @@ def test_offload_choices_and_host_check(llama3, monkeypatch):
         _build(llama3, "gpu")
     assert _build(llama3, "auto").qolora.offload is None  # on the CPU there is nothing to fit
     assert _build(llama3, "none").qolora.offload is None
-    import qolora.placement as placement
+    import qolora.planning.placement as placement
 
     monkeypatch.setattr(placement, "available_host_bytes", lambda: 1000)
     cfg = qolora.AdapterConfig(bits=4, rank=4, device="cpu").validate()
@@ -195,7 +195,7 @@ def test_plan_70b_on_24gib_fits_with_offload():
 
 
 def test_plan_cli_offload_json(capsys):
-    from qolora.cli import main
+    from qolora.cli.main import main
 
     assert main(["plan", "llama-3-70b", "--gpu-memory", "24GiB", "--offload", "auto", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

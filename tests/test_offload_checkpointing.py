@@ -10,10 +10,10 @@ import torch
 
 import qolora
 from qolora import ConfigError, adapter_state_dict
-from qolora.model_record import record_of
-from qolora.offload_checkpointing import OffloadedCheckpointing, find_offloaded_checkpointing, install
-from qolora.plan import plan
-from qolora.train import TrainConfig, train
+from qolora.memory.gradient_checkpointing import OffloadedCheckpointing, find_offloaded_checkpointing, install
+from qolora.model.record import record_of
+from qolora.planning.plan import plan
+from qolora.training.loop import TrainConfig, train
 
 
 def tokens(batch=2, length=12, seed=3):
@@ -169,7 +169,7 @@ def test_plan_moves_the_checkpoints_to_the_host():
 def test_cli_takes_the_offload_value(capsys):
     import json
 
-    from qolora import cli
+    from qolora.cli import main as cli
 
     parser = cli.build_parser()
     for argv, expected in (([], True), (["--gradient-checkpointing"], True), (["--no-gradient-checkpointing"], False),

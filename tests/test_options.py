@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 
 import qolora
-from qolora.cli import main
-from qolora.config import ConfigError
-from qolora.plan import plan
+from qolora.cli.main import main
+from qolora.errors import ConfigError
+from qolora.planning.plan import plan
 
 
 @pytest.mark.parametrize("gpu_memory, offload, message", [

@@ -1,7 +1,7 @@
 """Packed training keeps attention inside each example: through ``train()``, a packed block gives
 the same step loss and the same gradients as the same examples unpacked.
 
-The rule lives in one place (:func:`qolora.data.model_inputs`: packed batches run without an
+The rule lives in one place (:func:`qolora.data.tokens.model_inputs`: packed batches run without an
 attention mask) and the loop's loss goes through it for training and eval.
 """
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from qolora import prepare
-from qolora.data import PaddingCollator, load_records, model_inputs, tokenize_dataset
-from qolora.layer import adapter_parameters
-from qolora.train import TrainConfig, loss_sum, train
+from qolora.adapters.layer import adapter_parameters
+from qolora.data.tokens import PaddingCollator, load_records, model_inputs, tokenize_dataset
+from qolora.training.loop import TrainConfig, loss_sum, train
 from tiny_models import make_tiny_llama
 from tiny_tokenizer import make_tiny_tokenizer
 

@@ -1,4 +1,4 @@
-"""``qolora.plan`` against really prepared models, and ``qolora.synthetic``.
+"""``qolora.planning.plan`` against really prepared models, and ``qolora.base.synthetic``.
 
 Weights, adapters and optimizer states must match exactly (counted storages of a prepared model and of
 a real optimizer after a step); the predicted peak of one training step (activations, loss, adapter
@@ -19,12 +19,13 @@ import torch
 import qolora
 from benchmarks.memtrack import MemTracker, storage_bytes
 from qolora import ConfigError
-from qolora.cli import main
+from qolora.adapters.layer import adapter_parameters
+from qolora.base.hf_config import load_hf_config
+from qolora.base.synthetic import SyntheticCheckpoint
+from qolora.cli.main import main
 from qolora.config import parse_size
-from qolora.layer import adapter_parameters
-from qolora.plan import load_hf_config, plan
-from qolora.synthetic import SyntheticCheckpoint
-from qolora.train import loss_sum, make_optimizer
+from qolora.planning.plan import plan
+from qolora.training.loop import loss_sum, make_optimizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -173,7 +174,7 @@ def test_cli(capsys):
     assert "total (predicted peak)" in capsys.readouterr().out
     assert main(["plan", "llama-3-70b", "--gpu-memory", "24GiB", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["fits"] is False
-    with pytest.raises(SystemExit):  # choices come from qolora.train.OPTIMIZERS
+    with pytest.raises(SystemExit):  # choices come from qolora.training.loop.OPTIMIZERS
         main(["plan", "llama-3-8b", "--optim", "sgd"])
 
 

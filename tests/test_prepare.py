@@ -6,8 +6,8 @@ import torch
 
 import qolora
 from qolora import ConfigError
-from qolora.layer import adapter_layers
-from qolora.quant import dequantize_weight, quantization_kind
+from qolora.adapters.layer import adapter_layers
+from qolora.base.quant import dequantize_weight, quantization_kind
 
 LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -242,7 +242,7 @@ def stored_quantized_dir(request, tiny_llama_dir, tmp_path_factory):
 def test_stored_quantized_checkpoint_is_dequantized_then_requantized_with_a_warning(stored_quantized_dir, caplog):
     from transformers import AutoModelForCausalLM
 
-    from qolora.quant import dequantize_weight as deq
+    from qolora.base.quant import dequantize_weight as deq
 
     stored_bits, path = stored_quantized_dir
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -250,7 +250,7 @@ def test_stored_quantized_checkpoint_is_dequantized_then_requantized_with_a_warn
     for name, layer in adapter_layers(exact):
         stored = deq(ref.get_submodule(name))
         assert torch.allclose(layer.effective_weight(), stored, atol=1e-6), name
-    with caplog.at_level("WARNING", logger="qolora.prepare"):
+    with caplog.at_level("WARNING", logger="qolora.model.prepare"):
         model = qolora.prepare(path, bits=4, rank=4, progress=False)
     assert model.qolora_report.requantized == f"{stored_bits}bit"
     assert model.qolora_report.total_error > 0

@@ -7,9 +7,9 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from qolora import quant
+from qolora.base import quant
+from qolora.base.quant import dequantize_weight, make_base_layer, quantization_error
 from qolora.config import AdapterConfig
-from qolora.quant import dequantize_weight, make_base_layer, quantization_error
 
 
 @pytest.mark.parametrize("shape", [(384, 256), (33, 96), (7, 10), (300, 100)])

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 import qolora
-from qolora.layer import adapter_layers
+from qolora.adapters.layer import adapter_layers
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smollm2_dir():
-    from qolora.assets import default_model_dir
+    from qolora.data.assets import default_model_dir
 
     return default_model_dir()
 

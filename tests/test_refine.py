@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import qolora
-from qolora.adapter_io import QOLORA_CONFIG
-from qolora.cli import build_parser
-from qolora.config import AdapterConfig, ConfigError
+from qolora.adapters.layer import adapter_layers
+from qolora.base.quant import dequantize_weight, make_base_layer, quantize_dequantize
+from qolora.cli.main import build_parser
+from qolora.config import AdapterConfig
+from qolora.errors import ConfigError
 from qolora.inits import olora_factors, pissa_factors, refine_factors
-from qolora.layer import adapter_layers
-from qolora.quant import dequantize_weight, make_base_layer, quantize_dequantize
+from qolora.model.adapter_folder import QOLORA_CONFIG
 
 CFG = AdapterConfig(bits=4, rank=8, device="cpu")
 
@@ -88,7 +89,7 @@ def test_refine_must_be_a_count(refine, message):
 
 
 def test_refine_with_lora_is_refused_before_any_weight_is_read(tiny_llama_dir, monkeypatch):
-    from qolora.base_reader import BaseCheckpoint
+    from qolora.base.reader import BaseCheckpoint
 
     monkeypatch.setattr(BaseCheckpoint, "tensors", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
     with pytest.raises(ConfigError, match=r"refine=2 needs init='olora' or 'pissa': init='lora'"):
@@ -154,7 +155,7 @@ def test_refined_adapter_reloads_exactly_without_refining_again(tiny_llama_dir, 
     out = qolora.save_adapter(model, tmp_path / "adapter")
     assert json.loads((out / QOLORA_CONFIG).read_text())["adapter_config"]["refine"] == 2
 
-    prepare_module = importlib.import_module("qolora.prepare")  # the module (qolora.prepare is the function)
+    prepare_module = importlib.import_module("qolora.model.prepare")  # the module (qolora.prepare is the function)
 
     def no_refine(*a, **k):
         raise AssertionError("load ran the refinement again")

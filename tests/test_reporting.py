@@ -1,8 +1,9 @@
-"""qolora.reporting: the loss plot's running mean (a step's loss swings with its batch; the mean shows the trend)."""
+"""qolora.training.reporting: the loss plot's running mean (a step's loss swings with its batch; the mean shows
+the trend)."""
 
 from __future__ import annotations
 
-from qolora.reporting import plot_losses, running_mean
+from qolora.training.reporting import plot_losses, running_mean
 
 
 def test_running_mean_averages_the_last_window_values():

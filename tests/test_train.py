@@ -18,9 +18,9 @@ import torch
 
 import resume_job
 from qolora import ConfigError, adapter_parameters, adapter_state_dict, finetune, prepare
-from qolora.data import DataError
-from qolora.run_checkpoints import CheckpointError, list_checkpoints
-from qolora.train import DataOrder, TrainConfig, TrainingError, lr_factor, train
+from qolora.data.tokens import DataError
+from qolora.training.checkpoints import CheckpointError, list_checkpoints
+from qolora.training.loop import DataOrder, TrainConfig, TrainingError, lr_factor, train
 from tiny_chat import QA, events
 from tiny_tokenizer import make_tiny_tokenizer
 
@@ -42,8 +42,8 @@ def no_prepare(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("prepare() was called: the bad input should have been caught before the model loads")
 
-    monkeypatch.setattr(importlib.import_module("qolora.prepare"), "prepare", refuse)
-    monkeypatch.setattr(importlib.import_module("qolora.finetune"), "prepare", refuse)
+    monkeypatch.setattr(importlib.import_module("qolora.model.prepare"), "prepare", refuse)
+    monkeypatch.setattr(importlib.import_module("qolora.training.finetune"), "prepare", refuse)
 
 
 # ------------------------------------------------------------------------------------- config
@@ -332,7 +332,7 @@ class TestBadInputFailsBeforeTheModel:
 def test_prepared_model_trains_under_hf_trainer(tmp_path, chat_model_dir, tokenized):
     from transformers import Trainer, TrainingArguments
 
-    from qolora.data import PaddingCollator
+    from qolora.data.tokens import PaddingCollator
 
     tok, train_ds, _ = tokenized
     model = tiny_model(chat_model_dir)
@@ -354,7 +354,7 @@ def test_prepared_model_trains_under_hf_trainer(tmp_path, chat_model_dir, tokeni
 @pytest.mark.slow
 def test_default_job_few_steps(tmp_path):
     """The built-in job (SmolLM2-135M-Instruct, 4-bit, OLoRA, chatterbot) runs a few steps end to end."""
-    from qolora.assets import AssetError, default_dataset_path, default_model_dir
+    from qolora.data.assets import AssetError, default_dataset_path, default_model_dir
 
     try:
         default_model_dir(), default_dataset_path()
@@ -415,7 +415,7 @@ def test_cuda_mixed_precision_paged_optimizer_and_resume(tmp_path, chat_model_di
 
 @pytest.mark.gpu
 def test_cuda_paged_optimizer_class(chat_model_dir):
-    from qolora.train import make_optimizer
+    from qolora.training.loop import make_optimizer
 
     model = tiny_model(chat_model_dir, device="cuda")
     params = [p for _, p in adapter_parameters(model)]

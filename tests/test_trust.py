@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qolora
-import qolora.chat
-import qolora.plan
+import qolora.cli.chat
+import qolora.planning.plan
 from qolora import AdapterConfig, AdapterError, CheckpointError, ConfigError, finetune, prepare
-from qolora.cli import main
-from qolora.data import DataError, load_records, tokenize_dataset
+from qolora.cli.main import main
+from qolora.data.tokens import DataError, load_records, tokenize_dataset
 from qolora.files import FolderBusyError, folder_lock, remove_stale_temporaries
 from tiny_chat import make_chat_model_dir, write_chat_jsonl
 from tiny_tokenizer import make_tiny_tokenizer
@@ -90,7 +90,7 @@ def no_prepare(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("prepare() was called: the problem should have been caught before the model loads")
 
-    monkeypatch.setattr(importlib.import_module("qolora.finetune"), "prepare", refuse)
+    monkeypatch.setattr(importlib.import_module("qolora.training.finetune"), "prepare", refuse)
 
 
 # ======================================================================== 1-2: nothing user-owned is deleted
@@ -188,10 +188,10 @@ def test_a_folder_asking_for_its_own_code_is_refused_and_never_run(tiny, finishe
     calls = {
         "prepare": lambda: prepare(evil, 4, 4, device="cpu", progress=False),
         "finetune": lambda: finetune(evil, data, **run_options(tmp_path / "out")),
-        "plan": lambda: qolora.plan.plan(evil),
+        "plan": lambda: qolora.planning.plan.plan(evil),
         "load": lambda: qolora.load(evil, adapter, progress=False),
         "merge": lambda: qolora.merge(evil, adapter, tmp_path / "merged", progress=False),
-        "chat": lambda: qolora.chat.load_chat_model(merged=evil),
+        "chat": lambda: qolora.cli.chat.load_chat_model(merged=evil),
     }
     if entry == "cli-plan":
         assert main(["plan", str(evil)]) == 2
@@ -209,7 +209,7 @@ def test_known_architecture_with_auto_map_uses_builtin_classes(tiny, tmp_path):
     evil = make_evil_folder(model, tmp_path / "evil", marker, model_type="llama")
     net = prepare(evil, 4, 4, device="cpu", progress=False)
     assert type(net).__name__ == "LlamaForCausalLM"
-    tokenizer = importlib.import_module("qolora.finetune").load_tokenizer(evil)
+    tokenizer = importlib.import_module("qolora.data.tokens").load_tokenizer(evil)
     assert type(tokenizer).__name__ != "EvilTokenizer"
     assert not marker.exists()
 
@@ -320,12 +320,12 @@ def test_bad_index_files_are_refused_before_any_weight(tiny, tmp_path, index, me
     model, _ = tiny
     bad = _sharded(model, tmp_path / "bad", index)
     with pytest.raises(ConfigError, match=message):
-        qolora.base_reader.BaseCheckpoint.open(bad)
+        qolora.base.reader.BaseCheckpoint.open(bad)
 
 
 def test_merge_progress_bar_has_a_total(tiny):
     model, _ = tiny
-    checkpoint = qolora.base_reader.BaseCheckpoint.open(model)
+    checkpoint = qolora.base.reader.BaseCheckpoint.open(model)
     assert checkpoint.tensor_count() == len(load_file(str(model / "model.safetensors")))
 
 
@@ -505,7 +505,7 @@ def test_unreadable_data_files_name_file_and_line(tmp_path, name, content, messa
 def test_utf8_check_handles_characters_across_chunks(tmp_path):
     path = tmp_path / "ok.txt"
     path.write_text("é" * 5000, encoding="utf-8")
-    qolora.records._check_utf8(path, chunk_size=1001)  # odd chunks split the 2-byte characters
+    qolora.data.records._check_utf8(path, chunk_size=1001)  # odd chunks split the 2-byte characters
 
 
 @pytest.mark.parametrize("records, message", [
@@ -581,7 +581,7 @@ def test_a_10mb_record_is_cut_before_tokenizing(tmp_path):
     small = __import__("datasets").Dataset.from_list(
         [{"messages": [question, {"role": "assistant", "content": answer[:200_000]}]}])
     cut, _ = tokenize_dataset(small, tok, max_length=128)
-    data_module = importlib.import_module("qolora.data")
+    data_module = importlib.import_module("qolora.data.tokens")
     saved = data_module._CHARS_PER_TOKEN
     data_module._CHARS_PER_TOKEN = 10**9  # no cut: the whole text
     try:
@@ -629,7 +629,7 @@ SMOL_LIKE_TEMPLATE = (
 
 
 def test_samples_say_where_a_template_system_prompt_comes_from(tmp_path):
-    from qolora.reporting import sample_prompts, template_system_prompt, write_samples
+    from qolora.training.reporting import sample_prompts, template_system_prompt, write_samples
 
     tok = make_tiny_tokenizer()
     assert template_system_prompt(tok) is None
@@ -648,7 +648,7 @@ def test_samples_say_where_a_template_system_prompt_comes_from(tmp_path):
 
 
 def test_the_thread_policy_applies_to_python_users(tiny, monkeypatch):
-    threads = importlib.import_module("qolora.threads")
+    threads = importlib.import_module("qolora.devices")
     model, _ = tiny
     monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
     monkeypatch.setattr(threads, "_DEFAULT_THREADS", 2)
@@ -680,14 +680,14 @@ def test_a_resumed_run_removes_the_temporaries_a_killed_run_left(tiny, run_copy,
     for path in left:
         path.mkdir()  # fresh: younger than the 6 h after which anyone may remove them
     (left[0] / "adapter.safetensors").write_bytes(b"half")
-    with caplog.at_level(logging.INFO, logger="qolora.run_folder"):
+    with caplog.at_level(logging.INFO, logger="qolora.training.run_folder"):
         finetune(tiny[0], tiny[1], **run_options(run_copy), resume=True)
     assert not any(p.exists() for p in left)
     assert "left by an interrupted run" in caplog.text
 
 
 def test_resume_of_a_folder_that_does_not_exist_says_it_starts_anew(tiny, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="qolora.run_folder"):
+    with caplog.at_level(logging.WARNING, logger="qolora.training.run_folder"):
         finetune(tiny[0], tiny[1], **run_options(tmp_path / "new"), resume=True)
     assert "does not exist: starting a new run there" in caplog.text
 
@@ -729,12 +729,12 @@ def trained_adapter(finished_run):
 
 
 def test_chat_on_an_adapter_answers_like_the_loaded_model(tiny, trained_adapter):
-    from qolora.chat import load_chat_model, prompt_tensor, reply
+    from qolora.cli.chat import load_chat_model, prompt_tensor, reply
 
     model, _ = tiny
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     loaded = qolora.load(model, trained_adapter, progress=False)
-    tok = importlib.import_module("qolora.finetune").load_tokenizer(model)
+    tok = importlib.import_module("qolora.data.tokens").load_tokenizer(model)
     ids = prompt_tensor(tok, messages, torch.device("cpu"))
     expected = loaded.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                                do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -755,7 +755,7 @@ def test_chat_on_an_adapter_answers_like_the_loaded_model(tiny, trained_adapter)
 def test_cli_chat_one_prompt_interactive_and_merged(tiny, trained_adapter, tmp_path, capsys, monkeypatch):
     import io
 
-    from qolora.chat import load_chat_model, reply
+    from qolora.cli.chat import load_chat_model, reply
 
     model, _ = tiny
     fast, tok = load_chat_model(adapter=trained_adapter, progress=False)
@@ -820,8 +820,8 @@ def test_adversarial_full():
 # ------------------------------------------------------------------- found in review (0.2.0)
 def test_a_foreign_step_folder_is_never_replaced_by_a_checkpoint(tmp_path, chat_model_dir, tokenized):
     """A user's folder named like a checkpoint survives --overwrite and the run that reaches its step."""
-    from qolora.run_checkpoints import CheckpointError as CkptError
-    from qolora.train import TrainConfig, train
+    from qolora.training.checkpoints import CheckpointError as CkptError
+    from qolora.training.loop import TrainConfig, train
 
     tok, train_ds, eval_ds = tokenized
     out = tmp_path / "run"
@@ -839,8 +839,8 @@ def test_a_foreign_step_folder_is_never_replaced_by_a_checkpoint(tmp_path, chat_
 def test_resume_from_a_trainer_checkpoint_of_another_adapter_setup_is_refused(tmp_path, tiny_llama_dir):
     """hf_compat.load_adapter_weights compares the adapter setup, not only the factors (OLoRA's
     factors do not depend on alpha, so the factors alone cannot tell)."""
-    from qolora.adapter_io import AdapterError
-    from qolora.hf_compat import load_adapter_weights
+    from qolora.model.adapter_folder import AdapterError
+    from qolora.model.hf_compat import load_adapter_weights
 
     first = qolora.prepare(tiny_llama_dir, bits=4, rank=4, alpha=4, device="cpu", progress=False)
     first.save_pretrained(tmp_path / "ck")

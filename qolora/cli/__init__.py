@@ -1,0 +1,1 @@
+"""The ``qolora`` command: finetune, merge, export, info, chat and plan."""

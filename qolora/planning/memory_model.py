@@ -1,0 +1,242 @@
+"""The byte formulas of :mod:`qolora.planning.plan`: quantized weights, optimizer states, and the activations
+and working memory of one training step, per decoder-layer family. Pure arithmetic on sizes; the
+planner's docstring explains each term and how it was validated.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
+"""The optimizers a run may use (the first is the default)."""
+
+logger = logging.getLogger(__name__)
+
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps fp32 optimizer states below this many elements
+BNB_OPTIM_BLOCK = 256
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2", "phi3", "olmo", "olmo2",
+              "granite", "smollm3", "cohere", "starcoder2", "stablelm", "internlm2")
+
+
+@dataclass(frozen=True)
+class Dims:
+    family: str
+    L: int
+    h: int
+    i: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    attn_dropout: float
+    resid_dropout: float
+    activation: str
+    experts_per_token: int = 0  # a Mixture-of-Experts model: k of ``num_experts`` routed experts per token
+    num_experts: int = 0
+
+
+def model_dims(hf_config) -> Dims:
+    c = hf_config
+    mt = c.model_type
+    if mt == "gpt2":
+        h = c.n_embd
+        return Dims("gpt2", c.n_layer, h, c.n_inner or 4 * h, c.n_head, c.n_head, h // c.n_head, c.vocab_size,
+                     float(c.attn_pdrop), float(c.resid_pdrop), c.activation_function)
+    text = getattr(c, "text_config", None) or c
+    h = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    if mt not in LLAMA_LIKE:
+        logger.warning("activation estimate for model_type %r uses the Llama-style layer formula (validated for "
+                       "llama, mistral, qwen2 and gpt2 only)", mt)
+    return Dims("llama", text.num_hidden_layers, h, mlp_width(text), heads,
+                 getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size,
+                 float(getattr(text, "attention_dropout", 0.0) or 0.0), 0.0, getattr(text, "hidden_act", "silu"),
+                 *moe_dims(text))
+
+
+def mlp_width(text) -> int:
+    """The MLP width a token goes through: ``intermediate_size``, or for a Mixture-of-Experts config the experts
+    it is routed to (``num_experts_per_tok`` x the expert width) plus any shared expert. A MoE layer's
+    activations are then estimated as a dense MLP of that width (not validated against a measurement)."""
+    k = getattr(text, "num_experts_per_tok", None)
+    if not k:
+        return text.intermediate_size
+    expert = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+    shared = (getattr(text, "shared_expert_intermediate_size", None)
+              or (getattr(text, "n_shared_experts", None) or 0) * expert)
+    return k * expert + shared
+
+
+def moe_dims(text) -> tuple[int, int]:
+    """``(experts per token, experts)`` of a Mixture-of-Experts config, ``(0, 0)`` for a dense one."""
+    k = getattr(text, "num_experts_per_tok", None) or 0
+    experts = next((getattr(text, a) for a in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if isinstance(getattr(text, a, None), int)), 0)
+    return (k, experts) if k and experts else (0, 0)
+
+
+def quantized_bytes(out_f: int, in_f: int, bits: int, blocksize: int, double_quant: bool, dtype_bytes: int) -> int:
+    n = out_f * in_f
+    if bits == 16:
+        return n * dtype_bytes
+    if bits == 8:
+        return n + 4 * out_f
+    blocks = -(-n // blocksize)
+    stats = blocks + 4 * -(-blocks // 256) + 256 * 4 + 4 if double_quant else 4 * blocks
+    return -(-n // 2) + stats + 16 * 4
+
+
+def optimizer_bytes(optim: str, numels: list[int], adapter_bytes: int) -> int:
+    if optim == "adamw":
+        return sum(2 * n * adapter_bytes + 4 for n in numels)
+    if optim.endswith("32bit"):
+        return sum(2 * 4 * n for n in numels)
+    total, any8 = 0, False
+    for n in numels:
+        if n < BNB_MIN_8BIT_SIZE:
+            total += 2 * 4 * n
+        else:
+            any8 = True
+            total += 2 * n + 2 * 4 * -(-n // BNB_OPTIM_BLOCK)
+    return total + (2 * 256 * 4 if any8 else 0)
+
+
+def inputs_bytes(N: int, widths_consumers: list[tuple[int, list[str]]], adapted: set[str], a: int,
+                  adapter_b: int, autocast: bool, bits: int, fused: bool = False) -> int:
+    """Bytes kept for the inputs of a layer's linear layers: each input tensor (width w) read by consumers.
+
+    ``fused``: the adapted layers run :mod:`qolora.adapters.kernels`' fused step, which keeps the input itself
+    (one tensor however many layers read it) when the adapter computes in the activations' dtype
+    (autocast, or factors in that dtype), else its own cast per layer as the plain path does.
+    """
+    total = 0
+    for w, consumers in widths_consumers:
+        shared = bits == 16  # an unquantized base keeps its input; bitsandbytes keeps only its weight
+        for c in consumers:
+            if c not in adapted:
+                continue
+            if fused and (autocast or adapter_b == a):
+                shared = True
+            elif autocast:
+                total += N * w * a  # fp32 adapter: x -> fp32 -> autocast's own 16-bit copy, one per layer
+            elif adapter_b == a:
+                shared = True
+            else:
+                total += N * w * adapter_b
+        total += N * w * a if shared else 0
+    return total
+
+
+def llama_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
+                 bits: int, padded: bool, fused: bool = False) -> int:
+    N = B * T
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    norms = 2 * (4 * N * d.h + 4 * N)
+    k_v = 2 * N * (q if padded and d.kv_heads != d.heads else kv) * a
+    attn = N * q * a + k_v + N * q * a + 4 * B * d.heads * T
+    if d.attn_dropout > 0:  # SDPA falls back to the math kernel: probabilities and their mask
+        attn += B * d.heads * T * T * (a + 1)
+    mlp = 3 * N * d.i * a
+    inputs = inputs_bytes(N, [(d.h, ["q_proj", "k_proj", "v_proj"]), (q, ["o_proj"]), (d.h, ["gate_proj", "up_proj"]),
+                               (d.i, ["down_proj"])], adapted, a, adapter_b, autocast, bits, fused)
+    lora = N * r * (a if autocast else adapter_b) * len(adapted)
+    # A MoE layer (the experts' loop of qolora.base.experts): per routed (token, expert) its gathered input and its
+    # output before the routing weight are kept, and the router's logits and fp32 probabilities per token.
+    moe = N * d.experts_per_token * 2 * d.h * a + N * d.num_experts * (a + 4) if d.experts_per_token else 0
+    return norms + attn + mlp + inputs + lora + moe
+
+
+def gpt2_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
+                bits: int, padded: bool, fused: bool = False) -> int:
+    N = B * T
+    ln_b = 4 if autocast else a  # LayerNorm runs in fp32 under autocast
+    norms = 2 * (N * d.h * ln_b + 2 * 4 * N)  # input, mean, rstd
+    attn = 3 * N * d.h * a + N * d.h * a + 4 * B * d.heads * T  # c_attn output (q, k, v views), SDPA out + lse
+    if d.attn_dropout > 0:
+        attn += B * d.heads * T * T * (a + 1)
+    drop = 2 * N * d.h * (a + 1) if d.resid_dropout > 0 else 0  # two residual dropouts: output + bool mask
+    gelu = 4 if d.activation == "gelu_new" else 1  # python tanh-GELU keeps 4 tensors of N*i, torch's GELU 1
+    mlp = gelu * N * d.i * a
+    inputs = inputs_bytes(N, [(d.h, ["c_attn"]), (d.h, ["c_proj"]), (d.h, ["c_fc"]), (d.i, ["mlp.c_proj"])],
+                           adapted, a, adapter_b, autocast, bits, fused)
+    lora = N * r * (a if autocast else adapter_b) * len(adapted)
+    return norms + attn + drop + mlp + inputs + lora
+
+
+def adapted_kinds(names: list[str], family: str) -> set[str]:
+    kinds = set()
+    for n in names:
+        leaf = n.rsplit(".", 1)[-1]
+        kinds.add("mlp.c_proj" if family == "gpt2" and leaf == "c_proj" and ".mlp." in f".{n}." else leaf)
+    return kinds
+
+
+def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
+          bits: int, padded: bool, checkpointing: bool | str | int, chunked: bool, chunk_bytes: int, max_linear: int,
+          grads: int, states: int, fused: bool = False) -> tuple[int, int, str, dict]:
+    """(activation bytes on the compute device, loss bytes, moment, details) at the predicted peak of one step.
+
+    ``checkpointing="offload"``: the layer checkpoints held in host memory are ``details["checkpoint_host_bytes"]``;
+    an integer ``k``: only the first ``k`` layers are checkpointed.
+    ``fused``: the adapted layers run :mod:`qolora.adapters.kernels`' fused step (no fp32 <-> 16-bit casts).
+    """
+    N = B * T
+    layer_fn = gpt2_layer if d.family == "gpt2" else llama_layer
+    per_layer = layer_fn(d, B, T, adapted, r, a, adapter_b, autocast, bits, padded, fused)
+    layer_input = N * d.h * a
+    rope = 2 * N * d.head_dim * a if d.family == "llama" else 0
+    top = 4 * N * d.h + 4 * N + rope  # final norm keeps its fp32 input and 1/rms
+    # Working gradients of one layer (output, MLP): under autocast each adapted input's gradient also passes
+    # through the fp32 <-> 16-bit casts on the plain path, which doubles the temporaries.
+    work = N * (d.i + d.h) * a * (2 if autocast and not fused else 1)
+    dequant = max_linear * a
+    # The fused step frees its dequantized weight before it makes the adapter's gradients, so within one
+    # layer's backward pass the two peak one after the other (measured: tests/test_plan.py); on the plain
+    # path bitsandbytes' dequantized weight coexists with the adapter branch's temporaries.
+    transient = max(work, dequant) if fused else work + dequant
+    host = 0
+    # The recomputed layer's norm keeps the checkpointed input itself when it is already fp32.
+    recomputed = per_layer - (layer_input if a == 4 and d.family == "llama" else 0)
+    partial = type(checkpointing) is int and 0 < checkpointing < d.L
+    if partial:
+        # The first k layers keep their input, the others all their activations. The backward pass meets
+        # the un-checkpointed layers first (everything still held), then recomputes the checkpointed ones
+        # (the others' activations freed by then): the layer peak is the larger of the two.
+        k = checkpointing
+        kept = k * layer_input + (d.L - k) * per_layer
+        kept_at_loss = kept + top
+        kept_in_layer = max(kept + rope + transient, k * layer_input + rope + recomputed + transient)
+    elif checkpointing:
+        if checkpointing == "offload":
+            # Every layer's checkpoint waits in host memory. On the device: the first layer's input (the
+            # embedding output, a leaf that requires grad, held by autograd anyway) and, in the backward
+            # pass, the one checkpoint brought back for its layer's recompute.
+            host = d.L * layer_input
+            kept_at_loss = layer_input + top
+            kept_in_layer = 2 * layer_input + rope + recomputed + transient
+        else:
+            kept_at_loss = d.L * layer_input + top
+            kept_in_layer = d.L * layer_input + rope + recomputed + transient
+    else:
+        kept_at_loss = d.L * per_layer + top
+        kept_in_layer = d.L * per_layer + rope + transient
+    n_loss = B * max(T - 1, 1)
+    if chunked:
+        # One chunk's fp32 logits at a time (turned into their gradient in place), plus the chunk in the
+        # matmul dtype under 16-bit autocast, plus the hidden states' gradient (N, h), computed in the
+        # forward pass and held until the backward pass.
+        chunk_tokens = max(1, min(n_loss, chunk_bytes // (4 * d.vocab)))
+        loss = (4 + (a if a != 4 else 0)) * chunk_tokens * d.vocab + n_loss * d.h * a
+    else:
+        loss = 3 * 4 * n_loss * d.vocab
+    at_loss, in_layer = kept_at_loss + loss, kept_in_layer
+    details = {"per_layer_activation_bytes": per_layer, "checkpointed_input_bytes": layer_input,
+               "working_grad_bytes": work, "dequantized_weight_bytes": dequant,
+               "peak_at_loss_bytes": at_loss, "peak_in_layer_bytes": in_layer, "checkpoint_host_bytes": host}
+    if at_loss >= in_layer:
+        return kept_at_loss, loss, "loss", details
+    return in_layer, 0, "layer", details
+
+
