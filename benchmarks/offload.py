@@ -14,7 +14,7 @@ carried, nothing is written) and streamed into :func:`qolora.prepare` through
 :meth:`qolora.base.reader.BaseCheckpoint.from_source`. Writes ``benchmarks/results/<device>/scale_70b.json``.
 
 ``--tiny`` runs the same code on the CPU with two decoder layers of the Llama-3-8B shape scaled down
-(seq 64, batches 1 and 2), so the script is tested (tests/test_offload.py); there the "cap" is not
+(seq 64, batches 1 and 2), so the script is tested (tests/memory/test_base_streaming.py); there the "cap" is not
 enforced and the figures only show that the mechanism runs. The CUDA mode has not been run in the task
 that wrote it (no GPU was lent); targets: peak <= 24 GiB, offloaded step <= 1.3x the resident step.
 

@@ -19,7 +19,7 @@ import torch
 from .errors import ConfigError
 from .inits import INITS, adapter_scale
 
-__all__ = ["AdapterConfig", "BITS", "DTYPES", "QUANT_TYPES", "parse_dtype", "parse_size"]
+__all__ = ["AdapterConfig", "BITS", "DTYPES", "QUANT_TYPES", "dtype_name", "parse_dtype", "parse_size"]
 
 BITS = (4, 8, 16)
 QUANT_TYPES = ("nf4", "fp4")
@@ -38,6 +38,11 @@ _STORAGE = {"uint8": torch.uint8, **DTYPES}
 
 
 
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name options use for a floating dtype (``"fp32"``, ``"bf16"``, ``"fp16"``)."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def parse_dtype(value: str | torch.dtype, what: str, allowed: dict[str, torch.dtype] = DTYPES) -> torch.dtype:

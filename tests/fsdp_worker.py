@@ -1,4 +1,4 @@
-"""Run under torchrun (2 CPU processes, gloo) by tests/test_fsdp.py: one data-parallel step and one
+"""Run under torchrun (2 CPU processes, gloo) by tests/training/test_fsdp.py: one data-parallel step and one
 FSDP-sharded step on the same global batch; rank 0 writes the comparison as JSON to argv[2]."""
 
 import json

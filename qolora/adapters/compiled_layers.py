@@ -21,7 +21,7 @@ What is compiled, and when:
   no recompilation per length;
 * bitsandbytes' 4-bit matmul and the fused adapter function are traced into the graph (bitsandbytes
   registers its ops with ``torch.library``), so a layer is one graph, without graph breaks on the CPU
-  (checked by ``tests/test_compiled_layers.py``).
+  (checked by ``tests/adapters/test_compiled_layers.py``).
 
 The first training step pays the compilation (tens of seconds on a 2-core CPU; cached on disk by
 Inductor for later processes); a change of sequence length recompiles once with dynamic shapes.
@@ -29,7 +29,7 @@ Numerics: Inductor may reorder a reduction (RMSNorm's mean) or fuse a cast, so w
 equal the eager path within fp32 rounding (bf16: within bf16 rounding), not bit for bit. With adapter
 dropout the masks differ from eager's (Inductor draws its own random numbers), so a compiled run is a
 different (equally valid) run, reproducible under ``compile``: a run resumed from a checkpoint continues
-bit for bit (``tests/test_train.py``, SIGKILL and resume with dropout and varying lengths).
+bit for bit (``tests/training/test_loop.py``, SIGKILL and resume with dropout and varying lengths).
 
 Where compilation does not apply, the layer runs eagerly and the reason is logged once
 (:func:`qolora.adapters.kernels.note_fallback`): ``torch.compile`` missing or failing (its backend cannot build,

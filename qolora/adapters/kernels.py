@@ -21,7 +21,7 @@ so the forward pass writes one ``(N, out)`` tensor instead of four and the backw
 the gradients it returns. The base weight is dequantized in the forward pass and again in the backward
 pass, as bitsandbytes does (keeping the dense weight from forward to backward would hold a dense copy
 of every layer). The rounding differs from the plain path only in the order of the adapter's
-additions (fp32: ~1e-6 relative; bf16: within bf16 rounding), see ``tests/test_kernels.py``.
+additions (fp32: ~1e-6 relative; bf16: within bf16 rounding), see ``tests/adapters/test_kernels.py``.
 
 When the fused path does not apply, :func:`unsupported_reason` says why and the layer takes the plain
 path; :func:`note_fallback` logs each such message once. The switch is ``prepare(..., kernels=...)``

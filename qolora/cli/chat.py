@@ -32,8 +32,8 @@ from ..adapters.layer import AdapterLinear, replace_module
 from ..base.quant import dequantize_weight, quantization_kind
 from ..data.records import Renderer
 from ..errors import ConfigError
-from ..memory.base_streaming import available_host_bytes
 from ..memory.host_embedding import host_embeddings
+from ..memory.host_memory import available_host_bytes
 from ..model.adapter_folder import read_adapter
 
 __all__ = ["dequantize_model", "load_chat_model", "prompt_tensor", "reply"]

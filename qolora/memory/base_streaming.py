@@ -45,7 +45,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -55,7 +54,7 @@ from torch import nn
 from ..config import parse_size
 from ..errors import ConfigError
 
-__all__ = ["OFFLOAD_CHOICES", "OffloadStats", "OffloadedLayers", "LayerOffload", "available_host_bytes",
+__all__ = ["OFFLOAD_CHOICES", "OffloadStats", "OffloadedLayers", "LayerOffload",
            "decoder_layers", "spread", "check_offload"]
 
 logger = logging.getLogger(__name__)
@@ -120,20 +119,6 @@ def spread(num_layers: int, count: int) -> list[int]:
     """
     count = max(0, min(count, num_layers))
     return sorted({int((k + 0.5) * num_layers / count) for k in range(count)}) if count else []
-
-
-def available_host_bytes() -> int:
-    """Host memory available for new allocations (psutil, else ``MemAvailable`` of /proc/meminfo)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil is installed with accelerate
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------------- storage

@@ -1,4 +1,5 @@
-"""Hand freed heap memory back to the operating system (glibc ``malloc_trim``).
+"""The host's memory: how much is available (:func:`available_host_bytes`), and freed heap handed back to
+the operating system (glibc ``malloc_trim``, :func:`trim`).
 
 torch's CPU tensors come from the C heap. glibc serves allocations under its (dynamic, up to 32 MiB)
 mmap threshold from heap arenas and keeps what is freed there for reuse, so a process that frees a
@@ -15,8 +16,9 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 
-__all__ = ["trim"]
+__all__ = ["available_host_bytes", "trim"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,3 +41,17 @@ def trim() -> bool:
         return False
     fn(0)
     return True
+
+
+def available_host_bytes() -> int:
+    """Host memory available for new allocations (psutil, else ``MemAvailable`` of /proc/meminfo)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is installed with accelerate
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))  # pragma: no cover

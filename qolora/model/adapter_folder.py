@@ -42,7 +42,7 @@ from ..adapters.layer import AdapterLinear, adapter_layers
 from ..base.experts import ExpertSlot, expert_slots
 from ..base.quant import quant_settings, quantization_kind
 from ..base.reader import GUARD_MODEL_TYPE, linear_layers
-from ..config import AdapterConfig
+from ..config import AdapterConfig, dtype_name
 from ..errors import ConfigError
 from ..files import FolderKind, atomic_dir, check_out_dir, sha256_file, write_json
 from ..inits import INITS
@@ -167,9 +167,6 @@ def combined_fingerprint(per_layer: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(sorted(per_layer.items())).encode()).hexdigest()[:16]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 def _qolora_version() -> str:
     return __version__
@@ -233,8 +230,8 @@ def adapter_from_model(model: nn.Module) -> SavedAdapter:
         if id(module) not in base_layers and not isinstance(module, AdapterLinear)
         and isinstance(getattr(module, "weight", None), torch.Tensor) and quantization_kind(module.weight) is not None
     }
-    pinned = config.replace(dtype=_dtype_name(config.torch_dtype),
-                            compute_dtype=_dtype_name(config.torch_compute_dtype))
+    pinned = config.replace(dtype=dtype_name(config.torch_dtype),
+                            compute_dtype=dtype_name(config.torch_compute_dtype))
     saved = SavedAdapter(
         config=pinned, layers=records, weights=weights, init=init, frozen_quantized=frozen,
         # A local base as its absolute folder (a relative path would not resolve from elsewhere); a hub id as is.

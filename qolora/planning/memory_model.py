@@ -193,7 +193,7 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
     work = N * (d.i + d.h) * a * (2 if autocast and not fused else 1)
     dequant = max_linear * a
     # The fused step frees its dequantized weight before it makes the adapter's gradients, so within one
-    # layer's backward pass the two peak one after the other (measured: tests/test_plan.py); on the plain
+    # layer's backward pass the two peak one after the other (measured: tests/planning/test_plan.py); on the plain
     # path bitsandbytes' dequantized weight coexists with the adapter branch's temporaries.
     transient = max(work, dequant) if fused else work + dequant
     host = 0

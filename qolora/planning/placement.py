@@ -13,10 +13,11 @@ import logging
 
 import torch
 
-from ..config import parse_size
+from ..config import dtype_name, parse_size
 from ..errors import ConfigError
-from ..memory.base_streaming import LayerOffload, available_host_bytes, check_offload
+from ..memory.base_streaming import LayerOffload, check_offload
 from ..memory.host_embedding import check_untied
+from ..memory.host_memory import available_host_bytes
 from .plan import plan
 
 __all__ = ["offload_layers_for"]
@@ -59,9 +60,9 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
     memory_plan = plan(hf_config, bits=config.bits, rank=config.rank, alpha=config.alpha,
                        target_modules=config.target_modules, quant_type=config.quant_type,
                        blocksize=config.blocksize, double_quant=config.double_quant,
-                       compute_dtype=_dtype_name(config.torch_compute_dtype if config.bits != 16
+                       compute_dtype=dtype_name(config.torch_compute_dtype if config.bits != 16
                                                  else config.torch_dtype),
-                       adapter_dtype=_dtype_name(config.torch_adapter_dtype), device=device.type,
+                       adapter_dtype=dtype_name(config.torch_adapter_dtype), device=device.type,
                        gpu_memory=parse_size(gpu_memory, "gpu_memory") if gpu_memory is not None else None,
                        offload=offload, offload_embedding=offload_embedding, _search=False, **options)
     indices = memory_plan.offloaded_layers
@@ -99,6 +100,3 @@ def _check_embedding_room(hf_config, config) -> None:
                           "(each process of a multi-process run holds its own copy): free host memory or use "
                           "offload_embedding=False")
 
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

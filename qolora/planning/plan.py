@@ -25,7 +25,7 @@ maxima; plus two shared 256-entry fp32 quantization maps. Paged variants take th
 (paging only moves pages out under pressure).
 
 Activations (a derived estimate, validated on the CPU against an exact allocation tracker in
-``tests/test_plan.py``). Per decoder layer, the tensors autograd keeps for the backward pass of a
+``tests/planning/test_plan.py``). Per decoder layer, the tensors autograd keeps for the backward pass of a
 Llama-style layer (Llama, Mistral, Qwen2, ...; no padding mask, so grouped-query attention runs in SDPA
 without repeated K/V)::
 
@@ -59,7 +59,7 @@ holds one chunk of fp32 logits at a time, turned into its gradient in place, plu
 the matmul dtype under 16-bit autocast and the hidden states' gradient, computed in the forward pass
 and held until the backward pass: ``(4 + a16)*chunk_tokens*V + a*N*h`` with
 ``chunk_tokens = loss_chunk_bytes / (4*V)`` (:data:`qolora.memory.chunked_loss.DEFAULT_CHUNK_BYTES`); prompt-masked
-tokens never reach the head. Validated with the rest of the step in ``tests/test_plan.py``.
+tokens never reach the head. Validated with the rest of the step in ``tests/planning/test_plan.py``.
 
 The peak of one step is the larger of two moments: the start of the backward pass (all kept
 activations + the loss) and the backward pass of the most loaded layer (kept activations, the
@@ -733,7 +733,7 @@ def _checkpointing_text(mode) -> str:
 
 def _host_memory(value: str | None) -> int | str | None:
     if value == "available":
-        from ..memory.base_streaming import available_host_bytes
+        from ..memory.host_memory import available_host_bytes
 
         return available_host_bytes()
     return value

@@ -21,7 +21,7 @@ back into the shards. The final adapter is written from a :class:`~qolora.model.
 taken before sharding (the base layers' quantization settings are read from whole ``Params4bit``
 weights) with the gathered trained factors filled in (:func:`with_trained_weights`).
 
-Checked on the CPU with 2 gloo processes (``tests/test_fsdp.py``): one sharded step equals one
+Checked on the CPU with 2 gloo processes (``tests/training/test_fsdp.py``): one sharded step equals one
 data-parallel step, and ``qolora.train(..., TrainConfig(fsdp=True))`` ends with the data-parallel
 run's losses and adapter.
 """

@@ -26,29 +26,19 @@ from qolora.cli.main import main
 from qolora.config import parse_size
 from qolora.planning.plan import plan
 from qolora.training.loop import loss_sum, make_optimizer
+from tiny_models import stored_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _model_bytes(model) -> int:
-    tensors = list(model.parameters()) + list(model.buffers())
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        qs = getattr(w, "quant_state", None)
-        if qs is not None:
-            tensors += [qs.absmax, qs.code, getattr(qs, "offset", None)]
-            if qs.state2 is not None:
-                tensors += [qs.state2.absmax, qs.state2.code]
-        if w is not None and getattr(w, "SCB", None) is not None:
-            tensors += [w.SCB]
-    return storage_bytes(tensors)
+
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_weights_and_adapters_are_exact(tiny_llama_dir, bits):
     model = qolora.prepare(tiny_llama_dir, bits=bits, rank=4, progress=False)
     p = plan(tiny_llama_dir, bits=bits, rank=4, compute_dtype="fp32", device="cpu")
-    measured = _model_bytes(model)
+    measured = stored_bytes(model)
     assert p.weights_bytes + p.adapter_bytes == pytest.approx(measured, rel=0.01)
     assert p.adapter_bytes == storage_bytes([t for _, t in adapter_parameters(model)])
     assert p.trainable_params == sum(t.numel() for _, t in adapter_parameters(model))
@@ -103,7 +93,7 @@ def test_predicted_step_peak_with_the_embedding_on_the_host(tmp_path):
     assert p.embedding_host_bytes == 0  # one memory
     # the host weight is not a parameter: counted beside them, it makes the plan's exact weights
     assert p.weights_bytes + p.adapter_bytes == pytest.approx(
-        _model_bytes(model) + storage_bytes([embedding.weight]), rel=0.01)
+        stored_bytes(model) + storage_bytes([embedding.weight]), rel=0.01)
 
 
 def _check_step_peak(tmp_path, arch, bf16, checkpointing, offload_embedding=False):

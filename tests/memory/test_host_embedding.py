@@ -17,8 +17,7 @@ from qolora import ConfigError, adapter_state_dict, load, merge, save_adapter
 from qolora.cli.main import build_parser, main
 from qolora.memory.host_embedding import HostEmbedding, host_embeddings, input_embedding_name
 from qolora.planning.plan import plan
-from test_offload_checkpointing import loss_and_grads  # the same check: loss and every trainable gradient
-from tiny_models import make_tiny_llama
+from tiny_models import loss_and_grads, make_tiny_llama  # loss_and_grads: loss and every trainable gradient
 from tiny_tokenizer import make_tiny_tokenizer
 
 EMBED_70B = 128256 * 8192 * 2  # vocabulary x hidden x bf16

@@ -16,16 +16,16 @@ from qolora import AdapterConfig, ConfigError, TrainConfig, finetune, prepare, t
 from qolora.data.tokens import load_records, load_tokenizer, tokenize_dataset
 from qolora.training.checkpoints import CheckpointError
 from qolora.training.fsdp import fsdp_problems, shard_model
-from test_distributed import OPTIONS, _adapter, _cli_args, _finish, _max_rel_diff, _torchrun
 from tiny_chat import events
+from torchrun import OPTIONS, adapter_weights, cli_args, finish, max_rel_diff, torchrun
 
-WORKER = Path(__file__).with_name("fsdp_worker.py")
+WORKER = Path(__file__).parents[1] / "fsdp_worker.py"
 
 
 def test_fsdp_step_equals_data_parallel_step(tmp_path, chat_model_dir):  # noqa: F811
     out = tmp_path / "report.json"
-    proc = _torchrun([str(chat_model_dir), str(out)], script=WORKER)
-    log = _finish(proc, timeout=240)
+    proc = torchrun([str(chat_model_dir), str(out)], script=WORKER)
+    log = finish(proc, timeout=240)
     assert proc.returncode == 0, log[-5000:]
     reports = json.loads(out.read_text())
     assert len(reports) == 2
@@ -65,10 +65,10 @@ FSDP_OPTIONS = {"n_samples": 0, "max_eval_examples": 5, "quant_storage": "fp32"}
 def fsdp_and_ddp_runs(tmp_path_factory, chat_model_dir, chat_jsonl):
     """The same 2-process job, sharded (--fsdp) and data parallel, both under torchrun (gloo)."""
     root = tmp_path_factory.mktemp("fsdp")
-    runs = {name: _torchrun(_cli_args(chat_model_dir, chat_jsonl, root / name, 2, **FSDP_OPTIONS, **extra))
+    runs = {name: torchrun(cli_args(chat_model_dir, chat_jsonl, root / name, 2, **FSDP_OPTIONS, **extra))
             for name, extra in (("fsdp", {"fsdp": True}), ("ddp", {}))}
     for name, proc in runs.items():
-        log = _finish(proc, timeout=400)
+        log = finish(proc, timeout=400)
         assert proc.returncode == 0, f"{name}:\n{log[-5000:]}"
     return root / "fsdp", root / "ddp"
 
@@ -85,13 +85,13 @@ def test_fsdp_training_equals_data_parallel_training(fsdp_and_ddp_runs, chat_mod
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert [e["eval_loss"] for e in events(sharded, "eval")] == pytest.approx(
         [e["eval_loss"] for e in events(ddp, "eval")], rel=1e-5)
-    assert _max_rel_diff(_adapter(ddp), _adapter(sharded)) <= 1e-5
+    assert max_rel_diff(adapter_weights(ddp), adapter_weights(sharded)) <= 1e-5
     # one set of files, the data-parallel run's (checkpoints in its format: whole tensors, rank 0 writes)
     assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in ddp.iterdir())
     names = lambda folder: sorted(p.name for p in folder.iterdir())  # noqa: E731
     assert names(sharded / "adapter") == names(ddp / "adapter")
     ck_f, ck_d = (load_file(str(o / "checkpoints" / "step-000006" / "adapter.safetensors")) for o in (sharded, ddp))
-    assert _max_rel_diff(ck_d, ck_f) <= 1e-5
+    assert max_rel_diff(ck_d, ck_f) <= 1e-5
     assert json.loads((sharded / "checkpoints" / "step-000006" / "state.json").read_text())["trajectory"]["fsdp"]
     # the saved adapter reloads to the data-parallel run's logits
     ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -142,12 +142,12 @@ def test_resume_from_an_fsdp_checkpoint(fsdp_and_ddp_runs, chat_model_dir, chat_
     shutil.copytree(sharded, cut)
     shutil.rmtree(cut / "checkpoints" / "step-000006")
     shutil.rmtree(cut / "adapter")
-    proc = _torchrun([*_cli_args(chat_model_dir, chat_jsonl, cut, 2, **FSDP_OPTIONS, fsdp=True), "--resume"])
-    log = _finish(proc, timeout=400)
+    proc = torchrun([*cli_args(chat_model_dir, chat_jsonl, cut, 2, **FSDP_OPTIONS, fsdp=True), "--resume"])
+    log = finish(proc, timeout=400)
     assert proc.returncode == 0, log[-5000:]
     assert [e["step"] for e in events(cut, "resume")] == [4]
     strip = lambda evs: [(e["step"], e["loss"], e["lr"], e["grad_norm"], e["tokens"]) for e in evs]  # noqa: E731
     assert strip(events(cut, "train")) == strip(events(sharded, "train"))
     assert [e["eval_loss"] for e in events(cut, "eval")] == [e["eval_loss"] for e in events(sharded, "eval")]
-    w_ref, w_cut = _adapter(sharded), _adapter(cut)
+    w_ref, w_cut = adapter_weights(sharded), adapter_weights(cut)
     assert all(torch.equal(w_cut[k], w_ref[k]) for k in w_ref)

@@ -20,7 +20,7 @@ import torch
 
 import qolora
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "adapter_v1"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "adapter_v1"
 
 
 def _fixture_logits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,5 +73,5 @@ def test_the_fixture_loads_right_on_a_cpu_whose_bitsandbytes_kernel_is_wrong():
         print("ok")
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]

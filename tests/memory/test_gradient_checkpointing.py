@@ -14,6 +14,7 @@ from qolora.memory.gradient_checkpointing import OffloadedCheckpointing, find_of
 from qolora.model.record import record_of
 from qolora.planning.plan import plan
 from qolora.training.loop import TrainConfig, train
+from tiny_models import loss_and_grads
 
 
 def tokens(batch=2, length=12, seed=3):
@@ -22,15 +23,6 @@ def tokens(batch=2, length=12, seed=3):
 
 def decoder_layers(model):
     return list(model.model.layers) if hasattr(model, "model") else list(model.transformer.h)
-
-
-def loss_and_grads(model, x):
-    model.train()
-    loss = model(input_ids=x, labels=x).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return float(loss.detach()), grads
 
 
 def force_host_copies(model) -> OffloadedCheckpointing:

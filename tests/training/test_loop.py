@@ -24,7 +24,7 @@ from qolora.training.loop import DataOrder, TrainConfig, TrainingError, lr_facto
 from tiny_chat import QA, events
 from tiny_tokenizer import make_tiny_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 def tiny_model(model_dir, rank=8, device="cpu", **options):
     """The CPU tests pin the CPU: exact comparisons are meant for fp32 without autocast."""
     return prepare(model_dir, 4, rank, gradient_checkpointing=True, progress=False, device=device, **options)

@@ -223,7 +223,7 @@ def test_offload_benchmark_tiny_mode(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "offload.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "offload.py"
     spec = importlib.util.spec_from_file_location("bench_offload", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -13,7 +13,7 @@ import pytest
 from qolora.cli.main import build_parser, main
 from tiny_chat import make_chat_model_dir, write_chat_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

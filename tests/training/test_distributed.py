@@ -13,59 +13,20 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from qolora import finetune
 from qolora.training import distributed as dist
 from qolora.training.checkpoints import CheckpointError, list_checkpoints
 from qolora.training.data_order import DataOrder
 from tiny_chat import events
+from torchrun import OPTIONS, adapter_weights, cli_args, finish, max_rel_diff, torchrun
 
-REPO = Path(__file__).resolve().parents[1]
-
-#: A short run that logs every step, evaluates and checkpoints every 2 steps; accumulation 2 and
-#: grouping by length on, so both the order and the slicing of the global batch are exercised.
-OPTIONS = {"max_steps": 6, "grad_accum": 2, "lr": 1e-2, "optim": "adamw", "max_length": 64, "eval_every": 2,
-           "save_every": 2, "log_every": 1, "n_samples": 1, "max_new_tokens": 4, "eval_fraction": 0.25, "rank": 4}
-
-
-def _cli_args(model_dir: Path, data: Path, out: Path, batch_size: int, **extra) -> list[str]:
-    options = {**OPTIONS, "batch_size": batch_size, **extra}
-    args = ["finetune", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out), "--device", "cpu",
-            "--no-progress", "--threads", "1"]
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
-    return args
-
-
-def _torchrun(args: list[str], nproc: int = 2, script: Path | None = None) -> subprocess.Popen:
-    """``torchrun --nproc_per_node NPROC`` of ``qolora.cli ARGS`` (or of ``script ARGS``), own process group."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *(["-m", "qolora.cli"] if script is None else [str(script)]), *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: killed as a whole
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    try:
-        log = proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log = proc.communicate()[0]
-        pytest.fail(f"torchrun did not finish in {timeout} s (a rank waiting in a collective?):\n{log[-3000:]}")
-    return log
-
+REPO = Path(__file__).resolve().parents[2]
 
 def _children(pid: int) -> list[int]:
     """Child processes of ``pid`` (Linux /proc)."""
@@ -82,23 +43,14 @@ def _state(pid: int) -> str:
         return "gone"
 
 
-def _adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
-
-
-def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).norm() / a[k].float().norm().clamp_min(1e-30)) for k in a)
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, chat_model_dir, chat_jsonl):
     """2 processes x batch 2 (torchrun, gloo), and the reference: 1 process x batch 4, in this process."""
     root = tmp_path_factory.mktemp("ddp")
-    proc = _torchrun(_cli_args(chat_model_dir, chat_jsonl, root / "two", 2))
+    proc = torchrun(cli_args(chat_model_dir, chat_jsonl, root / "two", 2))
     one = finetune(chat_model_dir, chat_jsonl, output_dir=root / "one", batch_size=4, progress=False,
                    adapter_options={"device": "cpu", "dropout": 0.0}, **OPTIONS)
-    log = _finish(proc)
+    log = finish(proc)
     assert proc.returncode == 0, log[-5000:]
     return root / "one", root / "two", one, log
 
@@ -120,7 +72,7 @@ def test_two_processes_equal_one_process_of_twice_the_batch(two_process_run):
     assert [h["label_tokens"] for h in state["history"]] == [h["label_tokens"] for h in result.history]
     assert state["world_size"] == 2
     # the same adapter
-    assert _max_rel_diff(_adapter(one), _adapter(two)) <= 1e-5
+    assert max_rel_diff(adapter_weights(one), adapter_weights(two)) <= 1e-5
     # one set of files, written once (rank 0): every event once, the same sequence as one process
     kinds = lambda out: [e["event"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]  # noqa
     assert kinds(two) == kinds(one)
@@ -145,8 +97,8 @@ def test_error_on_rank_zero_stops_every_rank(two_process_run, chat_model_dir, ch
     error instead of waiting for rank 0 in a collective."""
     _, two, _, _ = two_process_run
     before = (two / "metrics.jsonl").read_text()
-    proc = _torchrun(_cli_args(chat_model_dir, chat_jsonl, two, 2), nproc=2)
-    log = _finish(proc, timeout=120)
+    proc = torchrun(cli_args(chat_model_dir, chat_jsonl, two, 2), nproc=2)
+    log = finish(proc, timeout=120)
     assert proc.returncode != 0
     assert log.count("already holds a training run") >= 2, log[-3000:]  # both ranks report it
     assert (two / "metrics.jsonl").read_text() == before
@@ -193,28 +145,28 @@ def test_kill_then_resume_under_two_processes(tmp_path, chat_model_dir, chat_jso
     on: per-rank RNG states are saved and restored)."""
     ref, cut = tmp_path / "reference", tmp_path / "killed"
     extra = {"dropout": 0.1, "max_steps": 10}
-    reference = _torchrun(_cli_args(chat_model_dir, chat_jsonl, ref, 2, **extra))
-    killed = _torchrun(_cli_args(chat_model_dir, chat_jsonl, cut, 2, **extra))
+    reference = torchrun(cli_args(chat_model_dir, chat_jsonl, ref, 2, **extra))
+    killed = torchrun(cli_args(chat_model_dir, chat_jsonl, cut, 2, **extra))
     deadline = time.time() + 240
     while not list_checkpoints(cut / "checkpoints") and killed.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     workers = _children(killed.pid)  # torchrun starts each rank in a session of its own
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGKILL)  # one rank dies; torchrun then stops the other and fails
-    log = _finish(killed, timeout=120)
+    log = finish(killed, timeout=120)
     assert killed.returncode != 0, log[-3000:]
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"]
     saved = [s for s, _ in list_checkpoints(cut / "checkpoints")]
     assert saved and max(saved) < 10 and not events(cut, "end"), "killed midway"
-    resumed = _torchrun([*_cli_args(chat_model_dir, chat_jsonl, cut, 2, **extra), "--resume"])
+    resumed = torchrun([*cli_args(chat_model_dir, chat_jsonl, cut, 2, **extra), "--resume"])
     for proc in (reference, resumed):
-        log = _finish(proc)
+        log = finish(proc)
         assert proc.returncode == 0, log[-5000:]
     assert [e["step"] for e in events(cut, "resume")] == [max(saved)]
     strip = lambda evs: [(e["step"], e["loss"], e["lr"], e["grad_norm"], e["tokens"]) for e in evs]  # noqa: E731
     assert strip(events(cut, "train")) == strip(events(ref, "train"))
     assert [e["eval_loss"] for e in events(cut, "eval")] == [e["eval_loss"] for e in events(ref, "eval")]
-    w_ref, w_cut = _adapter(ref), _adapter(cut)
+    w_ref, w_cut = adapter_weights(ref), adapter_weights(cut)
     assert all(torch.equal(w_cut[k], w_ref[k]) for k in w_ref)
 
 

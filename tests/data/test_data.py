@@ -177,7 +177,7 @@ def test_data_module_imports_without_datasets():
     The package's ``__init__`` imports torch, so the two modules are imported under a bare package
     object that skips it.
     """
-    package = str(Path(__file__).parents[1] / "qolora")
+    package = str(Path(__file__).parents[2] / "qolora")
     code = (
         "import importlib, sys, types\n"
         f"pkg = types.ModuleType('qolora'); pkg.__path__ = [{package!r}]; sys.modules['qolora'] = pkg\n"
