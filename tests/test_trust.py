@@ -643,7 +643,8 @@ def test_samples_say_where_a_template_system_prompt_comes_from(tmp_path):
     samples = sample_prompts(tokenized, tok, 2)
     assert samples[0]["system_from_template"] == "You are a helpful AI assistant named Tiny"
     assert samples[1]["system_from_template"] is None  # the record's own system message
-    write_samples(tmp_path, [{**s, "before": "a", "after": "b"} for s in samples])
+    write_samples(tmp_path / "samples.json", tmp_path / "samples.md",
+                  [{**s, "before": "a", "after": "b"} for s in samples])
     assert "is the chat template's default" in (tmp_path / "samples.md").read_text()
 
 

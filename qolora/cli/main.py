@@ -22,6 +22,10 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..training.run_folder import RunFolder
 
 __all__ = ["main", "build_parser"]
 
@@ -361,7 +365,7 @@ def _info(args) -> int:
     from ..export.merge import MERGE_RECORD
     from ..model.adapter_folder import QOLORA_CONFIG
     from ..training.checkpoints import MANIFEST_FILE, STATE_FILE
-    from ..training.run_folder import METRICS_FILE
+    from ..training.run_folder import RunFolder
 
     path = Path(args.path).expanduser()
     if not path.is_dir():
@@ -372,8 +376,8 @@ def _info(args) -> int:
         _info_merged(path / MERGE_RECORD)
     elif (path / MANIFEST_FILE).is_file() or (path / STATE_FILE).is_file():
         _info_checkpoint(path)
-    elif (path / METRICS_FILE).is_file() or (path / "checkpoints").is_dir():
-        _info_run(path)
+    elif RunFolder(path).is_run():
+        _info_run(RunFolder(path))
     else:
         raise ValueError(f"{path} is neither an adapter folder, a merged checkpoint, a qolora run folder nor a "
                          "training checkpoint")
@@ -422,12 +426,12 @@ def _info_checkpoint(path: Path) -> None:
     print(f"  data position: epoch {s['data_position']['epoch']}, index {s['data_position']['index']}")
 
 
-def _info_run(path: Path) -> None:
+def _info_run(folder: RunFolder) -> None:
     from ..training.checkpoints import CheckpointError, list_checkpoints, verify_checkpoint
     from ..training.reporting import MetricsLog
-    from ..training.run_folder import METRICS_FILE
 
-    events = MetricsLog(path / METRICS_FILE).read()
+    path = folder.root
+    events = MetricsLog(folder.metrics).read()
     start = next((e for e in events if e["event"] == "start"), {})
     steps = [e["step"] for e in events if e["event"] == "train"]
     evals = [e for e in events if e["event"] == "eval"]
@@ -444,19 +448,19 @@ def _info_run(path: Path) -> None:
               f"(step {evals[-1]['step']})")
     if errors:
         print(f"  error: {errors[-1]['message']}")
-    ckpts = list_checkpoints(path / "checkpoints")
+    ckpts = list_checkpoints(folder.checkpoints)
     print(f"  checkpoints: {', '.join(p.name for _, p in ckpts) if ckpts else 'none'}")
-    for _, folder in reversed(ckpts):  # newest first, as --resume looks: until one verifies
+    for _, checkpoint in reversed(ckpts):  # newest first, as --resume looks: until one verifies
         try:
-            verify_checkpoint(folder)
+            verify_checkpoint(checkpoint)
         except CheckpointError as exc:
-            print(f"  {folder.name}: NOT USABLE: {exc}")
+            print(f"  {checkpoint.name}: NOT USABLE: {exc}")
             continue
-        if folder != ckpts[-1][1]:
-            print(f"  --resume would continue from {folder.name}")
+        if checkpoint != ckpts[-1][1]:
+            print(f"  --resume would continue from {checkpoint.name}")
         break
-    if (path / "adapter").is_dir():
-        print(f"  adapter: {path / 'adapter'}")
+    if folder.adapter.is_dir():
+        print(f"  adapter: {folder.adapter}")
 
 
 # --------------------------------------------------------------------------------------- main

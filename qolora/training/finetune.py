@@ -21,17 +21,16 @@ from ..config import AdapterConfig
 from ..data import assets
 from ..data.tokens import DataError, detect_format, load_records, load_tokenizer, split_train_eval, tokenize_dataset
 from ..errors import ConfigError
-from ..files import folder_lock
 from ..memory.base_streaming import check_gpu_memory, check_offload
 from ..memory.host_embedding import check_offload_embedding, check_untied
 from ..model.adapter_folder import SavedAdapter, adapter_from_model, save_adapter, write_saved_adapter
 from ..model.prepare import prepare
 from . import distributed as dist
 from .fsdp import full_adapter_state, with_trained_weights
-from .loop import train
+from .loop import train_in
 from .optim import resolve_precision
 from .options import TrainConfig, TrainResult
-from .run_folder import check_output_dir, check_resume, remove_leftover_temporaries
+from .run_folder import RunFolder, check_resume
 
 __all__ = ["finetune"]
 
@@ -118,8 +117,9 @@ def finetune(
                           "instead of keeping it on the host; use one of them")
     # Under torchrun / accelerate launch every rank runs this; rank 0 alone checks, locks and writes the
     # output folder, and its errors stop every rank (qolora.training.distributed).
+    folder = RunFolder.of(tcfg.output_dir)
     with dist.session(acfg.torch_device) as world:
-        out = dist.on_main(lambda: check_output_dir(tcfg, resume))
+        dist.on_main(lambda: folder.check(resume, tcfg.overwrite))
         base = BaseCheckpoint.open(assets.default_model_dir() if model is None else model)  # config + files, once
         if offload_embedding:
             check_untied(base.hf_config)  # before the data is read
@@ -127,9 +127,7 @@ def finetune(
         train_ds, eval_ds = _tokenized_split(data, tokenizer, format=format, max_length=max_length, packing=packing,
                                              mask_prompt=mask_prompt, eval_fraction=eval_fraction, seed=tcfg.seed)
         # The heavy part; the output folder is this run's from here on (a second run is refused).
-        with dist.main_context(lambda: folder_lock(out)):
-            dist.on_main(lambda: check_output_dir(tcfg, resume))  # again, now that no other run can change it
-            dist.on_main(lambda: remove_leftover_temporaries(out))  # no live writer there now: all are leftovers
+        with folder.claimed(resume, tcfg.overwrite):
             if resume:
                 dist.on_main(lambda: check_resume(tcfg, train_ds, acfg, world_size=world.size))
             net = prepare(base, config=acfg, gradient_checkpointing=tcfg.gradient_checkpointing,
@@ -138,12 +136,12 @@ def finetune(
                           offload_plan={"seq_len": max_length, "batch_size": tcfg.batch_size, "optim": tcfg.optim})
             # FSDP: the base layers' quantization settings are read before sharding, the weights after training
             template = adapter_from_model(net) if tcfg.fsdp else None
-            result = train(net, tokenizer, train_ds, eval_ds, tcfg, resume=resume)
+            result = train_in(folder, net, tokenizer, train_ds, eval_ds, tcfg, resume=resume)
             if template is not None:  # gathered on every rank, written by rank 0
                 saved = with_trained_weights(template, full_adapter_state(net))
-                result.adapter_dir = dist.on_main(lambda: _save_final_adapter(saved, out / "adapter"))
+                result.adapter_dir = dist.on_main(lambda: _save_final_adapter(saved, folder.adapter))
             else:
-                result.adapter_dir = dist.on_main(lambda: _save_final_adapter(net, out / "adapter"))
+                result.adapter_dir = dist.on_main(lambda: _save_final_adapter(net, folder.adapter))
     return result
 
 

@@ -38,10 +38,10 @@ checkpoints in the data-parallel format (whole adapter weights, the optimizer st
 name). Sample answers are skipped under it (generation would need every rank in step), and an eval
 rank without examples in the last global batch still runs a forward so FSDP's collectives match.
 
-The output folder is qolora's while a run holds its lock (:func:`qolora.files.folder_lock`): a
-second run on the same folder is refused. Starting over (``overwrite``) deletes only what qolora
-can prove it wrote: its run files, checkpoints that carry its manifest, an adapter folder that
-carries its record; anything else in the folder is left alone.
+The output folder (:class:`qolora.training.run_folder.RunFolder`) is qolora's while a run holds its
+lock (:meth:`RunFolder.claimed`): a second run on the same folder is refused. Starting over
+(``overwrite``) deletes only what qolora can prove it wrote: its run files, checkpoints that carry its
+manifest, an adapter folder that carries its record; anything else in the folder is left alone.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ from torch import nn
 from ..adapters.layer import adapter_parameters, adapter_state_dict
 from ..data.tokens import IGNORE_INDEX, DataError, PaddingCollator, model_inputs
 from ..errors import ConfigError
-from ..files import folder_lock
 from ..memory.chunked_loss import causal_lm_loss_sum
 from ..memory.gradient_checkpointing import enable_gradient_checkpointing, find_offloaded_checkpointing
 from ..model.record import record_of
@@ -72,7 +71,7 @@ from . import reporting
 from .data_order import DataOrder, scan_dataset
 from .optim import lr_factor, make_optimizer, resolve_precision
 from .options import DEFAULT_LR, MIXED_PRECISION, OPTIMIZERS, TrainConfig, TrainingError, TrainResult, default_lr
-from .run_folder import METRICS_FILE, check_output_dir, clear_run, refuse_resume, resume_problems, trajectory
+from .run_folder import RunFolder, refuse_resume, resume_problems, trajectory
 
 __all__ = [
     "DEFAULT_LR", "MIXED_PRECISION", "OPTIMIZERS", "DataOrder", "TrainConfig", "TrainResult", "TrainingError",
@@ -127,8 +126,8 @@ def pad_token_id(tokenizer) -> int:
 class _Run:
     """State and steps of one :func:`train` call (the public function only wires it up)."""
 
-    def __init__(self, model, tokenizer, train_dataset, eval_dataset, config: TrainConfig, out: Path):
-        self.model, self.tokenizer, self.config, self.out = model, tokenizer, config, out
+    def __init__(self, model, tokenizer, train_dataset, eval_dataset, config: TrainConfig, folder: RunFolder):
+        self.model, self.tokenizer, self.config, self.folder = model, tokenizer, config, folder
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.device = next(model.parameters()).device
         self.world = dist.world()  # data parallel: each rank trains on its slice of every global micro-batch
@@ -156,9 +155,8 @@ class _Run:
         self._order_args = ({"lengths": lengths, "batch": self.world.size * config.batch_size * config.grad_accum}
                             if config.group_by_length else {})
         self.order = DataOrder(len(train_dataset), config.seed, **self._order_args)
-        self.metrics = reporting.MetricsLog(out / METRICS_FILE) if self.world.is_main else dist.NullMetrics(
-            out / METRICS_FILE)
-        self.ckpt_root = out / "checkpoints"
+        self.metrics = (reporting.MetricsLog(folder.metrics) if self.world.is_main
+                        else dist.NullMetrics(folder.metrics))
         self.step = 0
         self.history: list[dict] = []
         self.evals: list[dict] = []
@@ -313,8 +311,9 @@ class _Run:
         adapter = fsdp_mod.full_adapter_state(self.model) if self.fsdp else adapter_state_dict(self.model)
 
         def write() -> Path:
-            path = ckpt.save_checkpoint(self.ckpt_root, self.step, adapter=adapter, trainer=trainer, state=state)
-            ckpt.prune_checkpoints(self.ckpt_root, self.config.keep_last)
+            path = ckpt.save_checkpoint(self.folder.checkpoints, self.step, adapter=adapter, trainer=trainer,
+                                        state=state)
+            ckpt.prune_checkpoints(self.folder.checkpoints, self.config.keep_last)
             return path
 
         path = dist.on_main(write)
@@ -352,7 +351,7 @@ class _Run:
         self.last_checkpoint = self.resumed_from = found.path
         self.metrics.truncate_after(found.step)
         self.metrics.write("resume", step=found.step, checkpoint=str(found.path))
-        self.samples = [dict(x) for x in reporting.read_samples(self.out)] if self.world.is_main else []
+        self.samples = [dict(x) for x in reporting.read_samples(self.folder.samples_json)] if self.world.is_main else []
         logger.info("resuming from %s (step %d of %d)", found.path, found.step, self.config.max_steps)
 
     # ----------------------------------------------------------------------------- reporting
@@ -379,7 +378,7 @@ class _Run:
                     f"{tokens_per_s:.0f}" if tokens_per_s else "?", reporting.format_bytes(memory))
 
     def plot(self) -> Path | None:
-        return dist.on_main(lambda: reporting.plot_losses(self.history, self.evals, self.out / "loss.png"),
+        return dist.on_main(lambda: reporting.plot_losses(self.history, self.evals, self.folder.loss_plot),
                             share_result=False)
 
     def generate_samples(self, stage: str) -> None:
@@ -413,7 +412,8 @@ class _Run:
             s[stage] = a
         self.metrics.write("samples", step=self.step, stage=stage,
                            answers=[{"prompt": s["prompt"], stage: s[stage]} for s in self.samples])
-        reporting.write_samples(self.out, self.samples, steps=self.step if stage == "after" else None)
+        reporting.write_samples(self.folder.samples_json, self.folder.samples_md, self.samples,
+                                steps=self.step if stage == "after" else None)
 
 
 def _set_gradient_checkpointing(model: nn.Module, on: bool | str | int) -> None:
@@ -476,7 +476,22 @@ def train(
     with dist.session(next(model.parameters()).device):  # under torchrun / accelerate launch: data parallel
         if config.fsdp:
             _check_fsdp(model, config)
-        return _train(model, tokenizer, train_dataset, eval_dataset, config, resume, started)
+        folder = RunFolder.of(config.output_dir)
+        # Rank 0 checks and writes the folder; its errors reach every rank (dist.on_main).
+        dist.on_main(lambda: folder.check(resume, config.overwrite))
+        run = _Run(model, tokenizer, train_dataset, eval_dataset, config, folder)  # may still refuse the precision
+        with folder.claimed(resume, config.overwrite):
+            return _train(run, resume, started)
+
+
+def train_in(folder: RunFolder, model, tokenizer, train_dataset, eval_dataset, config: TrainConfig, *,
+             resume: bool) -> TrainResult:
+    """:func:`train` for a caller that has checked the options and data and holds ``folder``
+    (:meth:`RunFolder.claimed`), as :func:`qolora.finetune` does: nothing is checked twice."""
+    started = time.perf_counter()
+    if config.fsdp:
+        _check_fsdp(model, config)
+    return _train(_Run(model, tokenizer, train_dataset, eval_dataset, config, folder), resume, started)
 
 
 def _check_fsdp(model: nn.Module, config: TrainConfig) -> None:
@@ -492,53 +507,49 @@ def _check_fsdp(model: nn.Module, config: TrainConfig) -> None:
         raise ConfigError(["fsdp=True: " + p for p in problems])
 
 
-def _train(model, tokenizer, train_dataset, eval_dataset, config: TrainConfig, resume: bool,
-           started: float) -> TrainResult:
-    # Rank 0 checks and writes the folder; its errors reach every rank (dist.on_main).
-    out = dist.on_main(lambda: check_output_dir(config, resume))
-    run = _Run(model, tokenizer, train_dataset, eval_dataset, config, out)  # may still refuse the precision
-    dist.on_main(lambda: out.mkdir(parents=True, exist_ok=True))
-    with dist.main_context(lambda: folder_lock(out)):
-        dist.on_main(lambda: check_output_dir(config, resume))  # again, now that no other run can change it
-        resumed = _start_or_resume(run, resume)
-        _set_gradient_checkpointing(model, config.gradient_checkpointing)
-        try:
-            if not resumed:
-                run.generate_samples("before")
-                run.evaluate()
-            model.train()
-            _loop(run)
-            if run.eval_batches and (not run.evals or run.evals[-1]["step"] != run.step):
-                run.evaluate()
-            if run.last_checkpoint is None or run.last_checkpoint.name != ckpt.checkpoint_name(run.step):
-                run.save()
-            run.generate_samples("after")
-        finally:
-            model.eval()
-        plot_path = run.plot()
-        result = TrainResult(
-            output_dir=out, history=run.history, evals=run.evals, lr=run.lr, metrics_path=run.metrics.path,
-            plot_path=plot_path, samples=[{k: s.get(k) for k in ("prompt", "reference", "before", "after",
-                                                                 "system_from_template")}
-                                          for s in run.samples],
-            samples_path=out / "samples.md" if run.samples else None, last_checkpoint=run.last_checkpoint,
-            resumed_from=run.resumed_from, seconds=time.perf_counter() - started, log_every=config.log_every,
-        )
-        run.metrics.write("end", step=run.step, final_eval_loss=result.final_eval_loss,
-                          initial_eval_loss=result.initial_eval_loss, seconds=result.seconds)
+def _train(run: _Run, resume: bool, started: float) -> TrainResult:
+    """The run in its claimed folder: start or resume, the loop, the last eval, checkpoint and samples."""
+    model, config, folder = run.model, run.config, run.folder
+    resumed = _start_or_resume(run, resume)
+    _set_gradient_checkpointing(model, config.gradient_checkpointing)
+    try:
+        if not resumed:
+            run.generate_samples("before")
+            run.evaluate()
+        model.train()
+        _loop(run)
+        if run.eval_batches and (not run.evals or run.evals[-1]["step"] != run.step):
+            run.evaluate()
+        if run.last_checkpoint is None or run.last_checkpoint.name != ckpt.checkpoint_name(run.step):
+            run.save()
+        run.generate_samples("after")
+    finally:
+        model.eval()
+    plot_path = run.plot()
+    result = TrainResult(
+        output_dir=folder.root, history=run.history, evals=run.evals, lr=run.lr, metrics_path=run.metrics.path,
+        plot_path=plot_path, samples=[{k: s.get(k) for k in ("prompt", "reference", "before", "after",
+                                                             "system_from_template")}
+                                      for s in run.samples],
+        samples_path=folder.samples_md if run.samples else None, last_checkpoint=run.last_checkpoint,
+        resumed_from=run.resumed_from, seconds=time.perf_counter() - started, log_every=config.log_every,
+    )
+    run.metrics.write("end", step=run.step, final_eval_loss=result.final_eval_loss,
+                      initial_eval_loss=result.initial_eval_loss, seconds=result.seconds)
     logger.info("training done: %s", result.summary())
     return result
 
 
 def _start_or_resume(run: _Run, resume: bool) -> bool:
     """Restore the newest checkpoint (``resume``), or start a fresh run; True when resumed."""
-    found = dist.on_main(lambda: ckpt.find_resumable(run.ckpt_root)) if resume else None  # read once, sent to all
+    # read once on rank 0, sent to all
+    found = dist.on_main(lambda: ckpt.find_resumable(run.folder.checkpoints)) if resume else None
     if found is not None:
         run.restore(found)
         return True
     if resume:
-        logger.info("resume=True: %s holds no earlier run, starting one", run.out)
-    dist.on_main(lambda: clear_run(run.out))
+        logger.info("resume=True: %s holds no earlier run, starting one", run.folder.root)
+    dist.on_main(run.folder.clear)
     _seed_everything(run.config.seed)
     run.metrics.reset()
     run.metrics.write(

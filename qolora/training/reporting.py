@@ -264,19 +264,18 @@ def generate(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int,
     return answers
 
 
-def write_samples(output_dir: Path, samples: Sequence[Mapping], *, steps: int | None = None) -> tuple[Path, Path]:
+def write_samples(json_path: Path, md_path: Path, samples: Sequence[Mapping], *,
+                  steps: int | None = None) -> tuple[Path, Path]:
     """Write ``samples.json`` and a readable ``samples.md`` (prompt, reference, before, after).
 
     Args:
-        output_dir: the run's folder.
+        json_path, md_path: where (a run folder's ``samples.json`` and ``samples.md``).
         samples: ``[{"prompt", "reference", "before", "after", "prompt_ids"}]`` (``after`` may be None;
             the prompt ids are kept in the JSON so a resumed run answers exactly the same prompts).
         steps: the step the ``after`` answers were generated at, for the heading.
     """
-    output_dir = Path(output_dir)
     clean = [{k: s.get(k) for k in ("prompt", "reference", "before", "after", "prompt_ids", "system_from_template")}
              for s in samples]
-    json_path, md_path = output_dir / "samples.json", output_dir / "samples.md"
     atomic_write_text(json_path,
                       json.dumps({"after_step": steps, "samples": clean}, indent=2, ensure_ascii=False) + "\n")
     lines = ["# Sample generations (greedy)", ""]
@@ -294,9 +293,8 @@ def write_samples(output_dir: Path, samples: Sequence[Mapping], *, steps: int | 
     return json_path, md_path
 
 
-def read_samples(output_dir: Path) -> list[dict]:
-    """The samples in ``output_dir/samples.json`` (empty when there are none or they lack prompt ids)."""
-    path = Path(output_dir) / "samples.json"
+def read_samples(path: Path) -> list[dict]:
+    """The samples in a run's ``samples.json`` (empty when there are none or they lack prompt ids)."""
     try:
         samples = list(json.loads(path.read_text(encoding="utf-8"))["samples"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -1,14 +1,16 @@
 """A run's output folder: what may be written there, what counts as an earlier run, resuming.
 
-* :func:`check_output_dir` (before any heavy work): the folder can be created and written, does not
-  hold an earlier run unless ``resume`` / ``overwrite``, and a ``resume`` has a checkpoint to resume.
-* :func:`clear_run` (``overwrite``): deletes only what qolora can prove it wrote: its run files,
+* :class:`RunFolder` names every part of the folder. :meth:`RunFolder.check` (before any heavy work): the
+  folder can be created and written, does not hold an earlier run unless ``resume`` / ``overwrite``, and
+  a ``resume`` has a checkpoint to resume; :meth:`RunFolder.claimed` checks, locks, checks again and
+  removes a killed run's temporaries, once per run.
+* :meth:`RunFolder.clear` (``overwrite``): deletes only what qolora can prove it wrote: its run files,
   checkpoints carrying its manifest, an adapter folder carrying its record. Anything else stays.
 * :func:`check_resume` / :func:`resume_problems`: a checkpoint is continued only by the same data,
   options and adapter setup (:func:`trajectory` is what must match), checked before the model loads
   and again, with the model's fingerprint, when the loop restores it.
 
-The loop holds the folder's lock (:func:`qolora.files.folder_lock`) while it writes there.
+The run holds the folder's lock (:func:`qolora.files.folder_lock`) while it writes there.
 """
 
 from __future__ import annotations
@@ -17,18 +19,21 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..files import remove_stale_temporaries
+from ..files import folder_lock, remove_stale_temporaries
 from ..model.adapter_folder import foreign_entries, remove_adapter_folder
 from . import checkpoints as ckpt
+from . import distributed as dist
 from .data_order import scan_dataset
 from .optim import resolve_precision
 from .options import TrainConfig, default_lr
 
-__all__ = ["METRICS_FILE", "RUN_FILES", "check_output_dir", "check_resume", "clear_run", "refuse_resume",
-           "remove_leftover_temporaries", "resume_problems", "trajectory"]
+__all__ = ["METRICS_FILE", "RUN_FILES", "RunFolder", "check_resume", "refuse_resume", "resume_problems",
+           "trajectory"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,76 +42,133 @@ METRICS_FILE = "metrics.jsonl"
 RUN_FILES = (METRICS_FILE, "loss.png", "samples.json", "samples.md")
 
 
-def check_output_dir(config: TrainConfig, resume: bool) -> Path:
-    """Check ``output_dir`` before any heavy work: a folder (or creatable as one), writable, not an
-    earlier run's folder unless ``resume`` or ``overwrite``, and, with ``resume``, holding a
-    checkpoint when it holds an earlier run. Creates and deletes nothing.
+@dataclass(frozen=True)
+class RunFolder:
+    """A run's output folder: the one place that names its parts and decides what may be written there.
 
-    Raises:
-        ConfigError: naming the folder and what to do.
+    ``root/metrics.jsonl``, ``loss.png``, ``samples.json`` / ``samples.md`` (:data:`RUN_FILES`),
+    ``checkpoints/step-NNNNNN`` and, at the end, ``adapter/``.
     """
-    out = Path(config.output_dir).expanduser()
-    existing = out
-    while not existing.exists() and existing != existing.parent:  # the folder that would hold it
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"output_dir {str(out)!r} cannot be created: {str(existing)!r} is not a folder")
-    try:  # os.access is not enough (root, read-only mounts): really write a file
-        fd, probe = tempfile.mkstemp(prefix=".qolora-write-probe-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(f"output_dir {str(out)!r} is not writable ({str(existing)!r}: "
-                          f"{exc.strerror or exc})") from exc
-    if existing != out:
-        if resume:
-            logger.warning("resume=True (--resume), but output_dir %s does not exist: starting a new run there", out)
-        return out
-    foreign = foreign_entries(out / "adapter")
-    if foreign or (out / "adapter").exists() and not (out / "adapter").is_dir():
-        raise ConfigError(
-            f"{str(out / 'adapter')!r} holds what qolora did not write ({', '.join(foreign[:5]) or 'a file'}); the "
-            "run saves its adapter there at the end, so nothing was started. Move it away or choose another output_dir"
-        )
-    checkpoints = ckpt.list_checkpoints(out / "checkpoints")
-    earlier = [n for n in (*RUN_FILES, "adapter") if (out / n).exists()] + (["checkpoints"] if checkpoints else [])
-    if earlier and not resume and not config.overwrite:
-        raise ConfigError(
-            f"output_dir {str(out)!r} already holds a training run ({', '.join(earlier)}); pass resume=True "
-            "(--resume) to continue it, overwrite=True (--overwrite) to start over, or choose another output_dir"
-        )
-    if resume and not checkpoints and earlier and not config.overwrite:
-        raise ConfigError(
-            f"resume=True (--resume), but output_dir {str(out)!r} holds an earlier run ({', '.join(earlier)}) and no "
-            "checkpoint to continue from; nothing was changed. Pass overwrite=True (--overwrite) to start over there, "
-            "or choose another output_dir"
-        )
-    return out
 
+    root: Path
 
-def remove_leftover_temporaries(out: Path) -> list[Path]:
-    """Delete the temporaries a killed run left in ``out`` (checkpoints, the adapter), whatever their age.
+    @classmethod
+    def of(cls, output_dir: str | os.PathLike) -> RunFolder:
+        return cls(Path(output_dir).expanduser())
 
-    Call it holding the folder's lock: no live process then writes there, so every temporary is a
-    leftover (without the lock only old ones are, :func:`qolora.files.remove_stale_temporaries`).
-    """
-    removed = remove_stale_temporaries(out / "checkpoints", "step-*", older_than_s=0, pattern=True)
-    for name in ("adapter", *RUN_FILES):
-        removed += remove_stale_temporaries(out, name, older_than_s=0)
-    for path in removed:
-        logger.info("removed %s, left by an interrupted run", path)
-    return removed
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
 
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
 
-def clear_run(out: Path) -> None:
-    """Delete an earlier run's files from ``out`` (``overwrite``): only what qolora can prove it wrote."""
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for _, path in ckpt.list_checkpoints(out / "checkpoints"):
-        ckpt.remove_checkpoint(path)
-    with contextlib.suppress(OSError):  # left in place when it holds anything else
-        (out / "checkpoints").rmdir()
-    remove_adapter_folder(out / "adapter")
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def samples_json(self) -> Path:
+        return self.root / "samples.json"
+
+    @property
+    def samples_md(self) -> Path:
+        return self.root / "samples.md"
+
+    def is_run(self) -> bool:
+        """Does it look like a qolora run folder (metrics written or checkpoints folder present)?"""
+        return self.metrics.is_file() or self.checkpoints.is_dir()
+
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """Check the folder before any heavy work: a folder (or creatable as one), writable, not an
+        earlier run's folder unless ``resume`` or ``overwrite``, and, with ``resume``, holding a
+        checkpoint when it holds an earlier run. Creates and deletes nothing.
+
+        Raises:
+            ConfigError: naming the folder and what to do.
+        """
+        out = self.root
+        existing = out
+        while not existing.exists() and existing != existing.parent:  # the folder that would hold it
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"output_dir {str(out)!r} cannot be created: {str(existing)!r} is not a folder")
+        try:  # os.access is not enough (root, read-only mounts): really write a file
+            fd, probe = tempfile.mkstemp(prefix=".qolora-write-probe-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(f"output_dir {str(out)!r} is not writable ({str(existing)!r}: "
+                              f"{exc.strerror or exc})") from exc
+        if existing != out:
+            if resume:
+                logger.warning("resume=True (--resume), but output_dir %s does not exist: starting a new run there",
+                               out)
+            return
+        foreign = foreign_entries(self.adapter)
+        if foreign or self.adapter.exists() and not self.adapter.is_dir():
+            raise ConfigError(
+                f"{str(self.adapter)!r} holds what qolora did not write ({', '.join(foreign[:5]) or 'a file'}); "
+                "the run saves its adapter there at the end, so nothing was started. Move it away or choose "
+                "another output_dir"
+            )
+        checkpoints = ckpt.list_checkpoints(self.checkpoints)
+        earlier = [n for n in (*RUN_FILES, "adapter") if (out / n).exists()] + (["checkpoints"] if checkpoints else [])
+        if earlier and not resume and not overwrite:
+            raise ConfigError(
+                f"output_dir {str(out)!r} already holds a training run ({', '.join(earlier)}); pass resume=True "
+                "(--resume) to continue it, overwrite=True (--overwrite) to start over, or choose another output_dir"
+            )
+        if resume and not checkpoints and earlier and not overwrite:
+            raise ConfigError(
+                f"resume=True (--resume), but output_dir {str(out)!r} holds an earlier run ({', '.join(earlier)}) "
+                "and no checkpoint to continue from; nothing was changed. Pass overwrite=True (--overwrite) to "
+                "start over there, or choose another output_dir"
+            )
+
+    @contextlib.contextmanager
+    def claimed(self, resume: bool, overwrite: bool) -> Iterator[RunFolder]:
+        """Hold the folder's lock (:func:`qolora.files.folder_lock`) for the ``with`` block, check it now that
+        no other run can change it, and delete what a killed run left half-written. Callers also
+        :meth:`check` it before their heavy work (loading data, the model), so a bad folder fails fast.
+        Under torchrun / accelerate every rank enters; rank 0 alone checks, locks and deletes, and its
+        errors stop every rank (:mod:`qolora.training.distributed`).
+
+        Raises:
+            ConfigError: see :meth:`check`; FolderBusyError: another run holds the folder.
+        """
+        with dist.main_context(lambda: folder_lock(self.root)):
+            dist.on_main(lambda: self.check(resume, overwrite))
+            dist.on_main(self.remove_leftover_temporaries)  # no live writer there now: all are leftovers
+            yield self
+
+    def remove_leftover_temporaries(self) -> list[Path]:
+        """Delete the temporaries a killed run left (checkpoints, the adapter, run files), whatever their age.
+
+        Call it holding the folder's lock: no live process then writes there, so every temporary is a
+        leftover (without the lock only old ones are, :func:`qolora.files.remove_stale_temporaries`).
+        """
+        removed = remove_stale_temporaries(self.checkpoints, "step-*", older_than_s=0, pattern=True)
+        for name in ("adapter", *RUN_FILES):
+            removed += remove_stale_temporaries(self.root, name, older_than_s=0)
+        for path in removed:
+            logger.info("removed %s, left by an interrupted run", path)
+        return removed
+
+    def clear(self) -> None:
+        """Delete an earlier run's files (``overwrite``): only what qolora can prove it wrote."""
+        for name in RUN_FILES:
+            (self.root / name).unlink(missing_ok=True)
+        for _, path in ckpt.list_checkpoints(self.checkpoints):
+            ckpt.remove_checkpoint(path)
+        with contextlib.suppress(OSError):  # left in place when it holds anything else
+            self.checkpoints.rmdir()
+        remove_adapter_folder(self.adapter)
 
 
 # --------------------------------------------------------------------------------------- resume
@@ -171,7 +233,7 @@ def check_resume(config: TrainConfig, train_dataset, adapter_config, world_size:
     Raises:
         CheckpointError: no checkpoint verifies, or the newest one belongs to another run.
     """
-    found = ckpt.find_resumable(Path(config.output_dir).expanduser() / "checkpoints")
+    found = ckpt.find_resumable(RunFolder.of(config.output_dir).checkpoints)
     if found is None:
         return
     lr = config.lr if config.lr is not None else default_lr(adapter_config.init)[0]
