@@ -633,13 +633,13 @@ def run(limit_per_group: int | None = None, verbose: bool = True, keep: bool = F
 
         prepared: list = []
         finetune_module = importlib.import_module("qolora.training.finetune")
-        real_prepare = finetune_module.prepare
+        real_prepare = finetune_module.prepare_checked
 
         def counting_prepare(*args, **kwargs):
             prepared.append(1)
             return real_prepare(*args, **kwargs)
 
-        finetune_module.prepare = counting_prepare
+        finetune_module.prepare_checked = counting_prepare
         outcomes = []
         started = time.perf_counter()
         try:
@@ -650,7 +650,7 @@ def run(limit_per_group: int | None = None, verbose: bool = True, keep: bool = F
                     print(f"{'PASS' if outcome.passed else 'FAIL'} [{case.group}] {case.name}: {outcome.detail}",
                           flush=True)
         finally:
-            finetune_module.prepare = real_prepare
+            finetune_module.prepare_checked = real_prepare
         after = _hashes(w.sentinels and [Path(p) for p in w.sentinels])
         lost = [p for p in w.sentinels if after.get(p) != w.sentinels[p]]
         lost += [str(o.case.name) for o in outcomes if "CHANGED OR LOST" in o.detail]

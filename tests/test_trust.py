@@ -90,7 +90,7 @@ def no_prepare(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("prepare() was called: the problem should have been caught before the model loads")
 
-    monkeypatch.setattr(importlib.import_module("qolora.training.finetune"), "prepare", refuse)
+    monkeypatch.setattr(importlib.import_module("qolora.training.finetune"), "prepare_checked", refuse)
 
 
 # ======================================================================== 1-2: nothing user-owned is deleted

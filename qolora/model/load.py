@@ -22,9 +22,9 @@ from ..adapters.layer import adapter_layers
 from ..base.quant import quant_settings
 from ..base.reader import BaseCheckpoint, layer_shape, linear_layers, select_targets, weight_fingerprint
 from ..config import AdapterConfig
-from ..memory.host_embedding import check_offload_embedding
 from ..planning.placement import offload_layers_for
 from .adapter_folder import AdapterError, BaseMismatchError, SavedAdapter, read_adapter
+from .build_options import BuildOptions
 from .forward_wrap import apply_autocast
 from .prepare import adopt, build_model
 from .record import ModelRecord
@@ -153,13 +153,14 @@ def load(
         BaseMismatchError: a base weight differs from the training base (on the first such layer).
         ConfigError: a missing base, or an unusable ``device``.
     """
+    build = BuildOptions.checked(offload=offload, gpu_memory=gpu_memory, offload_plan=offload_plan,
+                                 offload_embedding=offload_embedding)
     saved = read_adapter(adapter_dir)
     config = resolve_device_config(saved, device)
-    check_offload_embedding(offload_embedding)
     checkpoint = BaseCheckpoint.open(base)
     check_base_structure(checkpoint.skeleton(), saved, str(base))
-    placement = offload_layers_for(checkpoint.hf_config, config, offload, gpu_memory=gpu_memory,
-                                   plan_options=offload_plan, offload_embedding=offload_embedding)
+    placement = offload_layers_for(checkpoint.hf_config, config, build.offload, gpu_memory=build.gpu_memory,
+                                   plan_options=build.offload_plan, offload_embedding=build.offload_embedding)
     check = FingerprintCheck(saved, str(base), allow_base_mismatch)
     seen: set[str] = set()
 

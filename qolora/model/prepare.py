@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.kernels import check_kernels
 from ..adapters.layer import AdapterLinear, mark_only_adapters_trainable, replace_module, set_kernels
 from ..base.experts import is_router
 from ..base.quant import make_base_layer, quantization_error, quantize_dequantize
@@ -55,14 +54,15 @@ from ..devices import cpu_thread_policy
 from ..errors import ConfigError
 from ..inits import INITS, refine_factors, residual_
 from ..memory import host_memory
-from ..memory.base_streaming import LayerOffload, check_gpu_memory, check_offload
-from ..memory.gradient_checkpointing import check_checkpointed_layers, checkpointing_mode, enable_gradient_checkpointing
-from ..memory.host_embedding import HostEmbedding, check_offload_embedding, host_tensor, input_embedding_name
+from ..memory.base_streaming import LayerOffload
+from ..memory.gradient_checkpointing import check_checkpointed_layers, enable_gradient_checkpointing
+from ..memory.host_embedding import HostEmbedding, host_tensor, input_embedding_name
 from ..planning.placement import offload_layers_for
+from .build_options import BuildOptions
 from .hf_compat import attach as attach_hf_compat
 from .record import LayerReport, ModelRecord, QuantReport, attach_record
 
-__all__ = ["adopt", "build_model", "enable_gradient_checkpointing", "prepare"]
+__all__ = ["adopt", "build_model", "enable_gradient_checkpointing", "prepare", "prepare_checked"]
 
 logger = logging.getLogger(__name__)
 
@@ -335,18 +335,27 @@ def prepare(
             embeddings; all before any weight is read.
     """
     cfg = _adapter_config(config, bits, rank, options).validate()
-    try:
-        gradient_checkpointing = checkpointing_mode(gradient_checkpointing)
-        check_kernels(kernels)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    offload = check_offload(offload)
-    gpu_memory = check_gpu_memory(gpu_memory, offload)
-    check_offload_embedding(offload_embedding)
+    build = BuildOptions.checked(gradient_checkpointing=gradient_checkpointing, offload=offload,
+                                 gpu_memory=gpu_memory, kernels=kernels, offload_embedding=offload_embedding,
+                                 offload_plan=offload_plan)
     base = BaseCheckpoint.of(model)
+    name = str(model) if isinstance(model, (str, os.PathLike)) else str(base.dir)
+    return prepare_checked(base, cfg, build, compare_plain=compare_plain, progress=progress, name=name)
+
+
+def prepare_checked(base: BaseCheckpoint, cfg: AdapterConfig, build: BuildOptions, *, compare_plain: bool = False,
+                    progress: bool = True, name: str | None = None) -> nn.Module:
+    """:func:`prepare` for a caller that has validated ``cfg`` and ``build`` (:func:`qolora.finetune`):
+    only what needs the base's config is checked here.
+
+    Raises:
+        ConfigError: as :func:`prepare`, for what depends on the model (layer counts, ranks, placement).
+    """
+    gradient_checkpointing = build.gradient_checkpointing
     check_checkpointed_layers(gradient_checkpointing, base.hf_config)
-    placement = offload_layers_for(base.hf_config, cfg, offload, gpu_memory=gpu_memory, plan_options=offload_plan,
-                                   gradient_checkpointing=gradient_checkpointing, offload_embedding=offload_embedding)
+    placement = offload_layers_for(base.hf_config, cfg, build.offload, gpu_memory=build.gpu_memory,
+                                   plan_options=build.offload_plan, gradient_checkpointing=gradient_checkpointing,
+                                   offload_embedding=build.offload_embedding)
     init = INITS[cfg.init]
     round_errors: dict[str, list[float]] = {}
 
@@ -367,10 +376,10 @@ def prepare(
     if cfg.refine:
         for row in report.layers:  # e_0..e_{K-1} from the rounds, e_K from the final quantization
             row.round_errors = round_errors.pop(row.name) + [row.error]
-    name = str(model) if isinstance(model, (str, os.PathLike)) else str(base.dir)
+    name = name if name is not None else str(base.dir)
     adopt(net, ModelRecord(config=cfg, base=name, base_dir=base.dir, report=report,
                                    offload=placement.streamer if placement is not None else None))
-    set_kernels(net, kernels)
+    set_kernels(net, build.kernels)
     if gradient_checkpointing is not False:
         enable_gradient_checkpointing(net, offload=gradient_checkpointing == "offload",
                                       layers=None if isinstance(gradient_checkpointing, (bool, str))

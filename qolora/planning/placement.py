@@ -15,7 +15,7 @@ import torch
 
 from ..config import dtype_name, parse_size
 from ..errors import ConfigError
-from ..memory.base_streaming import LayerOffload, check_offload
+from ..memory.base_streaming import LayerOffload
 from ..memory.host_embedding import check_untied
 from ..memory.host_memory import available_host_bytes
 from .plan import plan
@@ -38,11 +38,12 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
     offloads decoder layers only if that is not enough. The placement's ``embedding`` says whether the
     embedding goes to host memory, asked for or chosen. Returns None when nothing is offloaded.
 
+    ``offload`` comes normalised (:class:`qolora.model.build_options.BuildOptions`).
+
     Raises:
-        ConfigError: ``offload`` unknown, the host cannot hold the offloaded part, or ``offload_embedding``
-            on a model with tied embeddings (all before any weight is read).
+        ConfigError: the host cannot hold the offloaded part, or ``offload_embedding`` on a model with tied
+            embeddings (all before any weight is read).
     """
-    offload = check_offload(offload)
     device = config.torch_device
     if offload_embedding:
         check_untied(hf_config)

@@ -15,16 +15,15 @@ from pathlib import Path
 
 from torch import nn
 
-from ..adapters.kernels import check_kernels
 from ..base.reader import BaseCheckpoint
 from ..config import AdapterConfig
 from ..data import assets
 from ..data.tokens import DataError, detect_format, load_records, load_tokenizer, split_train_eval, tokenize_dataset
 from ..errors import ConfigError
-from ..memory.base_streaming import check_gpu_memory, check_offload
-from ..memory.host_embedding import check_offload_embedding, check_untied
+from ..memory.host_embedding import check_untied
 from ..model.adapter_folder import SavedAdapter, adapter_from_model, save_adapter, write_saved_adapter
-from ..model.prepare import prepare
+from ..model.build_options import BuildOptions
+from ..model.prepare import prepare_checked
 from . import distributed as dist
 from .fsdp import full_adapter_state, with_trained_weights
 from .loop import train_in
@@ -100,28 +99,17 @@ def finetune(
         ConfigError, DataError, AssetError: bad options, paths or data, all before the model is loaded.
         CheckpointError, TrainingError: see :func:`train`.
     """
-    tcfg, acfg = _checked_configs(config, output_dir, train_options, bits, rank, init, alpha, target_modules,
-                                  adapter_options, eval_fraction, max_length)
-    offload = check_offload(offload)
-    gpu_memory = check_gpu_memory(gpu_memory, offload)
-    try:
-        check_kernels(kernels)
-    except ValueError as exc:
-        raise ConfigError(f"{exc} (--kernels)") from None
-    if tcfg.fsdp and offload is not None:
-        raise ConfigError(f"fsdp=True and offload={offload!r}: FSDP shards the base instead of offloading it; "
-                          "use one of them")
-    check_offload_embedding(offload_embedding)
-    if tcfg.fsdp and offload_embedding:
-        raise ConfigError("fsdp=True and offload_embedding=True: FSDP shards the base (the embedding with it) "
-                          "instead of keeping it on the host; use one of them")
+    build_given = {"offload": offload, "gpu_memory": gpu_memory, "kernels": kernels,
+                   "offload_embedding": offload_embedding}
+    tcfg, acfg, build = _checked_configs(config, output_dir, train_options, bits, rank, init, alpha, target_modules,
+                                         adapter_options, eval_fraction, max_length, build_given)
     # Under torchrun / accelerate launch every rank runs this; rank 0 alone checks, locks and writes the
     # output folder, and its errors stop every rank (qolora.training.distributed).
     folder = RunFolder.of(tcfg.output_dir)
     with dist.session(acfg.torch_device) as world:
         dist.on_main(lambda: folder.check(resume, tcfg.overwrite))
         base = BaseCheckpoint.open(assets.default_model_dir() if model is None else model)  # config + files, once
-        if offload_embedding:
+        if build.offload_embedding:
             check_untied(base.hf_config)  # before the data is read
         tokenizer = load_tokenizer(base.dir)
         train_ds, eval_ds = _tokenized_split(data, tokenizer, format=format, max_length=max_length, packing=packing,
@@ -130,10 +118,7 @@ def finetune(
         with folder.claimed(resume, tcfg.overwrite):
             if resume:
                 dist.on_main(lambda: check_resume(tcfg, train_ds, acfg, world_size=world.size))
-            net = prepare(base, config=acfg, gradient_checkpointing=tcfg.gradient_checkpointing,
-                          progress=tcfg.progress and world.is_main, offload=offload, gpu_memory=gpu_memory,
-                          kernels=kernels, offload_embedding=offload_embedding,
-                          offload_plan={"seq_len": max_length, "batch_size": tcfg.batch_size, "optim": tcfg.optim})
+            net = prepare_checked(base, acfg, build, progress=tcfg.progress and world.is_main)
             # FSDP: the base layers' quantization settings are read before sharding, the weights after training
             template = adapter_from_model(net) if tcfg.fsdp else None
             result = train_in(folder, net, tokenizer, train_ds, eval_ds, tcfg, resume=resume)
@@ -146,8 +131,8 @@ def finetune(
 
 
 def _checked_configs(config, output_dir, train_options, bits, rank, init, alpha, target_modules, adapter_options,
-                     eval_fraction, max_length) -> tuple[TrainConfig, AdapterConfig]:
-    """The training and adapter configs, or one ConfigError listing every problem with the options."""
+                     eval_fraction, max_length, build_given) -> tuple[TrainConfig, AdapterConfig, BuildOptions]:
+    """The training and adapter configs and the build options, or one ConfigError listing every problem."""
     problems: list[str] = []
     if config is not None and train_options:
         problems.append(f"pass either config or training options, not both (got {sorted(train_options)})")
@@ -172,10 +157,22 @@ def _checked_configs(config, output_dir, train_options, bits, rank, init, alpha,
         problems.append(f"max_length={max_length!r} must be an integer >= 2")
     if tcfg is not None and acfg is not None and tcfg.fsdp:
         problems += _fsdp_problems(tcfg, acfg)
+    build, build_problems = BuildOptions.parse(
+        **build_given, gradient_checkpointing=tcfg.gradient_checkpointing if tcfg is not None else False,
+        offload_plan={"seq_len": max_length, "batch_size": tcfg.batch_size, "optim": tcfg.optim}
+        if tcfg is not None else None)
+    problems += build_problems
+    if build is not None and tcfg is not None and tcfg.fsdp:
+        if build.offload is not None:
+            problems.append(f"fsdp=True and offload={build.offload!r}: FSDP shards the base instead of offloading "
+                            "it; use one of them")
+        if build.offload_embedding:
+            problems.append("fsdp=True and offload_embedding=True: FSDP shards the base (the embedding with it) "
+                            "instead of keeping it on the host; use one of them")
     if problems:
         raise ConfigError(problems)
     resolve_precision(tcfg.mixed_precision, acfg.torch_device)
-    return tcfg, acfg
+    return tcfg, acfg, build
 
 
 def _fsdp_problems(tcfg: TrainConfig, acfg: AdapterConfig) -> list[str]:

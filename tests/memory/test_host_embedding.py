@@ -193,11 +193,11 @@ def test_finetune_and_the_cli_pass_it_on(untied_dir, chat_jsonl, tmp_path, monke
 
     seen = {}
 
-    def fake_prepare(*args, **kwargs):
-        seen.update(kwargs)
+    def fake_prepare(base, config, build, **kwargs):
+        seen["offload_embedding"] = build.offload_embedding
         raise ConfigError("stop here")
 
-    monkeypatch.setattr(finetune_module, "prepare", fake_prepare)
+    monkeypatch.setattr(finetune_module, "prepare_checked", fake_prepare)
     with pytest.raises(ConfigError, match="stop here"):
         qolora.finetune(untied_dir, chat_jsonl, output_dir=tmp_path / "out", offload_embedding=True,
                         max_steps=1, adapter_options={"device": "cpu"})

@@ -43,7 +43,7 @@ def no_prepare(monkeypatch):
         raise AssertionError("prepare() was called: the bad input should have been caught before the model loads")
 
     monkeypatch.setattr(importlib.import_module("qolora.model.prepare"), "prepare", refuse)
-    monkeypatch.setattr(importlib.import_module("qolora.training.finetune"), "prepare", refuse)
+    monkeypatch.setattr(importlib.import_module("qolora.training.finetune"), "prepare_checked", refuse)
 
 
 # ------------------------------------------------------------------------------------- config

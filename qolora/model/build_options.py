@@ -1,0 +1,74 @@
+"""How a model is built beyond its :class:`~qolora.config.AdapterConfig`: gradient checkpointing, the
+base streamed from host memory, the adapters' training step, the input embedding on the host.
+
+Checked once, where a public call begins (:func:`qolora.prepare`, :func:`qolora.load`,
+:func:`qolora.finetune`): :meth:`BuildOptions.parse` lists every problem at once, and the normalised
+values flow down to the build and the placement, which trust them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from ..adapters.kernels import check_kernels
+from ..errors import ConfigError
+from ..memory.base_streaming import check_gpu_memory, check_offload
+from ..memory.gradient_checkpointing import checkpointing_mode
+from ..memory.host_embedding import check_offload_embedding
+
+__all__ = ["BuildOptions"]
+
+
+@dataclass(frozen=True, eq=False)
+class BuildOptions:
+    """The build options of one model, normalised (see :func:`qolora.prepare` for each)."""
+
+    gradient_checkpointing: bool | str | int = False  # True / False / "offload" / n layers
+    offload: str | None = None  # None (nothing), "auto" or "cpu"
+    gpu_memory: int | None = None  # bytes, for offload="auto"
+    kernels: str = "auto"
+    offload_embedding: bool = False
+    offload_plan: Mapping | None = None  # the training shape offload="auto" plans for
+
+    @classmethod
+    def parse(cls, *, gradient_checkpointing=False, offload=None, gpu_memory=None, kernels="auto",
+              offload_embedding=False, offload_plan=None) -> tuple[BuildOptions | None, list[str]]:
+        """``(options, [])``, or ``(None, every problem)``."""
+        problems: list[str] = []
+
+        def check(fn, *args):
+            try:
+                return fn(*args)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+            except ValueError as exc:
+                problems.append(str(exc))
+            return None
+
+        checkpointing = check(checkpointing_mode, gradient_checkpointing)
+        check(check_kernels, kernels)
+        offload = check(check_offload, offload)
+        gpu_memory = check(check_gpu_memory, gpu_memory, offload)
+        check(check_offload_embedding, offload_embedding)
+        if offload_plan is not None and not isinstance(offload_plan, Mapping):
+            problems.append(f"offload_plan={offload_plan!r} must be a dict of qolora.planning.plan.plan options")
+        if problems:
+            return None, problems
+        return cls(checkpointing, offload, gpu_memory, kernels, offload_embedding,
+                   dict(offload_plan) if offload_plan is not None else None), []
+
+    @classmethod
+    def checked(cls, **options) -> BuildOptions:
+        """The options normalised.
+
+        Raises:
+            ConfigError: listing every problem.
+        """
+        built, problems = cls.parse(**options)
+        if problems:
+            raise ConfigError(problems)
+        return built
+
+    def replace(self, **changes) -> BuildOptions:
+        return replace(self, **changes)
