@@ -327,13 +327,17 @@ class Bench:
         self.prepare_seconds: list[dict] = []
 
     # ---------------------------------------------------------------- lazily built pieces
+    def select_records(self, records):
+        """``(the records to use, what was done for the data info)``: all of them here."""
+        return records, {}
+
     def data(self):
         if self._data is None:
             from qolora.data.tokens import load_records, load_tokenizer, split_train_eval, tokenize_dataset
 
             t0 = time.perf_counter()
             tokenizer = load_tokenizer(Path(self.s.model))
-            records = load_records(self.s.data)
+            records, selection = self.select_records(load_records(self.s.data))
             if self.s.max_examples is not None and len(records) > self.s.max_examples:
                 records = records.select(range(self.s.max_examples))
             tokenized, stats = tokenize_dataset(records, tokenizer, max_length=self.s.max_length, mask_prompt=True)
@@ -343,7 +347,7 @@ class Bench:
             if len(eval_ds) > n_eval:
                 eval_ds = eval_ds.select(range(n_eval))
             label_tokens = sum(sum(1 for t in row if t != -100) for row in eval_ds["labels"])
-            info = {"records": len(records), "examples": n, "train_examples": len(train_ds),
+            info = {**selection, "records": len(records), "examples": n, "train_examples": len(train_ds),
                     "eval_examples": len(eval_ds), "eval_label_tokens": label_tokens,
                     "tokenize_stats": _as_dict(stats), "seconds": time.perf_counter() - t0}
             logger.info("data: %s", info)

@@ -313,10 +313,8 @@ class StudyBench(conv.Bench):
         self.loftq_checks: list[dict] = []
 
     def data(self):
-        if self._data is not None or (self.s.task == "chat" and not self.s.dedupe):
+        if self._data is not None or self.s.task == "chat":
             return super().data()
-        if self.s.task == "chat":
-            return self._chat_data()
         import datasets
 
         from qolora.data.tokens import load_tokenizer
@@ -337,31 +335,13 @@ class StudyBench(conv.Bench):
         self._data = (tokenizer, train_ds, eval_ds, info)
         return self._data
 
-    def _chat_data(self):
-        """conv.Bench.data with repeated conversations dropped first (the first of each kept, in file order): the
+    def select_records(self, records):
+        """With ``dedupe``, repeated conversations dropped first (the first of each kept, in file order): the
         chatterbot records repeat many conversations, which would otherwise sit on both sides of the split."""
-        from qolora.data.tokens import load_records, load_tokenizer, split_train_eval, tokenize_dataset
-
-        t0 = time.perf_counter()
-        tokenizer = load_tokenizer(Path(self.s.model))
-        records = load_records(self.s.data)
+        if not self.s.dedupe:
+            return records, {}
         keep, seen = distinct_conversations(records)
-        records = records.select(keep)
-        if self.s.max_examples is not None and len(records) > self.s.max_examples:
-            records = records.select(range(self.s.max_examples))
-        tokenized, stats = tokenize_dataset(records, tokenizer, max_length=self.s.max_length, mask_prompt=True)
-        n = len(tokenized)
-        n_eval = min(self.s.eval_examples, n // 2)
-        train_ds, eval_ds = split_train_eval(tokenized, n_eval / n, seed=self.s.split_seed)
-        if len(eval_ds) > n_eval:
-            eval_ds = eval_ds.select(range(n_eval))
-        label_tokens = sum(sum(1 for t in row if t != -100) for row in eval_ds["labels"])
-        info = {"records_in_file": seen, "distinct_records": len(keep), "records": len(records), "examples": n,
-                "train_examples": len(train_ds), "eval_examples": len(eval_ds), "eval_label_tokens": label_tokens,
-                "tokenize_stats": conv._as_dict(stats), "seconds": time.perf_counter() - t0}
-        logger.info("data (chat, repeated conversations dropped): %s", info)
-        self._data = (tokenizer, train_ds, eval_ds, info)
-        return self._data
+        return records.select(keep), {"records_in_file": seen, "distinct_records": len(keep)}
 
     def bits_for(self, init: str) -> int:
         return CONTENDERS[init].bits

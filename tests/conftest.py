@@ -15,6 +15,14 @@ from tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """A test that sets torch's thread count (the benchmarks' --threads, the CLI's) leaves the next one as it was."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A saved tiny random Llama checkpoint (fp32, tied embeddings)."""

@@ -21,17 +21,19 @@ QA = [
 ]
 
 
-def make_chat_model_dir(path: Path) -> Path:
-    """A tiny Llama checkpoint folder with the tiny tokenizer saved next to it."""
-    make_tiny_llama(path)
+def make_chat_model_dir(path: Path, **model_options) -> Path:
+    """A tiny Llama checkpoint folder (``make_tiny_llama`` options) with the tiny tokenizer saved next to it."""
+    make_tiny_llama(path, **model_options)
     make_tiny_tokenizer(path)
     return path
 
 
-def write_chat_jsonl(path: Path, n: int = 64) -> Path:
+def write_chat_jsonl(path: Path, n: int = 64, *, qa=QA, distinct: bool = False) -> Path:
+    """``n`` conversations cycling through ``qa``; ``distinct``: each question numbered, so no two repeat."""
     with open(path, "w") as f:
         for i in range(n):
-            q, a = QA[i % len(QA)]
+            q, a = qa[i % len(qa)]
+            q = f"{q} (question {i})" if distinct else q
             f.write(json.dumps({"messages": [{"role": "user", "content": q},
                                              {"role": "assistant", "content": a}]}) + "\n")
     return path

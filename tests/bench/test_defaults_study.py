@@ -20,8 +20,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import defaults_study as ds  # noqa: E402
-from tiny_models import make_tiny_llama  # noqa: E402
-from tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
+from tiny_chat import make_chat_model_dir, write_chat_jsonl  # noqa: E402
 
 QA = [
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -33,25 +32,11 @@ CORPUS = [(f"topic{i}", " ".join(f"The statement number {i * 7 + j} is executed 
                                  for j in range(12))) for i in range(12)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("study_assets")
-    model = make_tiny_llama(root / "model", hidden=64, layers=1)
-    make_tiny_tokenizer(model)
-    data = root / "chat.jsonl"
-    with open(data, "w") as f:
-        for i in range(40):
-            q, a = QA[i % len(QA)]
-            q = f"{q} (question {i})"  # distinct conversations: repeated ones are dropped before the split
-            f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                             {"role": "assistant", "content": a}]}) + "\n")
+    model = make_chat_model_dir(root / "model", hidden=64, layers=1)
+    data = write_chat_jsonl(root / "chat.jsonl", 40, qa=QA, distinct=True)
     return model, data
 
 
