@@ -1,4 +1,4 @@
-"""An exact, device-independent count of the bytes torch tensors hold, for validating ``qolora.plan``.
+"""An exact, device-independent count of the bytes torch tensors hold, for validating ``qolora.planning.plan``.
 
 :class:`MemTracker` is a ``TorchDispatchMode``: every tensor an operator returns (forward, backward and
 optimizer, all on the calling thread on the CPU) is looked up by its storage; a new storage adds its
@@ -52,3 +52,19 @@ def storage_bytes(tensors) -> int:
             s = t.untyped_storage()
             seen[s._cdata] = s.nbytes()
     return sum(seen.values())
+
+
+def model_bytes(model) -> int:
+    """Bytes of a prepared model as stored: its parameters and buffers plus the bitsandbytes quantization
+    statistics that hang off the quantized weights (absmax, codes, offset; an 8-bit weight's scales)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        qs = getattr(w, "quant_state", None)
+        if qs is not None:
+            tensors += [qs.absmax, qs.code, getattr(qs, "offset", None)]
+            if qs.state2 is not None:
+                tensors += [qs.state2.absmax, qs.state2.code]
+        if w is not None and getattr(w, "SCB", None) is not None:
+            tensors += [w.SCB]
+    return storage_bytes(tensors)

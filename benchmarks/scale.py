@@ -1,5 +1,5 @@
-"""Issue 10, item 5: Llama-3-8B and Llama-3-70B shapes at full width, prepare + a training step,
-measured against ``qolora.plan``'s prediction for exactly the same job.
+"""Issue 10, item 5 and issue 23: Llama-3-8B, Llama-3-70B, Mixtral-8x7B and Qwen3-30B-A3B shapes at full
+width, prepare + a training step, measured against ``qolora.planning.plan``'s prediction for exactly the same job.
 
 Models come from :class:`qolora.base.synthetic.SyntheticCheckpoint` (the public architecture numbers in
 ``qolora/configs``), streamed straight into ``qolora.prepare`` with no disk: each weight is generated
@@ -16,22 +16,27 @@ Per shape, in a fresh process:
   ``max_memory_allocated``; on the CPU a third step runs under :class:`benchmarks.memtrack.MemTracker`
   (every torch storage counted exactly, as CUDA's allocator counts them), and the resident-set peak
   of the timed step is reported beside it (it also holds what is not a torch tensor: the allocator's
-  fragmentation and bitsandbytes' CPU temporaries).
-* **plan**: ``qolora.plan`` for the same truncated config, sequence and device; the measured step peak
+  fragmentation and bitsandbytes' CPU temporaries). The optimizer states, made by the first step and alive
+  through the measured one, are counted exactly and added (the plan's ``step_bytes`` holds them).
+* **plan**: ``qolora.planning.plan`` for the same truncated config, sequence and device; the measured step peak
   over the plan's ``step_bytes`` (the plan's target: within 10%), and on CUDA the measured absolute
   peak over the plan's allocated total (weights + adapters + step; the CUDA context and allocator
   margin are not in ``max_memory_allocated``).
 
 On the CPU a full-width 8B/70B layer at sequence 2048 is minutes per step on 2 cores, so the CPU
-mode runs ``--layers`` full-width decoder layers (default: 2 of the 8B, 1 of the 70B) at ``--seq``
-(default 256); everything depends only on the shapes, so the figures scale with the plan's formulas,
-which the comparison checks. ``--device cuda`` runs the 8B shape in full at 2048 and at the longest
+mode runs ``--layers`` full-width decoder layers (default: 2 of the 8B, 1 of the 70B, 1 of each MoE
+shape: Mixtral's 8 experts of width 14336, 2 per token; Qwen3-30B-A3B's 128 experts of width 768, 8 per
+token) at ``--seq`` (default 256); everything depends only on the shapes, so the figures scale with the
+plan's formulas, which the comparison checks. ``--shapes`` picks a subset. Qwen3-30B-A3B also runs at
+``--qwen3-long-seq`` (1024): at 256 its one-layer step peaks at the loss (its vocabulary's logit chunk),
+at 1024 in the MoE layer. ``--device cuda`` runs the 8B shape in full at 2048 and at the longest
 sequence the plan says fits 24 GiB, and the 70B shape on ``--layers-70b`` layers (default 8; the rest
 by the plan's arithmetic, whose per-layer terms this checks), twice: as configured, and with the layer
 checkpoints and the input embedding in host memory (``gradient_checkpointing="offload"``,
 ``offload_embedding=True``: the configuration the plan puts under 41 GiB for the whole 70B).
 
-    python -m benchmarks.scale                     # CPU: a few full-width layers, ~3 min on 2 cores
+    python -m benchmarks.scale                     # CPU: a few full-width layers, ~30 min on 2 cores
+    python -m benchmarks.scale --shapes mixtral-8x7b,qwen3-30b-a3b   # CPU: the MoE layers only
     python -m benchmarks.scale --device cuda       # one GPU: the whole measurement in a few minutes
 """
 
@@ -79,6 +84,9 @@ def _worker(payload: dict, probe: MemoryProbe) -> dict:
                                gradient_checkpointing=payload.get("checkpointing", True),
                                offload_embedding=payload.get("offload_embedding", False))
     probe.stop("prepare")
+    from benchmarks.memtrack import model_bytes
+
+    stored = model_bytes(model)  # exact: parameters, buffers, quantization statistics (weights + adapters)
     model.train()
     params = [p for _, p in adapter_parameters(model)]
     optimizer = make_optimizer("paged_adamw_8bit", params, 1e-4, 0.0)
@@ -109,6 +117,11 @@ def _worker(payload: dict, probe: MemoryProbe) -> dict:
         with MemTracker() as tracker:
             step()
         tracked = tracker.peak
+    # The optimizer states exist before the measured step (made in the first), so neither the tracker nor CUDA's
+    # peak above the step's start sees them; the plan's step_bytes holds them: counted exactly here.
+    from benchmarks.memtrack import storage_bytes
+
+    states = storage_bytes([v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)])
     predicted = plan(config, bits=4, rank=16, seq_len=seq, batch_size=batch, optim="paged_adamw_8bit",
                      gradient_checkpointing=payload.get("checkpointing", True),
                      offload_embedding=payload.get("offload_embedding", False),
@@ -121,24 +134,31 @@ def _worker(payload: dict, probe: MemoryProbe) -> dict:
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "prepare_s": prep.seconds, "prepare_cpu_s": prep.cpu_seconds,
         "step_s": timed.seconds, "step_cpu_s": timed.cpu_seconds, "tokens_per_s": ids.numel() / timed.seconds,
-        "losses": [first, second], "tracked_step_peak_bytes": tracked,
+        "losses": [first, second], "tracked_step_peak_bytes": tracked, "model_bytes": stored,
+        "optimizer_state_bytes": states,
         "plan": predicted.to_dict(),
     }
 
 
 # ------------------------------------------------------------------------------------------ parent
+def _family(shape: str) -> str:
+    return {"llama-3-8b": "Llama-3 8B", "llama-3-70b": "Llama-3 70B", "mixtral-8x7b": "Mixtral-8x7B",
+            "qwen3-30b-a3b": "Qwen3-30B-A3B"}.get(shape, shape)
+
+
 def _measured(result: dict) -> dict:
     """Headline figures of one worker result, with the plan's side by side (bytes)."""
     memory, p = result.get("memory", {}), result["plan"]
     cuda = result["device"].startswith("cuda")
     prep, step = memory.get("prepare", {}), memory.get("step", {})
+    states = result.get("optimizer_state_bytes", 0)  # alive through the step, made before it (see the worker)
     if cuda:
-        step_peak = (step["cuda_peak_alloc_mb"] - step["cuda_start_alloc_mb"]) * 2**20
+        step_peak = (step["cuda_peak_alloc_mb"] - step["cuda_start_alloc_mb"]) * 2**20 + states
         prepare_peak = prep["cuda_peak_alloc_mb"] * 2**20
         absolute = step["cuda_peak_alloc_mb"] * 2**20
         allocated_plan = p["gpu_bytes"] - p["cuda_context_bytes"] - p["margin_bytes"]
     else:  # the torch tensors' exact peak (what the plan models); the RSS peak beside it
-        step_peak = result["tracked_step_peak_bytes"]
+        step_peak = result["tracked_step_peak_bytes"] + states
         prepare_peak = prep["peak_rss_delta_mb"] * 2**20
         absolute, allocated_plan = None, None
     # On CUDA the allocator sees the GPU part only: offloaded checkpoints live in pinned host memory.
@@ -146,11 +166,29 @@ def _measured(result: dict) -> dict:
     return {
         "prepare_peak_bytes": prepare_peak, "step_peak_bytes": step_peak, "plan_step_bytes": plan_step,
         "step_peak_rss_bytes": None if cuda else step["peak_rss_delta_mb"] * 2**20,
-        "step_peak_over_plan": step_peak / plan_step,
+        "step_peak_over_plan": step_peak / plan_step, "optimizer_state_bytes": states,
+        "plan_optimizer_bytes": p["optimizer_bytes"], "plan_adapter_grad_bytes": p["adapter_grad_bytes"],
+        "plan_activation_bytes": p["activation_bytes"], "plan_loss_bytes": p["loss_bytes"],
+        "plan_peak_moment": p["peak_moment"],
         "peak_bytes": absolute, "plan_allocated_bytes": allocated_plan,
         "peak_over_plan": None if absolute is None else absolute / allocated_plan,
         "plan_weights_bytes": p["weights_bytes"],
+        "prepare_peak_over_weights": prepare_peak / p["weights_bytes"],
+        # the prepared model counted exactly against the plan's weights + adapters (should be 1.00)
+        "model_bytes": result.get("model_bytes"),
+        "model_over_plan": (result["model_bytes"] / (p["weights_bytes"] + p["adapter_bytes"])
+                            if result.get("model_bytes") else None),
     }
+
+
+CPU_SHAPES = ("llama-3-8b", "llama-3-70b", "mixtral-8x7b", "qwen3-30b-a3b")
+
+
+def _shapes(text: str) -> list[str]:
+    shapes = [s.strip() for s in text.split(",") if s.strip()]
+    if not shapes or any(s not in CPU_SHAPES for s in shapes):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(CPU_SHAPES)}")
+    return shapes
 
 
 def _jobs(args) -> list[dict]:
@@ -167,8 +205,14 @@ def _jobs(args) -> list[dict]:
                 # the 70B configuration the plan puts under 41 GiB: checkpoints and input embedding on the host
                 {**base, "shape": "llama-3-70b", "layers": args.layers_70b, "seq": 2048,
                  "checkpointing": "offload", "offload_embedding": True}]
-    return [{**base, "shape": "llama-3-8b", "layers": args.layers_8b, "seq": args.seq},
-            {**base, "shape": "llama-3-70b", "layers": args.layers_70b, "seq": args.seq}]
+    layers = {"llama-3-8b": args.layers_8b, "llama-3-70b": args.layers_70b, "mixtral-8x7b": args.layers_moe,
+              "qwen3-30b-a3b": args.layers_moe}
+    jobs = [{**base, "shape": shape, "layers": layers[shape], "seq": args.seq} for shape in args.shapes]
+    if "qwen3-30b-a3b" in args.shapes and args.qwen3_long_seq:
+        # At seq 256 one Qwen3-30B-A3B layer's step peaks at the loss (a 128 MiB chunk of its 151,936-token
+        # vocabulary's logits), not in the MoE layer; at 1024 the layer (128 experts, 8 per token) is the peak.
+        jobs.append({**base, "shape": "qwen3-30b-a3b", "layers": args.layers_moe, "seq": args.qwen3_long_seq})
+    return jobs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,11 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=256, help="sequence length on the CPU")
     parser.add_argument("--layers-8b", type=int, default=2, help="full-width 8B layers on the CPU")
     parser.add_argument("--layers-70b", type=int, default=None, help="70B layers (CPU default 1, CUDA 8)")
+    parser.add_argument("--layers-moe", type=int, default=1, help="Mixtral / Qwen3-MoE layers on the CPU")
+    parser.add_argument("--qwen3-long-seq", type=int, default=1024,
+                        help="also Qwen3-30B-A3B at this sequence on the CPU, where its MoE layer is the step's peak "
+                             "(0: not)")
+    parser.add_argument("--shapes", default=",".join(CPU_SHAPES), type=_shapes,
+                        help="comma-separated shapes on the CPU, of: " + ", ".join(CPU_SHAPES))
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the workers")
     parser.add_argument("--gradient-checkpointing", default="on", choices=["on", "offload"],
-                        help="offload: the layer checkpoints wait in pinned host memory (qolora.offload_checkpointing)")
+                        help="offload: the layer checkpoints wait in pinned host memory "
+                             "(qolora.memory.gradient_checkpointing)")
     parser.add_argument("--offload-embedding", action="store_true",
-                        help="the input embedding in host memory (qolora.host_embedding); on CUDA a last 70B job "
+                        help="the input embedding in host memory (qolora.memory.host_embedding); on CUDA a last 70B "
+                             "job "
                              "always runs with it and offloaded checkpointing")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/scale.json)")
     args = parser.parse_args(argv)
@@ -216,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
              "values": [r["measured"]["step_peak_over_plan"] for r in ok], "fmt": "{:.2f}"},
             {"title": "tokens/s", "labels": labels, "values": [r["tokens_per_s"] for r in ok]},
             {"title": "prepare (s)", "labels": labels, "values": [r["prepare_s"] for r in ok]},
-        ], title=f"qolora at Llama-3 8B/70B widths ({args.device})")
+        ], title=f"qolora at full-width {', '.join(dict.fromkeys(_family(r['shape']) for r in ok))} layers "
+                 f"({args.device})")
     print(f"wrote {out}")
     return 0 if len(ok) == len(rows) else 1
 

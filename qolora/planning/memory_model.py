@@ -5,6 +5,7 @@ planner's docstring explains each term and how it was validated.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps fp32 optimizer states below this many elements
 BNB_OPTIM_BLOCK = 256
+QK_NORM = ("qwen3", "qwen3_moe")  # an RMSNorm per head on q and k before the rotary embedding (q_norm, k_norm)
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2", "phi3", "olmo", "olmo2",
               "granite", "smollm3", "cohere", "starcoder2", "stablelm", "internlm2")
 
@@ -34,6 +36,8 @@ class Dims:
     activation: str
     experts_per_token: int = 0  # a Mixture-of-Experts model: k of ``num_experts`` routed experts per token
     num_experts: int = 0
+    qk_norm: bool = False  # q_norm / k_norm on every head (Qwen3, Qwen3-MoE)
+    expert_width: int = 0  # a routed expert's intermediate size I
 
 
 def model_dims(hf_config) -> Dims:
@@ -53,13 +57,16 @@ def model_dims(hf_config) -> Dims:
     return Dims("llama", text.num_hidden_layers, h, mlp_width(text), heads,
                  getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size,
                  float(getattr(text, "attention_dropout", 0.0) or 0.0), 0.0, getattr(text, "hidden_act", "silu"),
-                 *moe_dims(text))
+                 *moe_dims(text), qk_norm=getattr(text, "model_type", mt) in QK_NORM,
+                 expert_width=(getattr(text, "moe_intermediate_size", None) or text.intermediate_size)
+                 if moe_dims(text)[0] else 0)
 
 
 def mlp_width(text) -> int:
     """The MLP width a token goes through: ``intermediate_size``, or for a Mixture-of-Experts config the experts
-    it is routed to (``num_experts_per_tok`` x the expert width) plus any shared expert. A MoE layer's
-    activations are then estimated as a dense MLP of that width (not validated against a measurement)."""
+    it is routed to (``num_experts_per_tok`` x the expert width) plus any shared expert. A MoE layer's MLP
+    activations are those of a dense MLP of that width (per routed token the expert's gate/up output, SiLU
+    output and down input, as in a dense MLP), plus the routing's own (:func:`moe_routing_bytes`)."""
     k = getattr(text, "num_experts_per_tok", None)
     if not k:
         return text.intermediate_size
@@ -75,6 +82,37 @@ def moe_dims(text) -> tuple[int, int]:
     experts = next((getattr(text, a) for a in ("num_local_experts", "num_experts", "n_routed_experts")
                     if isinstance(getattr(text, a, None), int)), 0)
     return (k, experts) if k and experts else (0, 0)
+
+
+def moe_routing_bytes(d: Dims, N: int, r: int, a: int, lora_b: int, adapted: set[str]) -> int:
+    """Bytes a MoE layer keeps for the backward pass beyond its MLP-width terms (exact accounting of
+    :class:`qolora.base.experts.SplitExperts` and transformers' top-k routers, tests/planning/test_plan_moe.py).
+
+    Per routed (token, expert) pair, three tensors of width ``h``: the gathered input ``x[token_idx]`` (kept
+    by the gate_up adapter's ``x @ A^T``), the expert's output (kept by its product with the routing weight,
+    for the weight's gradient) and the weighted output (kept by ``index_add_``'s backward, which takes the
+    source's shape from it); the expert's ``torch.where`` indices (int64, 2 per pair) and its routing weight.
+    The adapters' ``x @ A^T`` of the expert layers are per routed pair, not per token (``llama_layer``
+    counts one per token). The router: the fp32 softmax of its logits (N, E) and the top-k indices (int64)
+    and weights (N, k).
+    """
+    if not d.experts_per_token:
+        return 0
+    k, routed = d.experts_per_token, N * d.experts_per_token
+    expert_kinds = len(adapted & {"gate_up_proj", "down_proj"})
+    pairs = routed * (3 * d.h * a + 2 * 8 + a) + (routed - N) * r * lora_b * expert_kinds
+    return pairs + N * d.num_experts * 4 + N * k * (8 + 4)
+
+
+def moe_recompute_end_bytes(d: Dims, N: int, a: int) -> int:
+    """What else is alive when a checkpointed MoE layer's recompute ends (non-reentrant checkpointing stops
+    right after the last expert's ``index_add_``; the forward's locals are then still held): the one-hot
+    routing mask (int64, (E + 1) x k x N), the block's input (the post-attention norm's output, (N, h): a
+    dense MLP keeps it for its adapters, the experts keep only their gathers of it), the output accumulator
+    (N, h), the router's logits (N, E), and the gradient of the layer's output arriving (N, h)."""
+    if not d.experts_per_token:
+        return 0
+    return 8 * N * d.experts_per_token * (d.num_experts + 1) + 3 * N * d.h * a + N * d.num_experts * a
 
 
 def quantized_bytes(out_f: int, in_f: int, bits: int, blocksize: int, double_quant: bool, dtype_bytes: int) -> int:
@@ -136,15 +174,18 @@ def llama_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adap
     norms = 2 * (4 * N * d.h + 4 * N)
     k_v = 2 * N * (q if padded and d.kv_heads != d.heads else kv) * a
     attn = N * q * a + k_v + N * q * a + 4 * B * d.heads * T
+    if d.qk_norm:
+        # q_norm / k_norm compute in fp32 like the layer norms: each keeps its fp32 input (the q / k projection's
+        # output; under autocast its fp32 copy) and 1/rms per head and token. Llama keeps neither (its rotary
+        # embedding keeps only cos / sin).
+        attn += 4 * N * (q + kv) + 4 * N * (d.heads + d.kv_heads)
     if d.attn_dropout > 0:  # SDPA falls back to the math kernel: probabilities and their mask
         attn += B * d.heads * T * T * (a + 1)
     mlp = 3 * N * d.i * a
     inputs = inputs_bytes(N, [(d.h, ["q_proj", "k_proj", "v_proj"]), (q, ["o_proj"]), (d.h, ["gate_proj", "up_proj"]),
                                (d.i, ["down_proj"])], adapted, a, adapter_b, autocast, bits, fused)
     lora = N * r * (a if autocast else adapter_b) * len(adapted)
-    # A MoE layer (the experts' loop of qolora.base.experts): per routed (token, expert) its gathered input and its
-    # output before the routing weight are kept, and the router's logits and fp32 probabilities per token.
-    moe = N * d.experts_per_token * 2 * d.h * a + N * d.num_experts * (a + 4) if d.experts_per_token else 0
+    moe = moe_routing_bytes(d, N, r, a, a if autocast else adapter_b, adapted)
     return norms + attn + mlp + inputs + lora + moe
 
 
@@ -175,8 +216,13 @@ def adapted_kinds(names: list[str], family: str) -> set[str]:
 
 def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
           bits: int, padded: bool, checkpointing: bool | str | int, chunked: bool, chunk_bytes: int, max_linear: int,
-          grads: int, states: int, fused: bool = False) -> tuple[int, int, str, dict]:
+          grads: int, states: int, fused: bool = False, max_mlp_linear: int | None = None
+          ) -> tuple[int, int, str, dict]:
     """(activation bytes on the compute device, loss bytes, moment, details) at the predicted peak of one step.
+
+    ``max_mlp_linear``: for a MoE model, the numel of the largest linear layer outside the attention (an
+    expert's, a shared expert's or a dense MLP's): the one dequantized while the MoE block's activations
+    are alive (``max_linear``, maybe an attention projection, only after they are freed).
 
     ``checkpointing="offload"``: the layer checkpoints held in host memory are ``details["checkpoint_host_bytes"]``;
     an integer ``k``: only the first ``k`` layers are checkpointed.
@@ -196,6 +242,24 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
     # layer's backward pass the two peak one after the other (measured: tests/planning/test_plan.py); on the plain
     # path bitsandbytes' dequantized weight coexists with the adapter branch's temporaries.
     transient = max(work, dequant) if fused else work + dequant
+    if d.experts_per_token and max_mlp_linear is not None:
+        # A MoE layer's backward pass (measured: tests/planning/test_plan_moe.py; at full width
+        # benchmarks/scale.py) meets three candidate peaks, all over the recomputed layer:
+        # * the end of the recompute (moe_recompute_end_bytes; Qwen3-30B-A3B's peak);
+        # * the experts' backward, one expert at a time: the largest weight outside the attention dequantized
+        #   (Mixtral's peak: the last expert's gate_up, its other activations already freed, an average
+        #   expert's share of the block's), with the working gradients of one expert (its gate/up output and
+        #   down input, (N*k/E) x 3I) and the block's incoming one (N, h), never the dense formula's (N, k*I)
+        #   at once (the input's gradient accumulator comes with the next expert, this one's activations freed);
+        # * the attention's backward, after the block's activations are freed: its own (larger) weights.
+        k, E = d.experts_per_token, d.num_experts
+        routed = layer_fn(d, B, T, adapted, r, a, adapter_b, autocast, bits, padded, fused) - layer_fn(
+            dataclasses.replace(d, experts_per_token=0, num_experts=0, i=0), B, T, adapted, r, a, adapter_b,
+            autocast, bits, padded, fused)  # what the MoE block keeps (freed before the attention's backward)
+        moe_work = N * d.h * a + -(-N * k // E) * 3 * d.expert_width * a
+        transient = max(moe_recompute_end_bytes(d, N, a),
+                        max_mlp_linear * a + moe_work - routed // E,
+                        transient - routed)
     host = 0
     # The recomputed layer's norm keeps the checkpointed input itself when it is already fp32.
     recomputed = per_layer - (layer_input if a == 4 and d.family == "llama" else 0)

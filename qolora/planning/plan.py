@@ -35,6 +35,17 @@ without repeated K/V)::
     inputs     a*N*w per adapted layer's input w, once per tensor when shared (fp32 compute), or one
                16-bit copy per adapted layer under bf16/fp16 autocast (fp32 adapters cast their input)
     adapters   a*N*r per adapted layer        the ``x @ A^T`` kept for ``B``
+    qk norms   4*N*(q + kv) + 4*N*(heads + kv_heads)   Qwen3's per-head q_norm / k_norm (fp32 input, 1/rms)
+
+A Mixture-of-Experts layer (k of E experts per token, expert width I; :mod:`qolora.planning.memory_model`'s
+``moe_routing_bytes``) counts its MLP terms at ``i = k*I`` (+ a shared expert) and, per routed pair,
+``3*a*h`` (the gathered input, the expert's output, the weighted output that ``index_add_`` keeps), the
+experts' adapter ``x @ A^T`` per pair, and the router's fp32 probabilities ``4*N*E``. In its backward
+pass the experts' weights are dequantized while the block's activations live (the largest linear outside
+the attention), the attention's after they are freed; the end of the layer's recompute also holds the
+routing mask ``8*N*k*(E+1)``, the block's input and output accumulator and the incoming gradient
+(``3*a*N*h``) and the router logits. Measured: ``tests/planning/test_plan_moe.py``, and full-width
+Mixtral-8x7B / Qwen3-30B-A3B layers in ``benchmarks/scale.py``.
 
 GPT-2 style layers (LayerNorm, fused ``c_attn``, GELU MLP) use the same terms with their own list
 (see :func:`gpt2_layer`). Without gradient checkpointing all ``L`` layers are kept; with it, only
@@ -496,6 +507,9 @@ def plan(
     adapters = trainable * adapter_b
     states = optimizer_bytes(optim, numels, adapter_b)
     max_linear = max((math.prod(layer_shape(m)) for m in linears.values()), default=0)
+    # MoE: the largest linear outside the attention, dequantized while the experts' activations are alive
+    max_mlp_linear = max((math.prod(layer_shape(m)) for n, m in linears.items() if ".self_attn." not in f".{n}."),
+                         default=0)
     d = model_dims(hf_config)
     adapted = adapted_kinds(targets, d.family)
 
@@ -506,7 +520,7 @@ def plan(
         return step_memory(d, B, T, adapted=adapted, r=rank, a=a, adapter_b=adapter_b, autocast=autocast, bits=bits,
                      padded=(B > 1) if padded is None else padded, checkpointing=checkpointed,
                      chunked=chunked_loss, chunk_bytes=loss_chunk_bytes, max_linear=max_linear,
-                     grads=adapters, states=states, fused=fused_step(kernels, bits))
+                     grads=adapters, states=states, fused=fused_step(kernels, bits), max_mlp_linear=max_mlp_linear)
 
     def overhead(rest: int) -> tuple[int, int]:
         if device != "cuda":
