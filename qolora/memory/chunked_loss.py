@@ -170,6 +170,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if grad_hidden is not None or grad_weight is not None or grad_bias is not None:
                     g = _softmax_minus_onehot(expz.div_(sums[:, None]), y0, valid)  # (c, V), in place
                     _accumulate_chunk_grads(g, h, weight, start, end, grad_hidden, grad_weight, grad_bias)
+                    del g  # the same storage as z: held, it would keep this chunk alive beside the next one
                 del z, expz
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)  # the backward pass only scales them
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
