@@ -269,7 +269,7 @@ def prepare(
     rank: int | None = None,
     *,
     config: AdapterConfig | None = None,
-    gradient_checkpointing: bool | str | int = False,
+    gradient_checkpointing: bool | str | int = "auto",
     compare_plain: bool = False,
     progress: bool = True,
     offload: str | None = None,
@@ -288,7 +288,11 @@ def prepare(
         bits: 4 (NF4 by default), 8 or 16 (unquantized); default 4.
         rank: adapter rank; default 16.
         config: a full :class:`AdapterConfig` instead of ``bits``/``rank``/``options`` (giving both is refused).
-        gradient_checkpointing: enable non-reentrant gradient checkpointing; ``"offload"``: checkpointing whose
+        gradient_checkpointing: ``"auto"`` (the default): decided by the training run, which knows the batch
+            (:func:`qolora.train.train` chooses the fewest checkpointed layers that fit the device's free memory
+            for its job, :mod:`qolora.auto_choices`); until then no layer is checkpointed (as False), and
+            ``offload="auto"`` plans as if every layer were. A loop of one's own should give a value.
+            True: enable non-reentrant gradient checkpointing; ``"offload"``: checkpointing whose
             saved layer inputs wait in pinned host memory (:mod:`qolora.offload_checkpointing`); an integer
             ``n``: checkpoint only the first ``n`` decoder layers and keep the activations of the others
             (faster: no recompute for them; ``qolora plan --gradient-checkpointing n`` gives the memory).
@@ -307,7 +311,9 @@ def prepare(
             ``gradient_checkpointing``, ...); default: the planner's (seq 2048, batch 1).
         kernels: the adapter layers' training step (:mod:`qolora.kernels`): ``"auto"``: the fused
             base + adapter step wherever it applies (4-bit and 16-bit bases; others take the plain
-            path, logged once); ``"compile"``: the same, and each decoder layer's training forward
+            path, logged once; :func:`qolora.train.train` also compiles the decoder layers when its run is
+            long enough to repay the compilation, :mod:`qolora.auto_choices`); ``"compile"``: the same, and each
+            decoder layer's training forward
             compiled with ``torch.compile`` (:mod:`qolora.compiled_layers`: fused norms, RoPE, SwiGLU;
             the first step pays the compilation); ``"off"``: always the plain (PEFT-style) path.
         offload_embedding: keep the frozen input embedding in host memory (pinned on CUDA); only its row
@@ -344,7 +350,8 @@ def prepare(
     base = BaseCheckpoint.of(model)
     check_checkpointed_layers(gradient_checkpointing, base.hf_config)
     placement = offload_layers_for(base.hf_config, cfg, offload, gpu_memory=gpu_memory, plan_options=offload_plan,
-                                   gradient_checkpointing=gradient_checkpointing, offload_embedding=offload_embedding)
+                                   gradient_checkpointing=True if gradient_checkpointing == "auto"
+                                   else gradient_checkpointing, offload_embedding=offload_embedding)
     init = INITS[cfg.init]
     round_errors: dict[str, list[float]] = {}
 
@@ -369,7 +376,7 @@ def prepare(
     adopt(net, ModelRecord(config=cfg, base=name, base_dir=base.dir, report=report,
                                    offload=placement.streamer if placement is not None else None))
     set_kernels(net, kernels)
-    if gradient_checkpointing is not False:
+    if gradient_checkpointing not in (False, "auto"):  # "auto": the training run decides (see above)
         enable_gradient_checkpointing(net, offload=gradient_checkpointing == "offload",
                                       layers=None if isinstance(gradient_checkpointing, (bool, str))
                                       else gradient_checkpointing)
