@@ -244,10 +244,10 @@ class CompileModel:
 
 COMPILE_MODEL: dict[str, CompileModel] = {
     # benchmarks/results/train_step_cpu_smollm2.json (2026-11-28, 2 threads, SmolLM2-135M 4-bit, 4 x 256):
-    # kernels=compile's first step 16.7 s vs 5.4 s eager (11.3 s; 6.6 s with 4 layers checkpointed), per step
-    # 0.37 s faster with every layer checkpointed, 0.215 s with 4 (64.9M elements per step): the larger cost
-    # and the smaller gain are used.
-    "cpu": CompileModel(11.3, 3.3e-9, "benchmarks/train_step.py, SmolLM2-135M, 2-core CPU"),
+    # kernels=compile's first step with an empty Inductor cache 24.5 s vs 5.4 s eager (19 s; 3.5 s once the
+    # disk cache holds the graphs), per step 0.37 s faster with every layer checkpointed, 0.215 s with 4
+    # (64.9M elements per step): the cold cost and the smaller gain are used.
+    "cpu": CompileModel(19.0, 3.3e-9, "benchmarks/train_step.py, SmolLM2-135M, 2-core CPU"),
     # Not measured on a GPU yet (benchmarks/gpu_check.sh records first_step_s of the compile rows): Triton
     # compilation of a layer's forward and backward takes about a minute cold; the elementwise work it fuses
     # is memory-bound, ~20 bytes per element at ~4 TB/s.
