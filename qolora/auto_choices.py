@@ -4,7 +4,10 @@ Both are decided once, at launch, where the job's shape is known (:func:`qolora.
 :func:`qolora.finetune.finetune` and ``qolora finetune``): the longest example, the batch size, the
 optimizer, the number of steps. :func:`qolora.prepare` alone does not know the batch, so
 ``prepare(gradient_checkpointing="auto")`` checkpoints nothing yet (as False did) and leaves the choice to
-the training run; a loop of one's own should pass an explicit value.
+the training run; a loop of one's own should pass an explicit value. A model whose checkpointing was set
+explicitly (``prepare(gradient_checkpointing=True / "offload" / N)``, or
+:func:`qolora.offload_checkpointing.enable_gradient_checkpointing`) keeps that setting under a training run's
+``"auto"`` (logged as such).
 
 **Gradient checkpointing** (:func:`resolve_checkpointing`): the fewest checkpointed decoder layers (0: none)
 whose step fits the device's free memory with a stated margin, from :func:`qolora.plan.plan` for this job
@@ -53,7 +56,8 @@ import torch
 from torch import nn
 
 __all__ = ["CPU_AVAILABLE_FRACTION", "CPU_RSS_ALLOWANCE", "CPU_STEP_FACTOR", "COMPILE_MODEL", "CUDA_FREE_FRACTION",
-           "Choice", "CompileModel", "apply_checkpointing", "checkpointing_ladder", "is_out_of_memory",
+           "Choice", "CompileModel", "apply_checkpointing", "checkpointing_ladder", "current_checkpointing",
+           "is_out_of_memory",
            "next_checkpointing", "resolve_checkpointing", "resolve_kernels"]
 
 logger = logging.getLogger(__name__)
@@ -214,6 +218,22 @@ def apply_checkpointing(model: nn.Module, value: bool | str | int) -> None:
         enable_gradient_checkpointing(model, offload=value == "offload")  # every layer (resets a layer count)
         return
     enable_gradient_checkpointing(model, layers=int(value))
+
+
+def current_checkpointing(model: nn.Module) -> bool | str | int:
+    """The model's checkpointing as it is set now: False, ``k`` (the first ``k`` decoder layers), True or
+    ``"offload"``."""
+    from .compiled_layers import _layers
+    from .offload_checkpointing import find_offloaded_checkpointing
+
+    active = getattr(model, "is_activation_checkpointing", None)
+    active = bool(getattr(model, "is_gradient_checkpointing", False) if active is None else active)
+    if not active:
+        return False
+    if find_offloaded_checkpointing(model) is not None:
+        return "offload"
+    flags = [bool(getattr(layer, "gradient_checkpointing", False)) for layer in _layers(model)]
+    return True if all(flags) else sum(flags)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -65,6 +65,7 @@ from . import run_checkpoints as ckpt
 from .auto_choices import (
     Choice,
     apply_checkpointing,
+    current_checkpointing,
     is_out_of_memory,
     next_checkpointing,
     resolve_checkpointing,
@@ -308,7 +309,11 @@ class _Run:
         mean = float(np.mean(self.lengths)) if len(self.lengths) else 1.0
         choices: list[Choice] = []
         if cfg.gradient_checkpointing == "auto":
-            if self.fsdp:
+            current = current_checkpointing(self.model)
+            if current is not False:  # set explicitly at prepare (or by the caller): kept
+                choices.append(Choice("gradient_checkpointing", "auto", current, "the model's own setting (given to "
+                                      "qolora.prepare or enable_gradient_checkpointing): kept"))
+            elif self.fsdp:
                 choices.append(Choice("gradient_checkpointing", "auto", True, "FSDP: every layer checkpointed (the "
                                       "plan is per process, the shards' gathers must match)"))
             else:

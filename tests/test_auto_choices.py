@@ -218,3 +218,13 @@ def test_resolve_kernels_compiles_when_the_run_repays_it(chat_model_dir, monkeyp
                                                                         "generator)")
     none = resolve_kernels(model, max_steps=10**9, tokens_per_step=512, varying_lengths=False, device="cpu")
     assert none.value == "auto" and "no C++ compiler" in none.reason
+
+
+def test_a_setting_given_to_prepare_is_kept_under_auto(tmp_path, chat_model_dir, tokenized, caplog):
+    tok, train_ds, _ = tokenized
+    model = _model(chat_model_dir, gradient_checkpointing=1)
+    with caplog.at_level(logging.INFO, logger="qolora.train"):
+        train(model, tok, train_ds, None, _config(tmp_path / "kept", max_steps=1, eval_every=0))
+    assert "gradient_checkpointing='auto' -> 1: the model's own setting" in caplog.text
+    assert events(tmp_path / "kept", "start")[0]["automatic"][0]["value"] == 1
+    assert _checkpointed_layers(model) == [True, False]
