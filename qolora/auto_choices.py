@@ -266,7 +266,10 @@ COMPILE_MODEL: dict[str, CompileModel] = {
     # benchmarks/results/train_step_cpu_smollm2.json (2026-11-28, 2 threads, SmolLM2-135M 4-bit, 4 x 256):
     # kernels=compile's first step with an empty Inductor cache 24.5 s vs 5.4 s eager (19 s; 3.5 s once the
     # disk cache holds the graphs), per step 0.37 s faster with every layer checkpointed, 0.215 s with 4
-    # (64.9M elements per step): the cold cost and the smaller gain are used.
+    # (64.9M elements per step): the cold cost and the smaller gain are used. Checked against
+    # benchmarks/results/train_step_cpu_smollm2_defaults.json (2026-12-03, 1 thread, no layer checkpointed):
+    # 0.5 CPU-s saved per step (9.1 vs 9.6), first step 34-91 s vs 19-43 s eager (load 4-6): compiling pays
+    # after ~80-140 steps of 1,024 tokens there, ~90 by these constants; the default 40 steps do not.
     "cpu": CompileModel(19.0, 3.3e-9, "benchmarks/train_step.py, SmolLM2-135M, 2-core CPU"),
     # Not measured on a GPU yet (benchmarks/gpu_check.sh records first_step_s of the compile rows): Triton
     # compilation of a layer's forward and backward takes about a minute cold; the elementwise work it fuses
