@@ -24,7 +24,12 @@ and non-reentrant gradient checkpointing, under autocast (bf16 on CUDA, none on 
   ``first_step_s`` records what that cost (later processes reuse Inductor's on-disk cache);
 * ``qolora_partial``  -- the default with ``gradient_checkpointing=N`` (``--partial-layers N``, only
   the first N decoder layers recompute), N chosen so the measured peak stays at or under PEFT's;
-* ``qolora_partial_compile`` -- both.
+* ``qolora_partial_compile`` -- both;
+* ``qolora_defaults`` -- every option at its default: ``qolora.prepare(dir)`` with no option at all, then what
+  ``qolora.train`` does at launch with ``TrainConfig()``'s defaults for this batch shape
+  (:func:`defaults_choices`: ``gradient_checkpointing="auto"`` and ``kernels="auto"`` resolved by
+  :mod:`qolora.training.auto_choices` for batch x seq tokens, ``max_steps=40``, the optimizer ``paged_adamw_8bit``); the
+  choices are recorded in the result (``automatic``). The README's first speed figure.
 
 Each contender runs in fresh processes, alternating: ``--rounds`` processes per contender, each
 loading the model, running ``--warmup`` untimed steps and ``--steps`` timed ones, with the same
@@ -49,11 +54,12 @@ if __package__ in (None, ""):
 
 from benchmarks import common  # noqa: E402
 
-CONTENDERS = ["peft", "peft_liger", "qolora_plain", "qolora_chunked", "qolora", "qolora_compile", "qolora_partial",
-              "qolora_partial_compile"]
+CONTENDERS = ["peft", "peft_liger", "qolora_defaults", "qolora_plain", "qolora_chunked", "qolora", "qolora_compile",
+              "qolora_partial", "qolora_partial_compile"]
 CPU_CONTENDERS = [c for c in CONTENDERS if c != "peft_liger"]
 """The default set on the CPU (Liger's kernels are Triton, CUDA only)."""
 LABELS = {"peft": "transformers+PEFT LoRA", "peft_liger": "transformers+PEFT LoRA + Liger Kernel",
+          "qolora_defaults": "qolora, every option at its default",
           "qolora_plain": "qolora, plain path + full logits (0.2.0)",
           "qolora_chunked": "qolora, plain path + chunked loss", "qolora": "qolora default (fused + chunked)",
           "qolora_compile": "qolora default + kernels=compile",
@@ -77,6 +83,28 @@ def _load_qolora(model_dir: str, device: str, rank: int, alpha: float, kernels: 
     return qolora.prepare(model_dir, bits=4, rank=rank, alpha=alpha, init="olora", quant_type="nf4", blocksize=64,
                           double_quant=True, device=device, gradient_checkpointing=gradient_checkpointing,
                           kernels=kernels, progress=False)
+
+
+def defaults_choices(model, device: str, batch: int, seq: int) -> list[dict]:
+    """Apply what ``qolora.train`` chooses at launch under ``TrainConfig()``'s defaults for a job of ``batch``
+    examples of ``seq`` tokens (every example the same length here), as ``_Run.choose_automatic`` does;
+    returns the choices."""
+    from qolora.adapters.compiled_layers import compile_decoder_layers
+    from qolora.training.auto_choices import apply_checkpointing, resolve_checkpointing, resolve_kernels
+    from qolora.training.loop import TrainConfig
+
+    defaults = TrainConfig()
+    choices = []
+    if defaults.gradient_checkpointing == "auto":
+        choice = resolve_checkpointing(model, seq_len=seq, batch_size=batch, optim=defaults.optim, device=device)
+        apply_checkpointing(model, choice.value)
+        choices.append(choice)
+    choice = resolve_kernels(model, max_steps=defaults.max_steps, tokens_per_step=batch * seq * defaults.grad_accum,
+                             varying_lengths=False, device=device)
+    if choice.value == "compile":
+        compile_decoder_layers(model)
+    choices.append(choice)
+    return [c.to_dict() for c in choices]
 
 
 def _load_peft(model_dir: str, device: str, rank: int, alpha: float, liger: bool = False):
@@ -194,6 +222,11 @@ def worker(payload: dict, probe: common.MemoryProbe) -> dict:
     with common.Timer(device) as t_load:
         if contender in ("peft", "peft_liger"):
             model = _load_peft(model_dir, device, payload["rank"], payload["alpha"], liger=contender == "peft_liger")
+        elif contender == "qolora_defaults":
+            import qolora
+
+            model = qolora.prepare(model_dir, progress=False)  # no option: every default
+            result["automatic"] = defaults_choices(model, device, payload["batch"], payload["seq"])
         elif contender in ("qolora_plain", "qolora_chunked"):
             model = _load_qolora(model_dir, device, payload["rank"], payload["alpha"], kernels="off")
         elif contender in ("qolora", "qolora_compile"):
@@ -416,6 +449,14 @@ def _summarize(runs: dict[str, list[dict]], device: str) -> tuple[dict, dict, di
         "tokens_per_s_vs_peft": verdict("tokens_per_s_vs_peft", f">= {tmin}", lambda v: v >= tmin),
         "peak_memory_vs_peft": verdict("peak_train_vs_peft", f"<= {mmax}", lambda v: v <= mmax),
     }
+    if "qolora_defaults" in ratios:  # issue 27: the targets with every option at its default
+        for key, ratio, target, ok in (("defaults_tokens_per_s_vs_peft", "tokens_per_s_vs_peft", f">= {tmin}",
+                                        lambda v: v >= tmin),
+                                       ("defaults_peak_memory_vs_peft", "peak_train_vs_peft", f"<= {mmax}",
+                                        lambda v: v <= mmax)):
+            value = ratios["qolora_defaults"][ratio]
+            verdicts[key] = {"value": value, "target": target, "met": None if value is None else ok(value),
+                             "contender": "qolora_defaults"}
     return summary, ratios, verdicts
 
 

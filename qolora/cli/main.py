@@ -116,8 +116,9 @@ def _add_finetune(sub) -> None:
                    help="keep the frozen input embedding in pinned host memory; only its row gather runs there "
                         "(untied embeddings only; ~2 GiB less GPU memory for a 128k-vocabulary 70B model)")
     g.add_argument("--kernels", default="auto", choices=list(KERNEL_CHOICES),
-                   help="auto: the fused base + adapter training step wherever it applies (logged where not); "
-                        "compile: the same, and each decoder layer's training forward compiled with torch.compile "
+                   help="auto: the fused base + adapter training step wherever it applies (logged where not), and "
+                        "the decoder layers compiled when the run is long enough to repay the compilation (decided "
+                        "and logged at launch); compile: always compiled with torch.compile "
                         "(the first step pays the compilation); off: the plain PEFT-style path")
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
@@ -137,8 +138,11 @@ def _add_finetune(sub) -> None:
     g.add_argument("--mixed-precision", default=d.mixed_precision, choices=list(MIXED_PRECISION),
                    help="auto: bf16 on GPUs with bf16, fp16 + grad scaler on older GPUs, none on the CPU")
     g.add_argument("--gradient-checkpointing", nargs="?", const=True, default=d.gradient_checkpointing,
-                   type=checkpointing_arg, metavar="{on,off,offload,N}",
-                   help="recompute activations in the backward pass (default: on); offload: also keep each layer's "
+                   type=checkpointing_arg, metavar="{auto,on,off,offload,N}",
+                   help="auto (default): at launch, the fewest checkpointed decoder layers (or none) whose step fits "
+                        "the device's free memory with a margin, from the memory plan for this job (offload when even "
+                        "every layer does not fit; one notch more if a step runs out of memory); on: recompute "
+                        "activations in the backward pass; offload: also keep each layer's "
                         "checkpoint in pinned host memory until its recompute (least GPU memory, a little slower); "
                         "N: checkpoint only the first N decoder layers (faster, more memory: see qolora plan)")
     g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 def checkpointing_mode(value) -> bool | str | int:
     """Normalize a ``gradient_checkpointing`` option: True, False, ``"offload"`` (also ``"on"``/``"off"``),
+    ``"auto"`` (chosen for the job when training starts: :func:`qolora.training.auto_choices.resolve_checkpointing`),
     or an integer ``n >= 0``: checkpoint only the first ``n`` decoder layers (``"12"`` is read as 12).
 
     Raises:
@@ -50,7 +51,8 @@ def checkpointing_mode(value) -> bool | str | int:
     """
     if isinstance(value, str):
         text = value.strip().lower()
-        table = {"on": True, "true": True, "off": False, "false": False, "none": False, "offload": "offload"}
+        table = {"on": True, "true": True, "off": False, "false": False, "none": False, "offload": "offload",
+                 "auto": "auto"}
         if text in table:
             return table[text]
         if text.isdigit():
@@ -59,8 +61,8 @@ def checkpointing_mode(value) -> bool | str | int:
         return value
     elif isinstance(value, int) and value >= 0:
         return value
-    raise ValueError(f"gradient_checkpointing={value!r} is not supported; allowed: True, False, 'offload', or a "
-                     "number of decoder layers to checkpoint (an integer >= 0)")
+    raise ValueError(f"gradient_checkpointing={value!r} is not supported; allowed: 'auto', True, False, 'offload', or "
+                     "a number of decoder layers to checkpoint (an integer >= 0)")
 
 
 def check_checkpointed_layers(mode: bool | str | int, hf_config) -> None:

@@ -270,7 +270,7 @@ def prepare(
     rank: int | None = None,
     *,
     config: AdapterConfig | None = None,
-    gradient_checkpointing: bool | str | int = False,
+    gradient_checkpointing: bool | str | int = "auto",
     compare_plain: bool = False,
     progress: bool = True,
     offload: str | None = None,
@@ -289,7 +289,11 @@ def prepare(
         bits: 4 (NF4 by default), 8 or 16 (unquantized); default 4.
         rank: adapter rank; default 16.
         config: a full :class:`AdapterConfig` instead of ``bits``/``rank``/``options`` (giving both is refused).
-        gradient_checkpointing: enable non-reentrant gradient checkpointing; ``"offload"``: checkpointing whose
+        gradient_checkpointing: ``"auto"`` (the default): decided by the training run, which knows the batch
+            (:func:`qolora.training.loop.train` chooses the fewest checkpointed layers that fit the device's free memory
+            for its job, :mod:`qolora.training.auto_choices`); until then no layer is checkpointed (as False), and
+            ``offload="auto"`` plans as if every layer were. A loop of one's own should give a value.
+            True: enable non-reentrant gradient checkpointing; ``"offload"``: checkpointing whose
             saved layer inputs wait in pinned host memory (:mod:`qolora.memory.gradient_checkpointing`); an integer
             ``n``: checkpoint only the first ``n`` decoder layers and keep the activations of the others
             (faster: no recompute for them; ``qolora plan --gradient-checkpointing n`` gives the memory).
@@ -309,8 +313,10 @@ def prepare(
             ``gradient_checkpointing``, ...); default: the planner's (seq 2048, batch 1).
         kernels: the adapter layers' training step (:mod:`qolora.adapters.kernels`): ``"auto"``: the fused
             base + adapter step wherever it applies (4-bit and 16-bit bases; others take the plain
-            path, logged once); ``"compile"``: the same, and each decoder layer's training forward
-            compiled with ``torch.compile`` (:mod:`qolora.adapters.compiled_layers`: fused norms, RoPE, SwiGLU;
+            path, logged once; :func:`qolora.train` also compiles the decoder layers when its run is long
+            enough to repay the compilation, :mod:`qolora.training.auto_choices`); ``"compile"``: the same, and
+            each decoder layer's training forward compiled with ``torch.compile``
+            (:mod:`qolora.adapters.compiled_layers`: fused norms, RoPE, SwiGLU;
             the first step pays the compilation); ``"off"``: always the plain (PEFT-style) path.
         offload_embedding: keep the frozen input embedding in host memory (pinned on CUDA); only its row
             gather runs there and the gathered rows go to the device (:mod:`qolora.memory.host_embedding`). Needs
@@ -354,7 +360,9 @@ def prepare_checked(base: BaseCheckpoint, cfg: AdapterConfig, build: BuildOption
     gradient_checkpointing = build.gradient_checkpointing
     check_checkpointed_layers(gradient_checkpointing, base.hf_config)
     placement = offload_layers_for(base.hf_config, cfg, build.offload, gpu_memory=build.gpu_memory,
-                                   plan_options=build.offload_plan, gradient_checkpointing=gradient_checkpointing,
+                                   plan_options=build.offload_plan,
+                                   gradient_checkpointing=True if gradient_checkpointing == "auto"
+                                   else gradient_checkpointing,
                                    offload_embedding=build.offload_embedding)
     init = INITS[cfg.init]
     round_errors: dict[str, list[float]] = {}
@@ -380,7 +388,7 @@ def prepare_checked(base: BaseCheckpoint, cfg: AdapterConfig, build: BuildOption
     adopt(net, ModelRecord(config=cfg, base=name, base_dir=base.dir, report=report,
                                    offload=placement.streamer if placement is not None else None))
     set_kernels(net, build.kernels)
-    if gradient_checkpointing is not False:
+    if gradient_checkpointing not in (False, "auto"):  # "auto": the training run decides (see above)
         enable_gradient_checkpointing(net, offload=gradient_checkpointing == "offload",
                                       layers=None if isinstance(gradient_checkpointing, (bool, str))
                                       else gradient_checkpointing)

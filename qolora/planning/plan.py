@@ -360,6 +360,7 @@ def plan(
     fsdp: bool = False,
     offload_embedding: bool = False,
     _search: bool = True,
+    _step_by_layers: bool = False,
 ) -> MemoryPlan:
     """Predict the memory of fine-tuning ``model`` with qolora, from its config alone.
 
@@ -374,7 +375,10 @@ def plan(
         gradient_checkpointing: recompute each layer in the backward pass; ``"offload"``: and keep the
             checkpointed layer inputs in host memory (:mod:`qolora.memory.gradient_checkpointing`; CUDA only: on
             ``device="cpu"`` it is ordinary checkpointing); an integer ``k``: only the first ``k`` decoder
-            layers are checkpointed, the others keep all their activations.
+            layers are checkpointed, the others keep all their activations; ``"auto"`` is planned as True (every
+            layer; a training run chooses at launch from this plan's figures, see
+            :mod:`qolora.training.auto_choices`, and with ``gpu_memory`` the "faster, still fits" line
+            gives the fewest layers that fit).
         gpu_memory: bytes or a size (``"24GiB"``): then ``fits``, the longest ``seq_len``, the largest
             ``batch_size`` and suggestions are filled in.
         compute_dtype: dtype of the unquantized weights and of activations. 16-bit means qolora's GPU
@@ -423,6 +427,8 @@ def plan(
         gradient_checkpointing = checkpointing_mode(gradient_checkpointing)
     except ValueError as exc:
         problems.append(str(exc))
+    if gradient_checkpointing == "auto":  # chosen at launch from this plan's figures; planned as every layer
+        gradient_checkpointing = True
     if device not in ("cuda", "cpu"):
         problems.append(f"device={device!r} is not supported; allowed: 'cuda', 'cpu'")
     try:
@@ -564,6 +570,13 @@ def plan(
     act, loss, moment, details = step(seq_len, batch_size)
     ctx, margin = overhead(quantized + other + 2 * adapters + states + act + loss - off_bytes + flight_bytes
                            - emb_host)
+    # for gradient_checkpointing="auto" (qolora.training.auto_choices): the step on the device by setting
+    if _step_by_layers:
+        def device_step(checkpointed) -> int:
+            act_k, loss_k, _, _ = step(seq_len, batch_size, checkpointed)
+            return act_k + loss_k + adapters + states
+        details["step_bytes_by_checkpointed_layers"] = [device_step(k if k < d.L else True) for k in range(d.L + 1)]
+        details["step_bytes_offloaded_checkpoints"] = device_step("offload" if device == "cuda" else True)
     details["per_layer_frozen_bytes"] = per_layer_bytes[0] if per_layer_bytes else 0
     details["input_embedding_bytes"] = embedding_bytes
     details["embedding_can_move"] = can_move_embedding
@@ -729,11 +742,11 @@ def run(args) -> int:
 
 
 def checkpointing_arg(text: str) -> bool | str | int:
-    """argparse type of ``--gradient-checkpointing``: on, off, offload, or a number of layers N."""
+    """argparse type of ``--gradient-checkpointing``: auto, on, off, offload, or a number of layers N."""
     try:
         return checkpointing_mode(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: choose on, off, offload, or a number of layers N >= 0 "
+        raise argparse.ArgumentTypeError(f"{text!r}: choose auto, on, off, offload, or a number of layers N >= 0 "
                                          "(checkpoint the first N)") from None
 
 

@@ -63,7 +63,7 @@ def finetune(
     """Fine-tune a causal LM with a quantized base and OLoRA adapters, end to end.
 
     Checks everything cheap first (options, output folder, data file and columns, the tokenized
-    data), then prepares the model (:func:`qolora.prepare`, gradient checkpointing on), trains
+    data), then prepares the model (:func:`qolora.prepare`), trains
     (:func:`train`) and saves the adapter to ``output_dir/adapter``.
 
     Args:
@@ -84,7 +84,8 @@ def finetune(
             optimizer and checkpointing against ``gpu_memory`` (default: the free GPU memory).
         gpu_memory: for ``offload="auto"``: the GPU memory to fit (bytes or ``"24GiB"``).
         kernels: the adapter layers' training step, as in :func:`qolora.prepare` (``"auto"`` / ``"compile"`` /
-            ``"off"``).
+            ``"off"``); under ``"auto"`` the training run also compiles the decoder layers when the run is long
+            enough to repay it (:func:`qolora.training.auto_choices.resolve_kernels`, logged).
         offload_embedding: keep the frozen input embedding in host memory (:func:`qolora.prepare`; untied
             embeddings only, not with ``fsdp``).
         adapter_options: further :class:`qolora.AdapterConfig` fields (``dropout``, ``quant_type``,

@@ -68,6 +68,15 @@ from . import checkpoints as ckpt
 from . import distributed as dist
 from . import fsdp as fsdp_mod
 from . import reporting
+from .auto_choices import (
+    Choice,
+    apply_checkpointing,
+    current_checkpointing,
+    is_out_of_memory,
+    next_checkpointing,
+    resolve_checkpointing,
+    resolve_kernels,
+)
 from .data_order import DataOrder, scan_dataset
 from .optim import lr_factor, make_optimizer, resolve_precision
 from .options import DEFAULT_LR, MIXED_PRECISION, OPTIMIZERS, TrainConfig, TrainingError, TrainResult, default_lr
@@ -150,6 +159,9 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.collate = PaddingCollator(pad_token_id(tokenizer))
         self.data_fp, lengths = scan_dataset(train_dataset)
+        self.lengths = lengths
+        self.checkpointing = config.gradient_checkpointing  # concrete once choose_automatic() ran
+        self.choices: list[Choice] = []  # the automatic choices of this launch (logged, in metrics.jsonl)
         # One global order on every rank; grouped by the *global* effective batch, so N processes of
         # batch b see exactly the batches of one process of batch N * b.
         self._order_args = ({"lengths": lengths, "batch": self.world.size * config.batch_size * config.grad_accum}
@@ -204,12 +216,22 @@ class _Run:
             [sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro),
              sum(int(m["attention_mask"].sum()) for m in micro)]))
         lr = self.scheduler.get_last_lr()[0]
-        total = torch.zeros((), device=self.device)
-        for batch in micro:
-            loss_sum = self._loss_sum(batch)
-            loss = loss_sum / max(1, n_labels)  # token mean over the *accumulated* (global) batch
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            total += loss_sum.detach()
+        rng = ckpt.rng_state() if self._can_fall_back() else None  # a retried step draws the same numbers
+        while True:
+            failure = None
+            try:
+                total = self._accumulate(micro, n_labels)
+            except Exception as exc:  # noqa: BLE001 - only an out-of-memory error under "auto" is retried
+                if rng is None or not is_out_of_memory(exc):
+                    raise
+                failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+                notch = next_checkpointing(self.checkpointing, self._num_layers(), self.device.type)
+                if notch is None:
+                    raise
+            if failure is None:
+                break
+            # Outside the except clause: the failed attempt's frames (and their tensors) are gone now.
+            self._fall_back(self.step + 1, notch, failure, rng)
         if not self.fsdp:  # FSDP reduce-scatters (sums) the gradients itself in the backward
             dist.all_reduce_grads(self.params)  # sum over ranks: the gradient of the global batch's mean
         step = self.step + 1
@@ -235,6 +257,82 @@ class _Run:
                  "label_tokens": n_labels}
         self.history.append(entry)
         return entry
+
+    def _accumulate(self, micro: list[dict[str, torch.Tensor]], n_labels: int) -> torch.Tensor:
+        """Forward and backward over the micro-batches (gradients accumulate); the summed loss."""
+        total = torch.zeros((), device=self.device)
+        for batch in micro:
+            loss_sum = self._loss_sum(batch)
+            loss = loss_sum / max(1, n_labels)  # token mean over the *accumulated* (global) batch
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss_sum.detach()
+        return total
+
+    # ------------------------------------------------------------------------ automatic choices
+    def _num_layers(self) -> int:
+        from .auto_choices import _layer_count
+
+        return _layer_count(self.model) or 1
+
+    def _can_fall_back(self) -> bool:
+        """A step that runs out of memory is retried one notch lower under ``gradient_checkpointing="auto"``
+        (one process only: in a distributed run the other ranks' collectives would not wait for a retry)."""
+        return self.config.gradient_checkpointing == "auto" and self.world.size == 1
+
+    def _fall_back(self, step: int, notch, failure: str, rng: dict) -> None:
+        """Undo what the failed attempt left (gradients, freed memory, RNG), then checkpoint one notch more.
+        The optimizer, scheduler and data order were not touched by it."""
+        import gc
+
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        ckpt.set_rng_state(rng)
+        before, self.checkpointing = self.checkpointing, notch
+        apply_checkpointing(self.model, notch)
+        logger.warning("step %d ran out of memory with gradient_checkpointing=%r (%s): falling back to %r and "
+                       "running the step again", step, before, failure, notch)
+        self.metrics.write("fallback", step=step, option="gradient_checkpointing", before=before, after=notch,
+                           error=failure)
+
+    def choose_automatic(self) -> None:
+        """Resolve ``gradient_checkpointing="auto"`` and ``kernels="auto"`` for this job (see
+        :mod:`qolora.training.auto_choices`), apply them, and log them. Decided once, on rank 0, for every rank."""
+        from ..adapters.compiled_layers import compile_decoder_layers, compiled_layer_count
+        from ..adapters.layer import adapter_layers
+
+        cfg = self.config
+        longest = max(self.lengths) if len(self.lengths) else 1
+        mean = float(np.mean(self.lengths)) if len(self.lengths) else 1.0
+        choices: list[Choice] = []
+        if cfg.gradient_checkpointing == "auto":
+            current = current_checkpointing(self.model)
+            if current is not False:  # set explicitly at prepare (or by the caller): kept
+                choices.append(Choice("gradient_checkpointing", "auto", current, "the model's own setting (given to "
+                                      "qolora.prepare or enable_gradient_checkpointing): kept"))
+            elif self.fsdp:
+                choices.append(Choice("gradient_checkpointing", "auto", True, "FSDP: every layer checkpointed (the "
+                                      "plan is per process, the shards' gathers must match)"))
+            else:
+                choices.append(dist.on_main(lambda: resolve_checkpointing(
+                    self.model, seq_len=int(longest), batch_size=cfg.batch_size, optim=cfg.optim, device=self.device)))
+        kernels = {layer.kernels for _, layer in adapter_layers(self.model)}
+        if kernels == {"auto"} and not compiled_layer_count(self.model):
+            choices.append(resolve_kernels(self.model, max_steps=cfg.max_steps,
+                                           tokens_per_step=mean * cfg.batch_size * cfg.grad_accum,
+                                           varying_lengths=int(min(self.lengths, default=1)) != int(longest),
+                                           device=self.device, fsdp=self.fsdp))
+        for choice in choices:
+            logger.info("%s", choice.log_line())
+            if choice.option == "gradient_checkpointing":
+                self.checkpointing = choice.value
+            elif choice.value == "compile":
+                compile_decoder_layers(self.model)
+        self.choices = choices
+
+    def automatic_record(self) -> list[dict]:
+        return [c.to_dict() for c in self.choices]
 
     def timed_step(self) -> tuple[dict, float]:
         """:meth:`train_step`, timed into the throughput window of the next ``train`` event."""
@@ -350,8 +448,9 @@ class _Run:
         self.step, self.history, self.evals = found.step, list(s["history"]), list(s["evals"])
         self.last_checkpoint = self.resumed_from = found.path
         self.metrics.truncate_after(found.step)
-        self.metrics.write("resume", step=found.step, checkpoint=str(found.path))
-        self.samples = [dict(x) for x in reporting.read_samples(self.folder.samples_json)] if self.world.is_main else []
+        self.metrics.write("resume", step=found.step, checkpoint=str(found.path), automatic=self.automatic_record())
+        self.samples = ([dict(x) for x in reporting.read_samples(self.folder.samples_json)] if self.world.is_main
+                        else [])
         logger.info("resuming from %s (step %d of %d)", found.path, found.step, self.config.max_steps)
 
     # ----------------------------------------------------------------------------- reporting
@@ -510,8 +609,12 @@ def _check_fsdp(model: nn.Module, config: TrainConfig) -> None:
 def _train(run: _Run, resume: bool, started: float) -> TrainResult:
     """The run in its claimed folder: start or resume, the loop, the last eval, checkpoint and samples."""
     model, config, folder = run.model, run.config, run.folder
+    run.choose_automatic()  # gradient_checkpointing / kernels "auto": for this job, logged in the start event
     resumed = _start_or_resume(run, resume)
-    _set_gradient_checkpointing(model, config.gradient_checkpointing)
+    if config.gradient_checkpointing == "auto":
+        apply_checkpointing(model, run.checkpointing)
+    else:
+        _set_gradient_checkpointing(model, config.gradient_checkpointing)
     try:
         if not resumed:
             run.generate_samples("before")
@@ -558,6 +661,7 @@ def _start_or_resume(run: _Run, resume: bool) -> bool:
         n_eval=len(run.eval_dataset or ()),
         trainable_params=sum(p.numel() for p in run.params), train_config=run.config.to_dict(),
         adapter_config=run.record.config.to_dict() if run.record is not None else {},
+        automatic=run.automatic_record(),
     )
     return False
 

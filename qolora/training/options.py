@@ -59,7 +59,12 @@ class TrainConfig:
             ``"adamw"`` (torch).
         mixed_precision: ``"auto"`` (bf16 autocast on a CUDA GPU with bf16, fp16 with a gradient
             scaler on older GPUs, none on the CPU), ``"bf16"``, ``"fp16"`` (CUDA only) or ``"no"``.
-        gradient_checkpointing: recompute activations in the backward pass (less memory); ``"offload"``: also
+        gradient_checkpointing: ``"auto"`` (the default): chosen when training starts, for this job's longest
+            example, batch size and optimizer, from the memory plan against the device's free memory: the fewest
+            checkpointed decoder layers that fit with a margin (none when all fit; ``"offload"`` when even every
+            layer does not), and one notch more (more layers, then ``"offload"``) if a step still runs out of
+            memory, the step retried as it was (:mod:`qolora.training.auto_choices`); logged and in ``metrics.jsonl``.
+            True: recompute activations in the backward pass (less memory); ``"offload"``: also
             keep each layer's checkpointed input in host memory until its recompute (least GPU memory; True
             keeps a model prepared with ``"offload"`` offloading); an integer ``n``: checkpoint only the first
             ``n`` decoder layers (the others keep their activations: faster, more memory).
@@ -95,7 +100,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     optim: str = "paged_adamw_8bit"
     mixed_precision: str = "auto"
-    gradient_checkpointing: bool | str | int = True
+    gradient_checkpointing: bool | str | int = "auto"
     group_by_length: bool = True
     eval_every: int = 20
     max_eval_examples: int | None = 32
@@ -146,9 +151,9 @@ class TrainConfig:
         integer("max_new_tokens", 1)
         number("lr", 0.0, low_open=True, allow_none=True)
         gc = self.gradient_checkpointing
-        if not (isinstance(gc, bool) or gc == "offload" or (type(gc) is int and gc >= 0)):
-            p.append(f"gradient_checkpointing={gc!r} is not supported; allowed: True, False, 'offload', or a number "
-                     "of decoder layers to checkpoint (an integer >= 0)")
+        if not (isinstance(gc, bool) or gc in ("offload", "auto") or (type(gc) is int and gc >= 0)):
+            p.append(f"gradient_checkpointing={gc!r} is not supported; allowed: 'auto', True, False, 'offload', or a "
+                     "number of decoder layers to checkpoint (an integer >= 0)")
         if not isinstance(self.fsdp, bool):
             p.append(f"fsdp={self.fsdp!r} must be True or False")
         number("warmup_ratio", 0.0, 1.0)

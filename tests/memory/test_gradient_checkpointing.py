@@ -164,14 +164,16 @@ def test_cli_takes_the_offload_value(capsys):
     from qolora.cli import main as cli
 
     parser = cli.build_parser()
-    for argv, expected in (([], True), (["--gradient-checkpointing"], True), (["--no-gradient-checkpointing"], False),
+    assert parser.parse_args(["finetune"]).gradient_checkpointing == "auto"  # issue 27: chosen at launch
+    assert parser.parse_args(["plan", "llama-3-8b"]).gradient_checkpointing is True
+    for argv, expected in ((["--gradient-checkpointing"], True), (["--no-gradient-checkpointing"], False),
                            (["--gradient-checkpointing", "off"], False),
                            (["--gradient-checkpointing", "offload"], "offload")):
         assert parser.parse_args(["finetune", *argv]).gradient_checkpointing == expected
         assert parser.parse_args(["plan", "llama-3-8b", *argv]).gradient_checkpointing == expected
     with pytest.raises(SystemExit):
         parser.parse_args(["finetune", "--gradient-checkpointing", "sometimes"])
-    assert "choose on, off, offload, or a number of layers" in capsys.readouterr().err
+    assert "choose auto, on, off, offload, or a number of layers" in capsys.readouterr().err
     assert cli.main(["plan", "llama-3-70b", "--gradient-checkpointing", "offload", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["checkpoint_host_bytes"] == out["host_bytes"] == 80 * 2048 * 8192 * 2
