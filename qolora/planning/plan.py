@@ -177,7 +177,8 @@ class MemoryPlan:
         suggestions: changes that make it fit, each with its predicted total.
         fewest_checkpointed_layers: when it fits with every layer checkpointed, the fewest decoder layers
             that still need checkpointing to fit (``gradient_checkpointing=N``: the others keep their
-            activations and skip the recompute, a faster step); 0 means it fits without checkpointing.
+            activations and skip the recompute, a faster step); 0 means it fits without checkpointing; None
+            when every layer needs it (or without ``gpu_memory``).
     """
 
     model: str
@@ -613,9 +614,10 @@ def plan(
         result.max_batch_size = _largest(lambda B: total_for(seq_len, B) <= gpu, 4096)
         if result.fits and gradient_checkpointing is True and device == "cuda":
             # the GPU part with only the first k layers checkpointed (k = L: every layer, as now)
-            result.fewest_checkpointed_layers = next(
-                k for k in range(d.L + 1)
-                if gpu_for(seq_len, batch_size, n_off, k if k < d.L else True, on_host=on_host) <= gpu)
+            fewest = next(k for k in range(d.L + 1)
+                          if gpu_for(seq_len, batch_size, n_off, k if k < d.L else True, on_host=on_host) <= gpu)
+            # every layer needed (k = L) is the plan as it is: nothing faster to suggest
+            result.fewest_checkpointed_layers = fewest if fewest < d.L else None
         if not result.fits:
             result.suggestions = _suggest(model, result, dict(
                 bits=bits, rank=rank, alpha=alpha, target_modules=target_modules, seq_len=seq_len,

@@ -241,6 +241,8 @@ def test_fewest_checkpointed_layers_is_the_boundary():
     assert plan("llama-3-8b", gpu_memory=budget, gradient_checkpointing=k, _search=False).fits
     assert not plan("llama-3-8b", gpu_memory=budget, gradient_checkpointing=k - 1, _search=False).fits
     assert "--gradient-checkpointing " + str(k) in p.format_table()
+    tight = plan("qwen3-30b-a3b", gpu_memory="24GiB")  # fits only with every layer checkpointed: nothing faster
+    assert tight.fits and tight.fewest_checkpointed_layers is None and "faster" not in tight.format_table()
     # fewer checkpointed layers: more memory, monotonically
     totals = [plan("llama-3-8b", gradient_checkpointing=n, _search=False).total_bytes for n in (32, 20, 8, 0)]
     assert totals == sorted(totals)
