@@ -7,6 +7,7 @@
     qolora.export_lora(...) / qolora.merge(...)                  # plain LoRA / merged checkpoint
 """
 
+from . import moved_modules as _moved_modules
 from .adapters.layer import AdapterLinear, adapter_parameters, adapter_state_dict
 from .config import AdapterConfig
 from .errors import ConfigError
@@ -22,6 +23,8 @@ from .training.finetune import finetune
 from .training.loop import train
 from .training.options import TrainConfig, TrainingError, TrainResult
 from .version import __version__ as __version__
+
+_moved_modules.install()  # the import paths of qolora 0.5 keep working for one release
 
 __all__ = [
     "AdapterConfig",

@@ -41,8 +41,8 @@ _STORAGE = {"uint8": torch.uint8, **DTYPES}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """The short name options use for a floating dtype (``"fp32"``, ``"bf16"``, ``"fp16"``)."""
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    """A dtype's name as options take it and saved adapters record it (``"float32"``, ``"bfloat16"``, ...)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def parse_dtype(value: str | torch.dtype, what: str, allowed: dict[str, torch.dtype] = DTYPES) -> torch.dtype:

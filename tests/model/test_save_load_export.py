@@ -568,7 +568,7 @@ def test_cuda_save_load_is_exact_and_merge_matches(tiny_llama_dir, tmp_path, cap
     ref = logits(model)
     adapter = save_adapter(model, tmp_path / "adapter")
     meta = json.loads((adapter / QOLORA_CONFIG).read_text())
-    assert meta["device_type"] == "cuda" and meta["adapter_config"]["dtype"] == "bf16"
+    assert meta["device_type"] == "cuda" and meta["adapter_config"]["dtype"] == "bfloat16"
     assert torch.equal(logits(load(tiny_llama_dir, adapter, progress=False)), ref)
     result = merge(tiny_llama_dir, adapter, tmp_path / "merged", progress=False, prompts=[[5, 6, 7, 8]])
     assert result["logit_check"]["max_abs_diff"] < 0.05 * result["logit_check"]["max_abs_logit"]
