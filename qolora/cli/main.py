@@ -56,13 +56,8 @@ def _none_or(kind):
 
 
 def _add_finetune(sub) -> None:
-    from ..adapters.kernels import KERNEL_CHOICES
-    from ..config import BITS
-    from ..data.tokens import FORMATS
-    from ..inits import INITS
-    from ..planning.plan import checkpointing_arg
     from ..training.finetune import finetune
-    from ..training.options import DEFAULT_LR, MIXED_PRECISION, OPTIMIZERS, TrainConfig
+    from ..training.options import TrainConfig
 
     d = TrainConfig()
     f = {name: p.default for name, p in inspect.signature(finetune).parameters.items()}
@@ -74,6 +69,18 @@ def _add_finetune(sub) -> None:
                     "job (SmolLM2-135M-Instruct, 4-bit, OLoRA r=16, chatterbot English conversations), a few "
                     "minutes on a 2-core CPU (the README's Quickstart gives the measured time).",
     )
+    _finetune_data_args(p, d, f)
+    _finetune_adapter_args(p, d, f)
+    _finetune_training_args(p, d, f)
+    _finetune_eval_args(p, d, f)
+    _finetune_run_args(p, d, f)
+    p.set_defaults(func=_finetune)
+
+
+def _finetune_data_args(p, d, f) -> None:
+    """``qolora finetune`` options: model and data: which checkpoint, which records, how they become examples."""
+    from ..data.tokens import FORMATS
+
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None,
                    help="transformers checkpoint folder or hub id (default: built-in SmolLM2-135M-Instruct)")
@@ -87,6 +94,14 @@ def _add_finetune(sub) -> None:
     g.add_argument("--no-mask-prompt", dest="mask_prompt", action="store_false",
                    help="train on the prompts too, not only the answers")
     g.add_argument("--eval-fraction", type=float, default=f["eval_fraction"], help="share of examples held out")
+
+
+def _finetune_adapter_args(p, d, f) -> None:
+    """``qolora finetune`` options: the adapters and the quantized base, and where the model lives."""
+    from ..adapters.kernels import KERNEL_CHOICES
+    from ..config import BITS
+    from ..inits import INITS
+
     g = p.add_argument_group("adapters and quantization")
     g.add_argument("--bits", type=int, default=f["bits"], choices=list(BITS),
                    help="base weights: 4-bit NF4, 8-bit, or 16 (none)")
@@ -120,6 +135,13 @@ def _add_finetune(sub) -> None:
                         "the decoder layers compiled when the run is long enough to repay the compilation (decided "
                         "and logged at launch); compile: always compiled with torch.compile "
                         "(the first step pays the compilation); off: the plain PEFT-style path")
+
+
+def _finetune_training_args(p, d, f) -> None:
+    """``qolora finetune`` options: the optimizer, the schedule, precision and checkpointing."""
+    from ..planning.plan import checkpointing_arg
+    from ..training.options import DEFAULT_LR, MIXED_PRECISION, OPTIMIZERS
+
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
@@ -150,6 +172,10 @@ def _add_finetune(sub) -> None:
     g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                    help="plain shuffle instead of batching examples of similar length (more padding)")
     g.add_argument("--seed", type=int, default=d.seed, help="data order and RNG seed")
+
+
+def _finetune_eval_args(p, d, f) -> None:
+    """``qolora finetune`` options: held-out eval, sample answers, checkpoints, logging."""
     g = p.add_argument_group("eval, samples, checkpoints")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="eval loss every N steps (0: start and end)")
     g.add_argument("--max-eval-examples", type=_none_or(int), default=d.max_eval_examples,
@@ -161,6 +187,10 @@ def _add_finetune(sub) -> None:
     g.add_argument("--sample-prompt", dest="sample_prompts", action="append", default=None, metavar="TEXT",
                    help="own prompt for the samples (repeatable; default: held-out prompts)")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="sample answer length limit")
+
+
+def _finetune_run_args(p, d, f) -> None:
+    """``qolora finetune`` options: the run folder, resuming, threads, progress."""
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=d.output_dir,
                    help="run folder: metrics, plot, samples, checkpoints, adapter")
@@ -169,7 +199,6 @@ def _add_finetune(sub) -> None:
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, or 1 when the CPU is already busy)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.set_defaults(func=_finetune)
 
 
 def _add_merge(sub) -> None:
