@@ -230,28 +230,7 @@ def tokenize_dataset(
     cut, too_long, no_answer = [], [], []
     shortest_prompt: int | None = None
     for index, record in enumerate(dataset):
-        if fmt == "text":
-            text = text_field(record["text"], "text", index) + (renderer.eos or "")
-            spans = [(0, len(text))]
-            ids, inside = _tokenize_prefix(tokenizer, text, spans, True, max_length)
-            inside = [True] * len(ids)
-        else:
-            messages = record_to_messages(record, fmt, index)
-            try:
-                if mask_prompt:
-                    text, spans = renderer.render_with_spans(messages, index)
-                else:
-                    text = renderer.render(messages, add_generation_prompt=False)
-                    spans = [(0, len(text))]
-            except DataError:
-                raise
-            except Exception as exc:  # the chat template's own errors (jinja, transformers ValueError)
-                raise DataError(f"record {index}: the chat template cannot render it: {type(exc).__name__}: "
-                                f"{exc}") from exc
-            add_special = not renderer.use_chat_template  # a chat template carries its own
-            ids, inside = _tokenize_prefix(tokenizer, text, spans, add_special, max_length)
-            if not mask_prompt:
-                inside = [True] * len(ids)
+        ids, inside = _tokenize_record(record, index, fmt, renderer, tokenizer, mask_prompt, max_length)
         labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, inside, strict=True)]
         longer = len(ids) > max_length  # (a text cut before tokenizing comes back longer than max_length too)
         if longer:
@@ -307,6 +286,31 @@ def tokenize_dataset(
     else:
         columns = {"input_ids": all_ids, "labels": all_labels}
     return datasets.Dataset.from_dict(columns), stats
+
+
+def _tokenize_record(record, index: int, fmt: str, renderer: Renderer, tokenizer, mask_prompt: bool,
+                     max_length: int) -> tuple[list[int], list[bool]]:
+    """One record's token ids and, per token, whether it is trained on (an assistant answer, or every token
+    of ``text`` records and without ``mask_prompt``)."""
+    if fmt == "text":
+        text = text_field(record["text"], "text", index) + (renderer.eos or "")
+        ids, _ = _tokenize_prefix(tokenizer, text, [(0, len(text))], True, max_length)
+        return ids, [True] * len(ids)
+    messages = record_to_messages(record, fmt, index)
+    try:
+        if mask_prompt:
+            text, spans = renderer.render_with_spans(messages, index)
+        else:
+            text = renderer.render(messages, add_generation_prompt=False)
+            spans = [(0, len(text))]
+    except DataError:
+        raise
+    except Exception as exc:  # the chat template's own errors (jinja, transformers ValueError)
+        raise DataError(f"record {index}: the chat template cannot render it: {type(exc).__name__}: "
+                        f"{exc}") from exc
+    add_special = not renderer.use_chat_template  # a chat template carries its own
+    ids, inside = _tokenize_prefix(tokenizer, text, spans, add_special, max_length)
+    return ids, inside if mask_prompt else [True] * len(ids)
 
 
 def _all_dropped_message(
