@@ -119,11 +119,9 @@ class AdapterConfig:
 
     @property
     def torch_device(self) -> torch.device:
-        from .devices import local_device  # a bare "cuda" under torchrun means cuda:LOCAL_RANK
+        from .devices import resolve_device
 
-        if self.device == "auto":
-            return local_device("cuda" if torch.cuda.is_available() else "cpu")
-        return local_device(self.device)
+        return resolve_device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -22,7 +22,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["World", "cpu_thread_policy", "local_device", "set_threads", "world"]
+__all__ = ["World", "cpu_thread_policy", "local_device", "resolve_device", "set_threads", "world"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,14 @@ def world() -> World:
     if size <= 1:
         return World()
     return World(_env_int("RANK", 0), size, _env_int("LOCAL_RANK", 0))
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """The one device rule: ``"auto"`` is CUDA when there is one, else the CPU; a bare ``cuda`` becomes this
+    process's device in a distributed launch (:func:`local_device`)."""
+    if isinstance(device, str) and device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return local_device(device)
 
 
 def local_device(device: torch.device | str) -> torch.device:

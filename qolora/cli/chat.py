@@ -31,6 +31,7 @@ from torch import nn
 from ..adapters.layer import AdapterLinear, replace_module
 from ..base.quant import dequantize_weight, quantization_kind
 from ..data.records import Renderer
+from ..devices import resolve_device
 from ..errors import ConfigError
 from ..memory.host_embedding import host_embeddings
 from ..memory.host_memory import available_host_bytes
@@ -101,7 +102,7 @@ def load_chat_model(
     adapter: str | os.PathLike | None = None,
     base: str | os.PathLike | None = None,
     merged: str | os.PathLike | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     dequantize: bool | None = None,
     progress: bool = True,
 ):
@@ -111,7 +112,7 @@ def load_chat_model(
         adapter: an adapter folder (``OUTPUT_DIR/adapter`` of ``qolora finetune``).
         base: the adapter's base; default: the base recorded in its ``qolora_config.json``.
         merged: a merged checkpoint folder instead of ``adapter`` (``qolora merge``).
-        device: where to run (``"cpu"``, ``"cuda"``, ...).
+        device: where to run: ``"auto"`` (CUDA when there is one, else the CPU), ``"cpu"``, ``"cuda"``, ...
         dequantize: turn an adapter model into a plain fp32 one (fast on the CPU); default: on the CPU
             when the dequantized copy fits in half the available memory.
         progress: show progress bars while loading.
@@ -128,6 +129,10 @@ def load_chat_model(
 
     if (adapter is None) == (merged is None):
         raise ConfigError("give exactly one of adapter (--adapter) and merged (--merged)")
+    try:
+        device = str(resolve_device(device))
+    except RuntimeError as exc:  # torch's own "Expected one of cpu, cuda, ... device type"
+        raise ConfigError(f"device={device!r} (--device) is not a device: {str(exc).splitlines()[0]}") from None
     if merged is not None:
         if base is not None:
             raise ConfigError("base (--base) goes with an adapter (--adapter), not with a merged folder (--merged)")

@@ -250,7 +250,7 @@ def _add_chat(sub) -> None:
     p.add_argument("--system", default=None, help="a system message to start the conversation with")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (deterministic); > 0: sampling")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     p.add_argument("--no-dequantize", dest="dequantize", action="store_false", default=None,
                    help="keep the 4-bit model (less memory, slower on the CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: as qolora finetune)")

@@ -129,3 +129,21 @@ def test_chat_merged_given_an_adapter_folder_says_to_use_adapter(chat_adapter, c
     assert main(["chat", "--merged", str(chat_adapter), "--prompt", "hi", "--device", "cpu"]) == 2
     line = error_line(capsys.readouterr().err)
     assert "is a qolora adapter folder, not a model" in line and "--adapter" in line
+
+
+def test_chat_device_follows_the_one_device_rule(tmp_path):
+    """chat takes devices as everything else does ('auto' by default, CUDA when there is one); a bad one is a
+    ConfigError naming it, before anything is read."""
+    import inspect
+
+    import torch
+
+    from qolora import ConfigError
+    from qolora.cli.chat import load_chat_model
+    from qolora.devices import resolve_device
+
+    assert inspect.signature(load_chat_model).parameters["device"].default == "auto"
+    assert build_parser().parse_args(["chat", "--merged", str(tmp_path)]).device == "auto"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="device='bogus'"):
+        load_chat_model(merged=tmp_path / "missing", device="bogus")
