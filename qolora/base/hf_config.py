@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .config_sizes import check_sizes
-from .reader import hf_config_from_dict, read_config_json
+from .reader import hf_config_from_dict, is_hub_id, read_config_json
 
 __all__ = ["CONFIG_DIR", "builtin_configs", "load_hf_config"]
 
@@ -53,7 +53,7 @@ def load_hf_config(model: Any):
         if not path.is_file():
             raise ConfigError(f"{path} does not exist: a model folder needs config.json (weights are not needed)")
     elif not path.is_file():
-        if text.startswith((".", "/", "~")) or text.endswith(".json") or "/" not in text:
+        if not is_hub_id(text):
             raise ConfigError(f"model {text!r} is neither a config.json file, a folder holding one, a hub id "
                               f"'org/name', nor a built-in name ({', '.join(builtin)})")
         try:
@@ -61,6 +61,8 @@ def load_hf_config(model: Any):
 
             path = Path(hf_hub_download(text, "config.json"))
         except Exception as exc:  # offline / not found / gated
-            raise ConfigError(f"config.json of hub model {text!r} is not in the local cache and could not be "
-                              f"fetched: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise ConfigError(f"model {text!r} is not a local folder, a config.json file or a built-in name "
+                              f"({', '.join(builtin)}), and as a hub id its config.json is not in the local cache and "
+                              f"could not be fetched: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     return read_config_json(path)

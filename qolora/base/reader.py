@@ -78,6 +78,12 @@ _INDEXES = (("model.safetensors.index.json", "model.safetensors"),
 
 
 # --------------------------------------------------------------------------------- finding it
+def is_hub_id(text: str) -> bool:
+    """Whether a name that is not an existing path reads as a hub id (``org/name`` or a bare ``name``), the
+    one rule for models and their configs: not path-like (``.``, ``/``, ``~``), not a ``.json`` file."""
+    return not text.startswith((".", "/", "~")) and not text.endswith(".json") and bool(_HUB_ID.match(text))
+
+
 def resolve_model_dir(model: str | os.PathLike) -> Path:
     """A local folder holding ``config.json`` and weights, from a path or a hub id.
 
@@ -93,7 +99,7 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise ConfigError(f"model {text!r} is a file; expected a transformers checkpoint folder or a hub id")
-    if text.startswith((".", "/", "~")) or not _HUB_ID.match(text):  # a path, not an 'org/name' id
+    if not is_hub_id(text):  # a path that does not exist
         raise ConfigError(f"model path does not exist: {text!r} "
                           "(expected a local checkpoint folder or a hub id 'org/name')")
     try:
