@@ -17,7 +17,7 @@ import importlib.util
 import sys
 import warnings
 
-__all__ = ["MOVED", "install"]
+__all__ = ["MOVED", "forward_names", "install"]
 
 #: old module -> new module (both under ``qolora.``)
 MOVED = {
@@ -84,6 +84,21 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module) -> None:  # the module is already executed at its new path
         pass
+
+
+def forward_names(package: str, module: str):
+    """A package ``__getattr__`` for 0.5's module that is a package now (``qolora.data`` was ``data.py``):
+    a name of ``module`` asked of ``package`` is handed out with a DeprecationWarning."""
+
+    def __getattr__(name: str):
+        target = importlib.import_module(module)
+        if name.startswith("__") or not hasattr(target, name):
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        warnings.warn(f"{package}.{name} moved to {module}.{name} in qolora 0.6; the old path goes in 0.7",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(target, name)
+
+    return __getattr__
 
 
 def install() -> None:

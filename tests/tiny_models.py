@@ -48,20 +48,3 @@ def loss_and_grads(model, x):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return float(loss.detach()), grads
-
-
-def stored_bytes(model) -> int:
-    """Bytes a prepared model holds: parameters, buffers and the bitsandbytes quantization statistics."""
-    from benchmarks.memtrack import storage_bytes
-
-    tensors = list(model.parameters()) + list(model.buffers())
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        qs = getattr(w, "quant_state", None)
-        if qs is not None:
-            tensors += [qs.absmax, qs.code, getattr(qs, "offset", None)]
-            if qs.state2 is not None:
-                tensors += [qs.state2.absmax, qs.state2.code]
-        if w is not None and getattr(w, "SCB", None) is not None:
-            tensors += [w.SCB]
-    return storage_bytes(tensors)

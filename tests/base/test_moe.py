@@ -310,13 +310,13 @@ def test_plan_gives_the_moe_configs_on_24_gib():
 
 def test_plan_counts_each_expert_and_keeps_routers_in_16_bits(tiny):
     """The plan's weights and adapters are the prepared model's bytes: every expert quantized, the router not."""
+    from benchmarks.memtrack import model_bytes
     from qolora.planning.plan import plan
-    from tiny_models import stored_bytes
 
     for arch in MOE:
         p = plan(str(tiny[arch]), rank=4, device="cpu", compute_dtype="fp32")
         model = qolora.prepare(tiny[arch], bits=4, rank=4, progress=False)
-        assert p.weights_bytes + p.adapter_bytes == pytest.approx(stored_bytes(model), rel=1e-3)
+        assert p.weights_bytes + p.adapter_bytes == pytest.approx(model_bytes(model), rel=1e-3)
         assert p.n_adapted_layers == len(dict(adapter_layers(model)))
     with pytest.raises(ConfigError, match=r"shared_expert_gate \(1x64\).*--target-modules"):
         plan(str(tiny["qwen2_moe"]), rank=4, target_modules=["shared_expert_gate", "q_proj"])

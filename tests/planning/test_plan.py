@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import qolora
-from benchmarks.memtrack import MemTracker, storage_bytes
+from benchmarks.memtrack import MemTracker, model_bytes, storage_bytes
 from qolora import ConfigError
 from qolora.adapters.layer import adapter_parameters
 from qolora.base.hf_config import load_hf_config
@@ -26,7 +26,6 @@ from qolora.cli.main import main
 from qolora.config import parse_size
 from qolora.planning.plan import plan
 from qolora.training.loop import loss_sum, make_optimizer
-from tiny_models import stored_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -38,7 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def test_weights_and_adapters_are_exact(tiny_llama_dir, bits):
     model = qolora.prepare(tiny_llama_dir, bits=bits, rank=4, progress=False)
     p = plan(tiny_llama_dir, bits=bits, rank=4, compute_dtype="fp32", device="cpu")
-    measured = stored_bytes(model)
+    measured = model_bytes(model)
     assert p.weights_bytes + p.adapter_bytes == pytest.approx(measured, rel=0.01)
     assert p.adapter_bytes == storage_bytes([t for _, t in adapter_parameters(model)])
     assert p.trainable_params == sum(t.numel() for _, t in adapter_parameters(model))
@@ -93,7 +92,7 @@ def test_predicted_step_peak_with_the_embedding_on_the_host(tmp_path):
     assert p.embedding_host_bytes == 0  # one memory
     # the host weight is not a parameter: counted beside them, it makes the plan's exact weights
     assert p.weights_bytes + p.adapter_bytes == pytest.approx(
-        stored_bytes(model) + storage_bytes([embedding.weight]), rel=0.01)
+        model_bytes(model) + storage_bytes([embedding.weight]), rel=0.01)
 
 
 def _check_step_peak(tmp_path, arch, bf16, checkpointing, offload_embedding=False):
