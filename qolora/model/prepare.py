@@ -119,13 +119,7 @@ def build_model(
     model = base.skeleton(dtype)
     linears = linear_layers(model)
     targets = set(select_targets(linears, config.target_modules))
-    # Layers rebuilt from their weight: all linears when quantizing (QLoRA quantizes every one) except
-    # MoE routers left untargeted (kept in 16 bits), only the adapted ones at 16 bits, and every one whose
-    # checkpoint is stored quantized.
-    routers = {n for n, m in linears.items() if is_router(m) and n not in targets}
-    rebuilt = set(linears) - routers if config.bits != 16 else set(targets)
-    if base.stored_kind:
-        rebuilt = set(linears)
+    rebuilt, routers = _layers_to_rebuild(linears, targets, config.bits, base.stored_kind)
     problem = rank_problem(linears, targets, config.rank)
     if problem:
         raise ConfigError(problem)
@@ -188,13 +182,27 @@ def build_model(
         report.peak_device_bytes = torch.cuda.max_memory_allocated(device)
     report.seconds = time.perf_counter() - start
     if base.stored_kind:
-        logger.warning(
-            "%s is stored %s: its weights were dequantized, factored and quantized again (the base is quantized "
-            "twice). Measured error of the adapted layers against the stored weights: %.4g summed, %.2f%% of their "
-            "norm. A full-precision checkpoint avoids this.", base.dir, base.stored_kind, report.total_error,
-            100 * report.total_error / max(sum(r.weight_norm for r in report.layers), 1e-12),
-        )
+        _warn_requantized(base, report)
     return model, report
+
+
+def _layers_to_rebuild(linears: dict[str, nn.Module], targets: set[str], bits: int,
+                       stored_kind: str | None) -> tuple[set[str], set[str]]:
+    """``(layers rebuilt from their weight, untargeted MoE routers)``: all linears when quantizing (QLoRA
+    quantizes every one) except the routers (kept in 16 bits), only the adapted ones at 16 bits, and every
+    one whose checkpoint is stored quantized."""
+    routers = {n for n, m in linears.items() if is_router(m) and n not in targets}
+    rebuilt = set(linears) - routers if bits != 16 else set(targets)
+    return (set(linears) if stored_kind else rebuilt), routers
+
+
+def _warn_requantized(base: BaseCheckpoint, report: QuantReport) -> None:
+    logger.warning(
+        "%s is stored %s: its weights were dequantized, factored and quantized again (the base is quantized "
+        "twice). Measured error of the adapted layers against the stored weights: %.4g summed, %.2f%% of their "
+        "norm. A full-precision checkpoint avoids this.", base.dir, base.stored_kind, report.total_error,
+        100 * report.total_error / max(sum(r.weight_norm for r in report.layers), 1e-12),
+    )
 
 
 def _attach_bias(model: nn.Module, module_name: str, bias: torch.Tensor, device, dtype) -> None:
