@@ -151,7 +151,7 @@ def test_out_of_memory_under_auto_falls_back_one_notch_bit_for_bit(tmp_path, cha
     tok, train_ds, eval_ds = tokenized
     model = _model(chat_model_dir, dropout=0.1)  # dropout: a retried step must draw the same masks
     calls = _oom_once(monkeypatch, at_call=2)  # step 1, grad_accum=2: its second micro-batch
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="qolora.training.loop"):  # whatever level an earlier test left
         run = train(model, tok, train_ds, eval_ds, _config(tmp_path / "auto", grad_accum=2))
     assert calls["raised"] == 1
     # The launch's choice: logged and in metrics.jsonl.
