@@ -257,17 +257,8 @@ def tokenize_dataset(
         too_long_records=tuple(too_long),
         no_answer_records=tuple(no_answer),
     )
-    logger.info(
-        "Tokenized %d records (format=%s, max_length=%d): kept %d, truncated %d, dropped %d, "
-        "%d tokens",
-        len(dataset),
-        fmt,
-        max_length,
-        stats.n_examples,
-        stats.n_truncated,
-        stats.n_dropped,
-        stats.n_tokens,
-    )
+    logger.info("Tokenized %d records (format=%s, max_length=%d): kept %d, truncated %d, dropped %d, %d tokens",
+                len(dataset), fmt, max_length, stats.n_examples, stats.n_truncated, stats.n_dropped, stats.n_tokens)
     if not all_ids:
         raise DataError(
             _all_dropped_message(len(dataset), max_length, len(no_answer), shortest_prompt)
@@ -277,12 +268,8 @@ def tokenize_dataset(
 
     if packing:
         columns = _pack(all_ids, all_labels, max_length)
-        logger.info(
-            "Packed %d examples into %d blocks of <= %d tokens",
-            stats.n_examples,
-            len(columns["input_ids"]),
-            max_length,
-        )
+        logger.info("Packed %d examples into %d blocks of <= %d tokens", stats.n_examples, len(columns["input_ids"]),
+                    max_length)
     else:
         columns = {"input_ids": all_ids, "labels": all_labels}
     return datasets.Dataset.from_dict(columns), stats
