@@ -9,7 +9,7 @@ values flow down to the build and the placement, which trust them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..adapters.kernels import check_kernels
 from ..errors import ConfigError
@@ -69,6 +69,3 @@ class BuildOptions:
         if problems:
             raise ConfigError(problems)
         return built
-
-    def replace(self, **changes) -> BuildOptions:
-        return replace(self, **changes)

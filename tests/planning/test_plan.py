@@ -8,8 +8,6 @@ gradients, optimizer states) must be within 10% of the peak measured by an exact
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import math
 
@@ -17,7 +15,7 @@ import pytest
 import torch
 
 import qolora
-from benchmarks.memtrack import MemTracker, model_bytes, storage_bytes
+from benchmarks.memtrack import model_bytes, storage_bytes
 from qolora import ConfigError
 from qolora.adapters.layer import adapter_parameters
 from qolora.base.hf_config import load_hf_config
@@ -25,7 +23,8 @@ from qolora.base.synthetic import SyntheticCheckpoint
 from qolora.cli.main import main
 from qolora.config import parse_size
 from qolora.planning.plan import plan
-from qolora.training.loop import loss_sum, make_optimizer
+from qolora.training.loop import make_optimizer
+from step_peak import measure_step_peak
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -96,35 +95,9 @@ def test_predicted_step_peak_with_the_embedding_on_the_host(tmp_path):
 
 
 def _check_step_peak(tmp_path, arch, bf16, checkpointing, offload_embedding=False):
-    from transformers import AutoModelForCausalLM
-
-    cfg = _configs()[arch]
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
-    model = qolora.prepare(tmp_path, bits=4, rank=8, gradient_checkpointing=checkpointing, progress=False,
-                           offload_embedding=offload_embedding, **({"dtype": "bf16"} if bf16 else {}))
-    model.train()
-    params = [p for _, p in adapter_parameters(model)]
-    opt = make_optimizer("adamw_8bit", params, 1e-4, 0.0)
-    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
-    ids = torch.randint(0, cfg.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-    def step():
-        with autocast():
-            loss = loss_sum(model, batch)  # the training loop's own loss
-        (loss / ids.numel()).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    with MemTracker() as tracker:
-        step()
-        step()  # the second step holds the optimizer states: the steady state the plan predicts
-    predicted = plan(cfg, bits=4, rank=8, seq_len=256, optim="adamw_8bit", gradient_checkpointing=checkpointing,
-                     compute_dtype="bf16" if bf16 else "fp32", chunked_loss=True, device="cpu", padded=False,
-                     offload_embedding=offload_embedding)
-    assert predicted.step_bytes == pytest.approx(tracker.peak, rel=0.10), (predicted.details, tracker.peak)
+    model, predicted, peak = measure_step_peak(tmp_path, _configs()[arch], bf16=bf16, checkpointing=checkpointing,
+                                               offload_embedding=offload_embedding)
+    assert predicted.step_bytes == pytest.approx(peak, rel=0.10), (predicted.details, peak)
     return model
 
 

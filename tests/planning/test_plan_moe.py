@@ -15,18 +15,10 @@ attention) and is not checked here. The full-width Mixtral-8x7B and Qwen3-30B-A3
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import pytest
-import torch
 
-import qolora
-from benchmarks.memtrack import MemTracker
-from qolora.adapters.layer import adapter_parameters
 from qolora.planning.memory_model import model_dims
-from qolora.planning.plan import plan
-from qolora.training.loop import loss_sum, make_optimizer
+from step_peak import measure_step_peak
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -51,34 +43,9 @@ def _config(arch: str):
 
 
 def _measure(tmp_path, arch: str, bf16: bool):
-    from transformers import AutoModelForCausalLM
-
     cfg = _config(arch)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
-    model = qolora.prepare(tmp_path, bits=4, rank=8, gradient_checkpointing=True, progress=False,
-                           **({"dtype": "bf16"} if bf16 else {}))
-    model.train()
-    params = [p for _, p in adapter_parameters(model)]
-    opt = make_optimizer("adamw_8bit", params, 1e-4, 0.0)
-    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
-    ids = torch.randint(0, cfg.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-    def step():
-        with autocast():
-            loss = loss_sum(model, batch)
-        (loss / ids.numel()).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    with MemTracker() as tracker:
-        step()
-        step()  # the second step holds the optimizer states: the steady state the plan predicts
-    predicted = plan(cfg, bits=4, rank=8, seq_len=SEQ, optim="adamw_8bit", gradient_checkpointing=True,
-                     compute_dtype="bf16" if bf16 else "fp32", chunked_loss=True, device="cpu", padded=False)
-    return cfg, predicted, tracker.peak
+    _, predicted, peak = measure_step_peak(tmp_path, cfg, bf16=bf16, checkpointing=True, seq=SEQ)
+    return cfg, predicted, peak
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
