@@ -1,5 +1,7 @@
 import gc
+import importlib
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -9,6 +11,7 @@ import torch  # noqa: E402
 
 from tiny_chat import make_chat_model_dir, write_chat_jsonl  # noqa: E402
 from tiny_models import make_tiny_gpt2, make_tiny_llama  # noqa: E402
+from tiny_runs import run_options  # noqa: E402
 from tiny_tokenizer import make_tiny_tokenizer  # noqa: E402
 
 # Tiny models: one thread is fastest, and the machine is shared (2 cores).
@@ -92,3 +95,38 @@ def no_weight_reads(monkeypatch):
     monkeypatch.setattr(BaseCheckpoint, "tensors", boom)
     monkeypatch.setattr(TensorStore, "read", boom)
     monkeypatch.setattr(TensorStore, "read_expert", boom)
+
+
+# ---------------------------------------------------------- a finished tiny run (tests copy it), no model loads
+@pytest.fixture(scope="session")
+def tiny_inputs(chat_model_dir, tmp_path_factory):
+    """(model folder, data file) of the tiny run: the tiny chat model and 16 conversations."""
+    return chat_model_dir, write_chat_jsonl(tmp_path_factory.mktemp("tiny_run") / "chat.jsonl", n=16)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_inputs, tmp_path_factory):
+    """A finished tiny run folder (adapter, metrics, samples, a checkpoint) and its result; tests copy it."""
+    from qolora import finetune
+
+    model, data = tiny_inputs
+    out = tmp_path_factory.mktemp("run") / "run"
+    result = finetune(model, data, **run_options(out))
+    return out, result
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A copy of the finished run's folder, the test's to change."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    return out
+
+
+@pytest.fixture
+def no_prepare(monkeypatch):
+    """Fail the test if ``finetune`` would load the model (tests/training/test_loop.py has a stricter one)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("prepare() was called: the problem should have been caught before the model loads")
+
+    monkeypatch.setattr(importlib.import_module("qolora.training.finetune"), "prepare_checked", refuse)

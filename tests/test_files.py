@@ -1,7 +1,9 @@
 """qolora.files: every writer's ``overwrite`` replaces only a folder qolora wrote (one rule, each writer).
 
 A folder holding anything else (a git repository, a user's notes) is refused before any work, naming
-what is there, and left untouched; so are the current folder and a folder that holds it.
+what is there, and left untouched; so are the current folder and a folder that holds it. A killed writer's
+temporaries are removed by a later one once they are old (only its own, only old ones), a failed swap keeps
+the old folder, and what the writers make follows the umask.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ import torch
 import qolora
 from qolora import files
 from qolora.errors import ConfigError
+from qolora.files import remove_stale_temporaries
 
 
 def _user_folder(path: Path) -> dict[str, str]:
@@ -127,3 +131,89 @@ def test_folder_kind_names_what_is_foreign(tmp_path):
     assert kind.foreign(tmp_path) == ["other", "w-dir.bin"]
     (tmp_path / "record.json").unlink()
     assert kind.foreign(tmp_path) == ["other", "w-1.bin", "w-dir.bin"]
+
+
+# --------------------------------------------------------------------------------- temporaries, the swap, permissions
+def test_stale_temporaries_go_only_when_old(tmp_path):
+    live = tmp_path / ".step-000001.tmp-abc"
+    old = tmp_path / ".step-000002.tmp-def"
+    for path in (live, old):
+        path.mkdir()
+        (path / "state.json").write_text("{}")
+    os.utime(old, (time.time() - 7 * 3600,) * 2)
+    assert remove_stale_temporaries(tmp_path, "step-*", pattern=True) == [old]
+    assert (live / "state.json").is_file()
+
+
+def test_stale_temporaries_of_a_name_with_glob_characters_touch_only_their_own(tmp_path):
+    import os
+    import time
+
+    from qolora.files import remove_stale_temporaries
+
+    old = time.time() - 10 * 24 * 3600
+    for name in (".run1.tmp-abc", ".run[1].tmp-abc"):
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (old, old))
+    removed = remove_stale_temporaries(tmp_path, "run[1]")
+    assert [p.name for p in removed] == [".run[1].tmp-abc"] and (tmp_path / ".run1.tmp-abc").exists()
+
+
+def test_temporaries_left_by_kills_are_cleaned_by_later_runs(tiny_inputs, finished_run, tmp_path):
+    # before: .merged.tmp-* and .adapter.old-* stayed forever
+    model, _ = tiny_inputs
+    adapter = finished_run[0] / "adapter"
+    old_stamp = (time.time() - 7 * 3600,) * 2
+    leftovers = [tmp_path / ".merged.tmp-k1", tmp_path / ".merged.old-k2", tmp_path / ".adapter.old-k3",
+                 tmp_path / ".adapter.tmp-k4"]
+    fresh = tmp_path / ".merged.tmp-live"
+    for path in leftovers + [fresh]:
+        path.mkdir()
+        (path / "x").write_text("x")
+        if path is not fresh:
+            os.utime(path, old_stamp)
+    qolora.merge(model, adapter, tmp_path / "merged", dtype="fp32", progress=False)
+    net = qolora.load(model, adapter, progress=False)
+    qolora.save_adapter(net, tmp_path / "adapter")
+    assert not any(p.exists() for p in leftovers)
+    assert (fresh / "x").is_file()
+
+
+def test_atomic_dir_keeps_the_old_folder_when_the_swap_fails(tmp_path, monkeypatch):
+    from qolora import files
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    kind = files.FolderKind("test folder", "old.txt", ("old.txt", "new.txt"))
+    real, calls = files.os.replace, []
+
+    def failing(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new folder into place
+            raise OSError("simulated")
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", failing)
+    with pytest.raises(OSError, match="simulated"), files.atomic_dir(target, overwrite=True, kind=kind) as tmp:
+        (tmp / "new.txt").write_text("new")
+    monkeypatch.setattr(files.os, "replace", real)
+    assert (target / "old.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_adapter_and_merged_folders_follow_the_umask(tiny_inputs, finished_run, tmp_path, umask):
+    # before: OUT/adapter and merged folders were 0700 (tempfile.mkdtemp), checkpoints followed the umask
+    model, _ = tiny_inputs
+    adapter = finished_run[0] / "adapter"
+    previous = os.umask(umask)
+    try:
+        net = qolora.load(model, adapter, progress=False)
+        saved = qolora.save_adapter(net, tmp_path / "adapter")
+        merged = Path(qolora.merge(model, adapter, tmp_path / "merged", dtype="fp32", progress=False)["out_dir"])
+    finally:
+        os.umask(previous)
+    for folder in (saved, merged):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+        for file in folder.iterdir():
+            assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file

@@ -1,4 +1,4 @@
-"""A tiny chat setup shared by the training, CLI, trust, offload and distributed tests: a tiny Llama
+"""A tiny chat setup shared by the training, run-folder, reader, CLI, chat, offload and distributed tests: a tiny Llama
 with the tiny ChatML tokenizer saved beside it, and a small jsonl of question/answer conversations."""
 
 from __future__ import annotations

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
 
+from qolora import finetune
 from qolora.data.tokens import (
     FORMATS,
     IGNORE_INDEX,
@@ -23,6 +27,7 @@ from qolora.data.tokens import (
     split_train_eval,
     tokenize_dataset,
 )
+from tiny_runs import run_options
 from tiny_tokenizer import make_tiny_tokenizer
 
 CHAT = [
@@ -331,6 +336,15 @@ def test_bad_records_and_arguments(tok):
         tokenize_dataset(ds, tok, format="alpaca")
 
 
+def test_chat_template_errors_name_the_record(tmp_path):
+    tok = make_tiny_tokenizer()
+    tok.chat_template = "{{ raise_exception('no system messages') if messages[0]['role'] == 'system' else 'x' }}"
+    ds = datasets.Dataset.from_list([{"messages": [{"role": "system", "content": "s"},
+                                                                 {"role": "user", "content": "u"}]}])
+    with pytest.raises(DataError, match="record 0: the chat template cannot render it.*no system messages"):
+        tokenize_dataset(ds, tok, max_length=32)
+
+
 # ------------------------------------------------------------------------------------ truncation
 
 
@@ -378,6 +392,49 @@ def test_the_finetune_warning_says_what_happened_to_which_record(tok, caplog):
     assert "1 of 3 examples were dropped: longer than max_length=40 with no answer token within it (records 2)" in text
     assert ("1 of 3 examples are longer than max_length=40 and were kept cut to their first 40 tokens (records 1)"
             in text)
+
+
+def test_log_shows_data_stats_readably(tiny_inputs, tmp_path, caplog, no_prepare):
+    model, data = tiny_inputs
+    with caplog.at_level(logging.INFO, logger="qolora"), pytest.raises(AssertionError, match="prepare"):
+        finetune(model, data, **run_options(tmp_path / "o"))
+    text = caplog.text
+    assert "DataStats(" not in text and "examples, " in text and " tokens, " in text
+
+
+def test_a_10mb_record_is_cut_before_tokenizing(tmp_path):
+    # before: tokenized in full (~90 s on the default model) and then truncated
+    tok = make_tiny_tokenizer()
+    answer = "The capital of France is Paris. " * 330_000  # ~10 MB
+    records = [{"messages": [{"role": "user", "content": "What is the capital of France?"},
+                             {"role": "assistant", "content": answer}]}]
+    ds = datasets.Dataset.from_list(records)
+    start = time.perf_counter()
+    out, stats = tokenize_dataset(ds, tok, max_length=128)
+    assert time.perf_counter() - start < 5
+    assert stats.n_truncated == 1 and len(out[0]["input_ids"]) == 128
+    # exactly what tokenizing the whole text and then truncating gives (checked on a 200 kB record)
+    question = records[0]["messages"][0]
+    small = datasets.Dataset.from_list(
+        [{"messages": [question, {"role": "assistant", "content": answer[:200_000]}]}])
+    cut, _ = tokenize_dataset(small, tok, max_length=128)
+    data_module = importlib.import_module("qolora.data.tokens")
+    saved = data_module._CHARS_PER_TOKEN
+    data_module._CHARS_PER_TOKEN = 10**9  # no cut: the whole text
+    try:
+        whole, _ = tokenize_dataset(small, tok, max_length=128)
+    finally:
+        data_module._CHARS_PER_TOKEN = saved
+    assert cut[0] == whole[0] == out[0]
+
+
+def test_a_text_record_is_cut_too_and_short_ones_untouched(tmp_path):
+    tok = make_tiny_tokenizer()
+    ds = datasets.Dataset.from_list([{"text": "Hello, how are you today? " * 200_000},
+                                                   {"text": "Short."}])
+    out, stats = tokenize_dataset(ds, tok, max_length=64)
+    assert stats.n_truncated == 1 and len(out[0]["input_ids"]) == 64
+    assert out[1]["input_ids"] == tok("Short." + tok.eos_token)["input_ids"]
 
 
 def test_a_huge_prompt_is_reported_as_too_long_not_as_answerless(tok):

@@ -133,6 +133,21 @@ def test_resume_refuses_a_checkpoint_of_another_init(tiny_llama_dir, tmp_path):
     assert torch.equal(logits(restored), logits(prepared(tiny_llama_dir)))
 
 
+def test_resume_from_a_trainer_checkpoint_of_another_adapter_setup_is_refused(tmp_path, tiny_llama_dir):
+    """hf_compat.load_adapter_weights compares the adapter setup, not only the factors (OLoRA's
+    factors do not depend on alpha, so the factors alone cannot tell)."""
+    from qolora.model.adapter_folder import AdapterError
+    from qolora.model.hf_compat import load_adapter_weights
+
+    first = qolora.prepare(tiny_llama_dir, bits=4, rank=4, alpha=4, device="cpu", progress=False)
+    first.save_pretrained(tmp_path / "ck")
+    other = qolora.prepare(tiny_llama_dir, bits=4, rank=4, alpha=16, device="cpu", progress=False)
+    with pytest.raises(AdapterError, match=r"alpha=4 there, 16 here"):
+        load_adapter_weights(other, tmp_path / "ck")
+    load_adapter_weights(qolora.prepare(tiny_llama_dir, bits=4, rank=4, alpha=4, device="cpu", progress=False),
+                         tmp_path / "ck")
+
+
 # --------------------------------------------------------------------------------- save_pretrained
 def test_save_pretrained_writes_into_a_folder_and_refuses_what_it_would_clobber(tiny_llama_dir, tmp_path):
     from transformers import LlamaForCausalLM

@@ -3,9 +3,15 @@
 The cases of issue 26's "weak answers": ``--gpu-memory`` that is not a size or is given without
 ``--offload auto``; ``--gradient-checkpointing N`` beyond the model's layers (finetune and plan alike);
 ``qolora plan`` exiting 0 on a host that cannot hold the offloaded part.
+
+And the run's result: one final train loss, labelled with the steps it averages; the default output folder
+(``qolora-output``) is in .gitignore.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +19,8 @@ import qolora
 from qolora.cli.main import main
 from qolora.errors import ConfigError
 from qolora.planning.plan import plan
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("gpu_memory, offload, message", [
@@ -77,3 +85,17 @@ def test_prepare_refuses_a_config_together_with_options(tiny_llama_dir, no_weigh
         qolora.prepare(tiny_llama_dir, config=AdapterConfig(rank=4, device="cpu"), rank=64, progress=False)
     with pytest.raises(ConfigError, match="alpha=8"):
         qolora.prepare(tiny_llama_dir, config=AdapterConfig(rank=4, device="cpu"), alpha=8, progress=False)
+
+
+# ------------------------------------------------------------------------------ the result, the default output folder
+def test_one_labelled_final_loss(finished_run):
+    out, result = finished_run
+    trains = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert result.final_train_loss == pytest.approx(trains[-1]["loss"])
+    assert f"train loss {trains[-1]['loss']:.4f} (mean of steps 2-2)" not in result.summary()  # one step: "step 2"
+    assert f"train loss {trains[-1]['loss']:.4f} (mean of step 2)" in result.summary()
+    assert "last train loss" not in result.summary()
+
+
+def test_gitignore_lists_the_default_output_folder():
+    assert "qolora-output/" in (REPO / ".gitignore").read_text().split()
