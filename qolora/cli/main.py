@@ -139,8 +139,8 @@ def _finetune_adapter_args(p, d, f) -> None:
 
 def _finetune_training_args(p, d, f) -> None:
     """``qolora finetune`` options: the optimizer, the schedule, precision and checkpointing."""
-    from ..planning.plan import checkpointing_arg
     from ..training.options import DEFAULT_LR, MIXED_PRECISION, OPTIMIZERS
+    from .plan import checkpointing_arg
 
     g = p.add_argument_group("training")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
@@ -268,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_info(sub)
     _add_chat(sub)
-    from ..planning.plan import add_parser as _add_plan
     from .export import add_export_command
+    from .plan import add_parser as _add_plan
 
     add_export_command(sub, formatter_class=_Help)
 

@@ -9,13 +9,14 @@ values flow down to the build and the placement, which trust them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..adapters.kernels import check_kernels
 from ..errors import ConfigError
 from ..memory.base_streaming import check_gpu_memory, check_offload
 from ..memory.gradient_checkpointing import checkpointing_mode
 from ..memory.host_embedding import check_offload_embedding
+from ..planning.shape import TrainingShape
 
 __all__ = ["BuildOptions"]
 
@@ -29,7 +30,8 @@ class BuildOptions:
     gpu_memory: int | None = None  # bytes, for offload="auto"
     kernels: str = "auto"
     offload_embedding: bool = False
-    offload_plan: Mapping | None = None  # the training shape offload="auto" plans for
+    # the training shape offload="auto" plans for (this build's checkpointing unless it names its own)
+    offload_plan: TrainingShape | None = None
 
     @classmethod
     def parse(cls, *, gradient_checkpointing=False, offload=None, gpu_memory=None, kernels="auto",
@@ -51,12 +53,10 @@ class BuildOptions:
         offload = check(check_offload, offload)
         gpu_memory = check(check_gpu_memory, gpu_memory, offload)
         check(check_offload_embedding, offload_embedding)
-        if offload_plan is not None and not isinstance(offload_plan, Mapping):
-            problems.append(f"offload_plan={offload_plan!r} must be a dict of qolora.planning.plan.plan options")
+        shape = check(_offload_shape, offload_plan, True if checkpointing is None else checkpointing)
         if problems:
             return None, problems
-        return cls(checkpointing, offload, gpu_memory, kernels, offload_embedding,
-                   dict(offload_plan) if offload_plan is not None else None), []
+        return cls(checkpointing, offload, gpu_memory, kernels, offload_embedding, shape), []
 
     @classmethod
     def checked(cls, **options) -> BuildOptions:
@@ -69,3 +69,18 @@ class BuildOptions:
         if problems:
             raise ConfigError(problems)
         return built
+
+
+def _offload_shape(offload_plan, checkpointing) -> TrainingShape | None:
+    """``offload_plan`` (a dict of :class:`TrainingShape` fields, or one) as a normalised shape."""
+    if offload_plan is None:
+        return None
+    if isinstance(offload_plan, TrainingShape):
+        offload_plan = {f.name: getattr(offload_plan, f.name) for f in fields(TrainingShape)}
+    if not isinstance(offload_plan, Mapping):
+        raise ConfigError(f"offload_plan={offload_plan!r} must be a dict of training-shape options "
+                          f"({', '.join(TrainingShape.fields())}) or a qolora.planning.shape.TrainingShape")
+    unknown = sorted(set(offload_plan) - set(TrainingShape.fields()))
+    if unknown:
+        raise ConfigError(f"offload_plan has unknown option(s) {unknown}; allowed: {list(TrainingShape.fields())}")
+    return TrainingShape.checked(**{"gradient_checkpointing": checkpointing, **offload_plan})

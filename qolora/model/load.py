@@ -153,14 +153,15 @@ def load(
         BaseMismatchError: a base weight differs from the training base (on the first such layer).
         ConfigError: a missing base, or an unusable ``device``.
     """
+    # offload="auto" plans a training step with every layer checkpointed unless offload_plan says otherwise
     build = BuildOptions.checked(offload=offload, gpu_memory=gpu_memory, offload_plan=offload_plan,
-                                 offload_embedding=offload_embedding)
+                                 offload_embedding=offload_embedding, gradient_checkpointing=True)
     saved = read_adapter(adapter_dir)
     config = resolve_device_config(saved, device)
     checkpoint = BaseCheckpoint.open(base)
     check_base_structure(checkpoint.skeleton(), saved, str(base))
     placement = offload_layers_for(checkpoint.hf_config, config, build.offload, gpu_memory=build.gpu_memory,
-                                   plan_options=build.offload_plan, offload_embedding=build.offload_embedding)
+                                   shape=build.offload_plan, offload_embedding=build.offload_embedding)
     check = FingerprintCheck(saved, str(base), allow_base_mismatch)
     seen: set[str] = set()
 

@@ -58,6 +58,7 @@ from ..memory.base_streaming import LayerOffload
 from ..memory.gradient_checkpointing import check_checkpointed_layers, enable_gradient_checkpointing
 from ..memory.host_embedding import HostEmbedding, host_tensor, input_embedding_name
 from ..planning.placement import offload_layers_for
+from ..planning.shape import TrainingShape
 from .build_options import BuildOptions
 from .hf_compat import attach as attach_hf_compat
 from .record import LayerReport, ModelRecord, QuantReport, attach_record
@@ -317,8 +318,9 @@ def prepare(
         gpu_memory: for ``offload="auto"``: bytes or a size (``"24GiB"``) to fit; default: the free
             memory of the CUDA device.
         offload_plan: for ``offload="auto"``: the training shape the plan assumes, any
-            :func:`qolora.planning.plan.plan` option (``seq_len``, ``batch_size``, ``optim``,
-            ``gradient_checkpointing``, ...); default: the planner's (seq 2048, batch 1).
+            :class:`qolora.planning.shape.TrainingShape` field (``seq_len``, ``batch_size``, ``optim``,
+            ``gradient_checkpointing``, ...; a dict or a ``TrainingShape``); default: the planner's (seq 2048,
+            batch 1).
         kernels: the adapter layers' training step (:mod:`qolora.adapters.kernels`): ``"auto"``: the fused
             base + adapter step wherever it applies (4-bit and 16-bit bases; others take the plain
             path, logged once; :func:`qolora.train` also compiles the decoder layers when its run is long
@@ -368,9 +370,8 @@ def prepare_checked(base: BaseCheckpoint, cfg: AdapterConfig, build: BuildOption
     gradient_checkpointing = build.gradient_checkpointing
     check_checkpointed_layers(gradient_checkpointing, base.hf_config)
     placement = offload_layers_for(base.hf_config, cfg, build.offload, gpu_memory=build.gpu_memory,
-                                   plan_options=build.offload_plan,
-                                   gradient_checkpointing=True if gradient_checkpointing == "auto"
-                                   else gradient_checkpointing,
+                                   shape=build.offload_plan
+                                   or TrainingShape(gradient_checkpointing=gradient_checkpointing),
                                    offload_embedding=build.offload_embedding)
     init = INITS[cfg.init]
     round_errors: dict[str, list[float]] = {}

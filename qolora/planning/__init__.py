@@ -1,2 +1,2 @@
-"""Will a job fit, and with what: the memory planner, its byte formulas, and where a model's parts
-are placed before it is built."""
+"""Will a job fit, and with what: the memory planner (``plan``: an adapter setup and a training shape in,
+a ``MemoryPlan`` out), its byte formulas, and where a model's parts are placed before it is built."""

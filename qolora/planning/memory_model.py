@@ -18,7 +18,7 @@ BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps fp32 optimizer states below this 
 BNB_OPTIM_BLOCK = 256
 QK_NORM = ("qwen3", "qwen3_moe")  # an RMSNorm per head on q and k before the rotary embedding (q_norm, k_norm)
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2", "phi3", "olmo", "olmo2",
-              "granite", "smollm3", "cohere", "starcoder2", "stablelm", "internlm2")
+              "granite", "smollm3", "cohere", "starcoder2", "stablelm", "internlm2", "qwen2_moe", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -214,15 +214,39 @@ def adapted_kinds(names: list[str], family: str) -> set[str]:
     return kinds
 
 
+@dataclass(frozen=True)
+class StepPeak:
+    """The predicted peak of one training step above the prepared model and the optimizer states: what is
+    alive at its moment (``"loss"``: the start of the backward pass; ``"layer"``: the backward pass of the
+    most loaded decoder layer; ``"optimizer"``: the optimizer step, only the gradients)."""
+
+    activation_bytes: int  # on the compute device (incl. working gradients and one dequantized weight)
+    loss_bytes: int
+    grad_bytes: int  # the adapters' gradients alive at the moment
+    moment: str
+    details: dict
+
+    @property
+    def bytes(self) -> int:
+        return self.activation_bytes + self.loss_bytes + self.grad_bytes
+
+
 def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
           bits: int, padded: bool, checkpointing: bool | str | int, chunked: bool, chunk_bytes: int, max_linear: int,
-          grads: int, states: int, fused: bool = False, max_mlp_linear: int | None = None
-          ) -> tuple[int, int, str, dict]:
-    """(activation bytes on the compute device, loss bytes, moment, details) at the predicted peak of one step.
+          grad_bytes: int, layer_grad_bytes: int, grads_persist: bool, fused: bool = False,
+          max_mlp_linear: int | None = None) -> StepPeak:
+    """The predicted peak of one step (:class:`StepPeak`).
 
     ``max_mlp_linear``: for a MoE model, the numel of the largest linear layer outside the attention (an
     expert's, a shared expert's or a dense MLP's): the one dequantized while the MoE block's activations
     are alive (``max_linear``, maybe an attention projection, only after they are freed).
+
+    Adapter gradients (``grad_bytes`` in all, ``layer_grad_bytes`` for the most adapted decoder layer): the
+    loop frees them after each optimizer step (``zero_grad(set_to_none=True)``), so with one micro-batch
+    per step none exist at the loss, and the backward pass makes them layer by layer from the last while it
+    frees what each finished layer kept: a layer sees the gradients of every layer after it, and its own once
+    its backward has begun (not at the end of a MoE layer's recompute). With ``grads_persist`` (several
+    micro-batches per step, or DDP's gradient buckets) all of them live throughout.
 
     ``checkpointing="offload"``: the layer checkpoints held in host memory are ``details["checkpoint_host_bytes"]``;
     an integer ``k``: only the first ``k`` layers are checkpointed.
@@ -234,6 +258,70 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
     layer_input = N * d.h * a
     rope = 2 * N * d.head_dim * a if d.family == "llama" else 0
     top = 4 * N * d.h + 4 * N + rope  # final norm keeps its fp32 input and 1/rms
+    candidates, transient_details = _layer_transients(d, B, T, adapted=adapted, r=r, a=a, adapter_b=adapter_b,
+                                                      autocast=autocast, bits=bits, padded=padded, fused=fused,
+                                                      max_linear=max_linear, max_mlp_linear=max_mlp_linear)
+
+    def at_layer(kept: int, layers_after: int) -> tuple[int, int]:
+        """(bytes, of which adapter gradients) in the backward pass of a layer while ``kept`` bytes are held
+        and the ``layers_after`` layers after it have made their gradients (and this one its own, once its
+        backward has begun)."""
+        def grads(own: bool) -> int:
+            if grads_persist:
+                return grad_bytes
+            return min(grad_bytes, (layers_after + own) * layer_grad_bytes)
+        return max((kept + t + grads(own), grads(own)) for t, own in candidates)
+
+    host = 0
+    # The recomputed layer's norm keeps the checkpointed input itself when it is already fp32.
+    recomputed = per_layer - (layer_input if a == 4 and d.family == "llama" else 0)
+    partial = type(checkpointing) is int and 0 < checkpointing < d.L
+    # The backward pass goes from the last layer to the first, each leaving its adapters' gradients: the
+    # first layer it meets holds at most its own, a recomputed layer those of every layer after it. The
+    # checkpointed inputs of all layers stay alive through it (measured: tests/planning/test_plan.py).
+    if partial:
+        # The first k layers keep their input, the others all their activations. The backward pass meets
+        # the un-checkpointed layers first (everything still held), then recomputes the checkpointed ones
+        # (the others' activations freed by then): the layer peak is the larger of the two.
+        k = checkpointing
+        kept = k * layer_input + (d.L - k) * per_layer
+        kept_at_loss = kept + top
+        in_layer = max(at_layer(kept + rope, 0), at_layer(k * layer_input + rope + recomputed, d.L - 1))
+    elif checkpointing:
+        if checkpointing == "offload":
+            # Every layer's checkpoint waits in host memory. On the device: the first layer's input (the
+            # embedding output, a leaf that requires grad, held by autograd anyway) and, in the backward
+            # pass, the one checkpoint brought back for its layer's recompute.
+            host = d.L * layer_input
+            kept_at_loss = layer_input + top
+            in_layer = at_layer(2 * layer_input + rope + recomputed, d.L - 1)
+        else:
+            kept_at_loss = d.L * layer_input + top
+            in_layer = at_layer(d.L * layer_input + rope + recomputed, d.L - 1)
+    else:
+        kept_at_loss = d.L * per_layer + top
+        in_layer = at_layer(d.L * per_layer + rope, 0)
+    loss = loss_bytes(d, B, T, a, chunked, chunk_bytes)
+    grads_at_loss = grad_bytes if grads_persist else 0
+    at_loss = kept_at_loss + loss + grads_at_loss
+    details = {"per_layer_activation_bytes": per_layer, "checkpointed_input_bytes": layer_input, **transient_details,
+               "peak_at_loss_bytes": at_loss, "checkpoint_host_bytes": host, "adapter_grad_bytes_in_all": grad_bytes}
+    in_layer, grads_in_layer = in_layer
+    details["peak_in_layer_bytes"] = in_layer
+    if at_loss >= in_layer and at_loss >= grad_bytes:
+        return StepPeak(kept_at_loss, loss, grads_at_loss, "loss", details)
+    if in_layer >= grad_bytes:
+        return StepPeak(in_layer - grads_in_layer, 0, grads_in_layer, "layer", details)
+    return StepPeak(0, 0, grad_bytes, "optimizer", details)
+
+
+def _layer_transients(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
+                      bits: int, padded: bool, fused: bool, max_linear: int, max_mlp_linear: int | None
+                      ) -> tuple[list[tuple[int, bool]], dict]:
+    """The candidate peaks of one layer's backward pass above what the layers keep: ``[(bytes, whether the
+    layer's own adapter gradients exist by then)]``, and their parts for the plan's details."""
+    N = B * T
+    layer_fn = gpt2_layer if d.family == "gpt2" else llama_layer
     # Working gradients of one layer (output, MLP): under autocast each adapted input's gradient also passes
     # through the fp32 <-> 16-bit casts on the plain path, which doubles the temporaries.
     work = N * (d.i + d.h) * a * (2 if autocast and not fused else 1)
@@ -242,10 +330,13 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
     # layer's backward pass the two peak one after the other (measured: tests/planning/test_plan.py); on the plain
     # path bitsandbytes' dequantized weight coexists with the adapter branch's temporaries.
     transient = max(work, dequant) if fused else work + dequant
+    # (bytes, whether the layer's own adapter gradients exist by then) of each candidate peak within a layer
+    candidates = [(transient, True)]
     if d.experts_per_token and max_mlp_linear is not None:
         # A MoE layer's backward pass (measured: tests/planning/test_plan_moe.py; at full width
         # benchmarks/scale.py) meets three candidate peaks, all over the recomputed layer:
-        # * the end of the recompute (moe_recompute_end_bytes; Qwen3-30B-A3B's peak);
+        # * the end of the recompute (moe_recompute_end_bytes; Qwen3-30B-A3B's peak), before any of the
+        #   layer's own gradients;
         # * the experts' backward, one expert at a time: the largest weight outside the attention dequantized
         #   (Mixtral's peak: the last expert's gate_up, its other activations already freed, an average
         #   expert's share of the block's), with the working gradients of one expert (its gate/up output and
@@ -257,50 +348,19 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
             dataclasses.replace(d, experts_per_token=0, num_experts=0, i=0), B, T, adapted, r, a, adapter_b,
             autocast, bits, padded, fused)  # what the MoE block keeps (freed before the attention's backward)
         moe_work = N * d.h * a + -(-N * k // E) * 3 * d.expert_width * a
-        transient = max(moe_recompute_end_bytes(d, N, a),
-                        max_mlp_linear * a + moe_work - routed // E,
-                        transient - routed)
-    host = 0
-    # The recomputed layer's norm keeps the checkpointed input itself when it is already fp32.
-    recomputed = per_layer - (layer_input if a == 4 and d.family == "llama" else 0)
-    partial = type(checkpointing) is int and 0 < checkpointing < d.L
-    if partial:
-        # The first k layers keep their input, the others all their activations. The backward pass meets
-        # the un-checkpointed layers first (everything still held), then recomputes the checkpointed ones
-        # (the others' activations freed by then): the layer peak is the larger of the two.
-        k = checkpointing
-        kept = k * layer_input + (d.L - k) * per_layer
-        kept_at_loss = kept + top
-        kept_in_layer = max(kept + rope + transient, k * layer_input + rope + recomputed + transient)
-    elif checkpointing:
-        if checkpointing == "offload":
-            # Every layer's checkpoint waits in host memory. On the device: the first layer's input (the
-            # embedding output, a leaf that requires grad, held by autograd anyway) and, in the backward
-            # pass, the one checkpoint brought back for its layer's recompute.
-            host = d.L * layer_input
-            kept_at_loss = layer_input + top
-            kept_in_layer = 2 * layer_input + rope + recomputed + transient
-        else:
-            kept_at_loss = d.L * layer_input + top
-            kept_in_layer = d.L * layer_input + rope + recomputed + transient
-    else:
-        kept_at_loss = d.L * per_layer + top
-        kept_in_layer = d.L * per_layer + rope + transient
+        candidates = [(moe_recompute_end_bytes(d, N, a), False),
+                      (max_mlp_linear * a + moe_work - routed // E, True),
+                      (transient - routed, True)]
+    return candidates, {"working_grad_bytes": work, "dequantized_weight_bytes": dequant}
+
+
+def loss_bytes(d: Dims, B: int, T: int, a: int, chunked: bool, chunk_bytes: int) -> int:
+    """Bytes of the loss at its peak, beside the kept activations."""
     n_loss = B * max(T - 1, 1)
-    if chunked:
-        # One chunk's fp32 logits at a time (turned into their gradient in place), plus the chunk in the
-        # matmul dtype under 16-bit autocast, plus the hidden states' gradient (N, h), computed in the
-        # forward pass and held until the backward pass.
-        chunk_tokens = max(1, min(n_loss, chunk_bytes // (4 * d.vocab)))
-        loss = (4 + (a if a != 4 else 0)) * chunk_tokens * d.vocab + n_loss * d.h * a
-    else:
-        loss = 3 * 4 * n_loss * d.vocab
-    at_loss, in_layer = kept_at_loss + loss, kept_in_layer
-    details = {"per_layer_activation_bytes": per_layer, "checkpointed_input_bytes": layer_input,
-               "working_grad_bytes": work, "dequantized_weight_bytes": dequant,
-               "peak_at_loss_bytes": at_loss, "peak_in_layer_bytes": in_layer, "checkpoint_host_bytes": host}
-    if at_loss >= in_layer:
-        return kept_at_loss, loss, "loss", details
-    return in_layer, 0, "layer", details
-
-
+    if not chunked:
+        return 3 * 4 * n_loss * d.vocab  # full fp32 logits: log-softmax output, NLL's gradient, its gradient
+    # One chunk's fp32 logits at a time (turned into their gradient in place), plus the chunk in the matmul
+    # dtype under 16-bit autocast, plus the hidden states' gradient (n_loss, h), computed in the forward pass
+    # and held until the backward pass, beside the gathered labelled hidden states it is for.
+    chunk_tokens = max(1, min(n_loss, chunk_bytes // (4 * d.vocab)))
+    return (4 + (a if a != 4 else 0)) * chunk_tokens * d.vocab + 2 * n_loss * d.h * a

@@ -13,32 +13,32 @@ import logging
 
 import torch
 
-from ..config import dtype_name, parse_size
 from ..errors import ConfigError
 from ..memory.base_streaming import LayerOffload
 from ..memory.host_embedding import check_untied
 from ..memory.host_memory import available_host_bytes
-from .plan import plan
+from .plan import plan_checked
+from .shape import TrainingShape
 
 __all__ = ["offload_layers_for"]
 
 logger = logging.getLogger(__name__)
 
 
-def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: int | str | None = None,
-                       plan_options: dict | None = None, gradient_checkpointing: bool = True,
-                       offload_embedding: bool = False) -> LayerOffload | None:
+def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: int | None = None,
+                       shape: TrainingShape | None = None, offload_embedding: bool = False) -> LayerOffload | None:
     """The placement for ``prepare`` / ``load``: which decoder layers to offload, checked against host memory.
 
     ``"cpu"`` offloads every decoder layer; ``"auto"`` asks :func:`qolora.planning.plan.plan` for the fewest that
-    fit ``gpu_memory`` (default: the CUDA device's free memory) with the training shape in
-    ``plan_options``; on a CPU device ``"auto"`` offloads nothing (host and device are one memory).
+    fit ``gpu_memory`` (default: the CUDA device's free memory) for the training ``shape`` (default: the
+    planner's, seq 2048, batch 1); on a CPU device ``"auto"`` offloads nothing (host and device are one memory).
     ``offload_embedding``: the input embedding goes to host memory as well (the plan counts it); without
     it, ``"auto"`` on an untied model first moves the input embedding to host memory (almost free) and
     offloads decoder layers only if that is not enough. The placement's ``embedding`` says whether the
     embedding goes to host memory, asked for or chosen. Returns None when nothing is offloaded.
 
-    ``offload`` comes normalised (:class:`qolora.model.build_options.BuildOptions`).
+    ``offload``, ``gpu_memory`` (bytes) and ``shape`` come normalised
+    (:class:`qolora.model.build_options.BuildOptions`).
 
     Raises:
         ConfigError: the host cannot hold the offloaded part, or ``offload_embedding`` on a model with tied
@@ -57,15 +57,9 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
         return embedding_only
     if offload == "auto" and gpu_memory is None:
         gpu_memory = torch.cuda.mem_get_info(device)[0]
-    options = {"gradient_checkpointing": gradient_checkpointing, **(plan_options or {})}
-    memory_plan = plan(hf_config, bits=config.bits, rank=config.rank, alpha=config.alpha,
-                       target_modules=config.target_modules, quant_type=config.quant_type,
-                       blocksize=config.blocksize, double_quant=config.double_quant,
-                       compute_dtype=dtype_name(config.torch_compute_dtype if config.bits != 16
-                                                 else config.torch_dtype),
-                       adapter_dtype=dtype_name(config.torch_adapter_dtype), device=device.type,
-                       gpu_memory=parse_size(gpu_memory, "gpu_memory") if gpu_memory is not None else None,
-                       offload=offload, offload_embedding=offload_embedding, _search=False, **options)
+    shape = (shape or TrainingShape()).replace(device=device.type, offload=offload, gpu_memory=gpu_memory,
+                                               offload_embedding=offload_embedding)
+    memory_plan = plan_checked(hf_config, config, shape, search=False)
     indices = memory_plan.offloaded_layers
     if memory_plan.offload_embedding and not offload_embedding:  # chosen by the plan, not asked for
         logger.info("offload='auto': the input embedding (%.2f GiB) goes to host memory first",

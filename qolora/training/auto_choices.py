@@ -118,7 +118,8 @@ def next_checkpointing(current: bool | str | int, num_layers: int, device_type: 
 
 
 def resolve_checkpointing(model: nn.Module, *, seq_len: int, batch_size: int, optim: str = "paged_adamw_8bit",
-                          device: torch.device | str | None = None, free_bytes: int | None = None) -> Choice:
+                          device: torch.device | str | None = None, free_bytes: int | None = None,
+                          grad_accum: int = 1, processes: int = 1) -> Choice:
     """``gradient_checkpointing="auto"`` for a job of ``batch_size`` examples of up to ``seq_len`` tokens.
 
     Returns a :class:`Choice` whose value is False (no layer needs checkpointing), an integer ``k`` (checkpoint
@@ -137,7 +138,7 @@ def resolve_checkpointing(model: nn.Module, *, seq_len: int, batch_size: int, op
                       "checkpointed")
     try:
         need, weights = _step_needs(model, record.config, seq_len=seq_len, batch_size=batch_size, optim=optim,
-                                    kind=kind)
+                                    kind=kind, grads_persist=grad_accum > 1 or processes > 1)
     except Exception as exc:  # noqa: BLE001 - an architecture the planner cannot read: the safe setting
         return Choice("gradient_checkpointing", "auto", True, f"no plan for this model ({type(exc).__name__}: "
                       f"{exc}); every layer checkpointed")
@@ -184,21 +185,19 @@ def resolve_checkpointing(model: nn.Module, *, seq_len: int, batch_size: int, op
     return Choice("gradient_checkpointing", "auto", True, reason, details)
 
 
-def _step_needs(model: nn.Module, config, *, seq_len: int, batch_size: int, optim: str, kind: str) -> tuple[dict, int]:
+def _step_needs(model: nn.Module, config, *, seq_len: int, batch_size: int, optim: str, kind: str,
+                grads_persist: bool) -> tuple[dict, int]:
     """The plan's device bytes of one step for 0..L checkpointed layers and for offloaded checkpoints, and the
     base weights' bytes."""
     from ..adapters.layer import adapter_layers
-    from ..planning.plan import plan
+    from ..planning.plan import plan_checked
+    from ..planning.shape import TrainingShape
 
     kernels = next((layer.kernels for _, layer in adapter_layers(model)), "auto")
-    kernels = "auto" if kernels == "compile" else kernels
-    compute = config.torch_compute_dtype if config.bits != 16 else config.torch_dtype
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    p = plan(model.config, bits=config.bits, rank=config.rank, alpha=config.alpha,
-             target_modules=config.target_modules, quant_type=config.quant_type, blocksize=config.blocksize,
-             double_quant=config.double_quant, compute_dtype=names[compute],
-             adapter_dtype=names[config.torch_adapter_dtype], seq_len=seq_len, batch_size=batch_size, optim=optim,
-             kernels=kernels, device=kind, gradient_checkpointing=True, _search=False, _step_by_layers=True)
+    # gradients that live through the step (accumulation, DDP buckets) are planned as grad_accum > 1
+    shape = TrainingShape(seq_len=seq_len, batch_size=batch_size, optim=optim, kernels=kernels, device=kind,
+                          grad_accum=2 if grads_persist else 1)
+    p = plan_checked(model.config, config, shape, search=False, step_by_layers=True)
     return ({"layers": p.details["step_bytes_by_checkpointed_layers"],
              "offload": p.details["step_bytes_offloaded_checkpoints"]}, p.weights_bytes)
 

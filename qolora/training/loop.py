@@ -316,7 +316,8 @@ class _Run:
                                       "plan is per process, the shards' gathers must match)"))
             else:
                 choices.append(dist.on_main(lambda: resolve_checkpointing(
-                    self.model, seq_len=int(longest), batch_size=cfg.batch_size, optim=cfg.optim, device=self.device)))
+                    self.model, seq_len=int(longest), batch_size=cfg.batch_size, optim=cfg.optim, device=self.device,
+                    grad_accum=cfg.grad_accum, processes=self.world.size)))
         kernels = {layer.kernels for _, layer in adapter_layers(self.model)}
         if kernels == {"auto"} and not compiled_layer_count(self.model):
             choices.append(resolve_kernels(self.model, max_steps=cfg.max_steps,

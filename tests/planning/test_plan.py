@@ -21,15 +21,13 @@ from qolora.adapters.layer import adapter_parameters
 from qolora.base.hf_config import load_hf_config
 from qolora.base.synthetic import SyntheticCheckpoint
 from qolora.cli.main import main
-from qolora.config import parse_size
+from qolora.config import AdapterConfig, parse_size
 from qolora.planning.plan import plan
+from qolora.planning.shape import TrainingShape
 from qolora.training.loop import make_optimizer
 from step_peak import measure_step_peak
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -194,7 +192,7 @@ def test_num_gpus_data_parallel_and_fsdp():
 
 
 def _quantized_layer_bytes(model: str) -> int:
-    one_layer = plan(model, _search=False)
+    one_layer = plan(model)
     cfg = load_hf_config(model)
     return one_layer.quantized_weights_bytes // cfg.num_hidden_layers  # every decoder layer is alike; no other 4-bit
 
@@ -210,15 +208,60 @@ def test_fewest_checkpointed_layers_is_the_boundary():
     p = plan("llama-3-8b", gpu_memory=budget)
     k = p.fewest_checkpointed_layers
     assert p.fits and 0 < k < p.num_layers
-    assert plan("llama-3-8b", gpu_memory=budget, gradient_checkpointing=k, _search=False).fits
-    assert not plan("llama-3-8b", gpu_memory=budget, gradient_checkpointing=k - 1, _search=False).fits
+    assert plan("llama-3-8b", gpu_memory=budget, gradient_checkpointing=k).fits
+    assert not plan("llama-3-8b", gpu_memory=budget, gradient_checkpointing=k - 1).fits
     assert "--gradient-checkpointing " + str(k) in p.format_table()
-    tight = plan("qwen3-30b-a3b", gpu_memory="24GiB")  # fits only with every layer checkpointed: nothing faster
-    assert tight.fits and tight.fewest_checkpointed_layers is None and "faster" not in tight.format_table()
+    # A tight MoE job: the 6 last layers un-checkpointed keep their activations, but their backward comes before
+    # any other layer's adapter gradients exist (2.3 GiB here), so fewer checkpointed layers fit where all do.
+    tight = plan("qwen3-30b-a3b", gpu_memory="24GiB")
+    k = tight.fewest_checkpointed_layers
+    assert tight.fits and 0 < k < tight.num_layers
+    assert plan("qwen3-30b-a3b", gpu_memory="24GiB", gradient_checkpointing=k).fits
+    assert not plan("qwen3-30b-a3b", gpu_memory="24GiB", gradient_checkpointing=k - 1).fits
+    assert not plan("llama-3-8b", gpu_memory="7GiB").fits  # no line about a faster setting when it does not fit
+    assert "faster" not in plan("llama-3-8b", gpu_memory="7GiB").format_table()
     # fewer checkpointed layers: more memory, monotonically
-    totals = [plan("llama-3-8b", gradient_checkpointing=n, _search=False).total_bytes for n in (32, 20, 8, 0)]
+    totals = [plan("llama-3-8b", gradient_checkpointing=n).total_bytes for n in (32, 20, 8, 0)]
     assert totals == sorted(totals)
-    assert plan("llama-3-8b", gradient_checkpointing=0, _search=False).total_bytes == \
-        plan("llama-3-8b", gradient_checkpointing=False, _search=False).total_bytes
-    assert plan("llama-3-8b", gradient_checkpointing=32, _search=False).total_bytes == \
-        plan("llama-3-8b", _search=False).total_bytes
+    assert plan("llama-3-8b", gradient_checkpointing=0).total_bytes == \
+        plan("llama-3-8b", gradient_checkpointing=False).total_bytes
+    assert plan("llama-3-8b", gradient_checkpointing=32).total_bytes == \
+        plan("llama-3-8b").total_bytes
+
+
+def test_an_adapter_config_and_a_training_shape_plan_as_their_keywords():
+    """plan() takes what prepare builds (an AdapterConfig) and how it is trained (a TrainingShape); the keyword
+    form is the same plan, and mixing the two ways is refused (issue 21)."""
+    keywords = plan("llama-3-8b", rank=32, target_modules=["q_proj", "v_proj"], seq_len=4096, gpu_memory="24GiB",
+                    gradient_checkpointing="on")
+    objects = plan("llama-3-8b", AdapterConfig(rank=32, target_modules=("q_proj", "v_proj"), dtype="bf16"),
+                   TrainingShape(seq_len=4096, gpu_memory=24 << 30))
+    assert objects.to_dict() == keywords.to_dict()
+    # the compute dtype follows the shape's device when the config leaves it open, as prepare's does
+    assert plan("llama-3-8b", AdapterConfig(), TrainingShape(device="cpu")).settings["compute_dtype"] == "fp32"
+    with pytest.raises(ConfigError, match=r"config= and the keyword\(s\) \['rank'\]"):
+        plan("llama-3-8b", AdapterConfig(), rank=8)
+    with pytest.raises(ConfigError, match=r"shape= and the keyword\(s\) \['seq_len'\]"):
+        plan("llama-3-8b", shape=TrainingShape(), seq_len=8)
+    with pytest.raises(TypeError, match="seqlen"):
+        plan("llama-3-8b", seqlen=8)
+    with pytest.raises(ConfigError) as bad:  # every problem at once, the shape's and the adapters'
+        plan("llama-3-8b", rank=0, seq_len=0, optim="sgd", offload="gpu", kernels="fast")
+    assert len(bad.value.problems) == 5
+
+
+def test_adapter_gradients_are_counted_where_they_exist(tmp_path):
+    """With one micro-batch per step the adapters' gradients do not exist at the loss (the loop frees them after
+    each step): a 4-layer model with 2 layers checkpointed peaks there, measured; with gradient accumulation they
+    live through the step and the plan adds all of them."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+    _, predicted, peak = measure_step_peak(tmp_path, cfg, bf16=False, checkpointing=2, seq=512)
+    assert predicted.peak_moment == "loss" and predicted.adapter_grad_bytes == 0
+    assert predicted.step_bytes == pytest.approx(peak, rel=0.03), (predicted.details, peak)
+    accumulated = plan(cfg, bits=4, rank=8, seq_len=512, optim="adamw_8bit", gradient_checkpointing=2,
+                       compute_dtype="fp32", device="cpu", padded=False, grad_accum=4)
+    assert accumulated.adapter_grad_bytes == accumulated.adapter_bytes
+    assert accumulated.step_bytes == predicted.step_bytes + predicted.adapter_bytes
