@@ -348,8 +348,12 @@ def _layer_transients(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: 
             dataclasses.replace(d, experts_per_token=0, num_experts=0, i=0), B, T, adapted, r, a, adapter_b,
             autocast, bits, padded, fused)  # what the MoE block keeps (freed before the attention's backward)
         moe_work = N * d.h * a + -(-N * k // E) * 3 * d.expert_width * a
+        expert = max_mlp_linear * a + moe_work
         candidates = [(moe_recompute_end_bytes(d, N, a), False),
-                      (max_mlp_linear * a + moe_work - routed // E, True),
+                      # the first expert's backward: every other expert's activations alive, no gradient of the
+                      # layer's yet; the last one's: the others' activations freed, their gradients made
+                      (expert - routed // E, False),
+                      (expert - routed + routed // E, True),
                       (transient - routed, True)]
     return candidates, {"working_grad_bytes": work, "dequantized_weight_bytes": dequant}
 
