@@ -18,7 +18,8 @@ BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps fp32 optimizer states below this 
 BNB_OPTIM_BLOCK = 256
 QK_NORM = ("qwen3", "qwen3_moe")  # an RMSNorm per head on q and k before the rotary embedding (q_norm, k_norm)
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2", "phi3", "olmo", "olmo2",
-              "granite", "smollm3", "cohere", "starcoder2", "stablelm", "internlm2", "qwen2_moe", "qwen3_moe")
+              "granite", "smollm3", "cohere", "starcoder2", "stablelm", "internlm2", "qwen2_moe", "qwen3_moe",
+              "deepseek_v3")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,16 @@ class Dims:
     num_experts: int = 0
     qk_norm: bool = False  # q_norm / k_norm on every head (Qwen3, Qwen3-MoE)
     expert_width: int = 0  # a routed expert's intermediate size I
+    dense_layers: int = 0  # a MoE model's first layers with a dense MLP instead (DeepSeek's first_k_dense_replace)
+    dense_width: int = 0  # their intermediate size
+    # Multi-head latent attention (DeepSeek-V2/V3; kv_lora_rank 0: none): q through a q_lora_rank latent (0: one
+    # q_proj), k and v from a kv_lora_rank latent, with head dims of their own (qk = nope + rope, v).
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    sdpa_math: bool = False  # MLA on the CPU: SDPA runs its math kernel (set by step_memory from the device)
 
 
 def model_dims(hf_config) -> Dims:
@@ -59,7 +70,18 @@ def model_dims(hf_config) -> Dims:
                  float(getattr(text, "attention_dropout", 0.0) or 0.0), 0.0, getattr(text, "hidden_act", "silu"),
                  *moe_dims(text), qk_norm=getattr(text, "model_type", mt) in QK_NORM,
                  expert_width=(getattr(text, "moe_intermediate_size", None) or text.intermediate_size)
-                 if moe_dims(text)[0] else 0)
+                 if moe_dims(text)[0] else 0,
+                 dense_layers=(getattr(text, "first_k_dense_replace", None) or 0) if moe_dims(text)[0] else 0,
+                 dense_width=text.intermediate_size, **mla_dims(text))
+
+
+def mla_dims(text) -> dict:
+    """The multi-head latent attention fields of :class:`Dims` (none for other attention)."""
+    if not isinstance(getattr(text, "kv_lora_rank", None), int):
+        return {}
+    return {"q_lora_rank": text.q_lora_rank or 0, "kv_lora_rank": text.kv_lora_rank,
+            "qk_nope_head_dim": text.qk_nope_head_dim, "qk_rope_head_dim": text.qk_rope_head_dim,
+            "v_head_dim": text.v_head_dim}
 
 
 def mlp_width(text) -> int:
@@ -167,6 +189,38 @@ def inputs_bytes(N: int, widths_consumers: list[tuple[int, list[str]]], adapted:
     return total
 
 
+def mla_attention(d: Dims, B: int, T: int, a: int, autocast: bool) -> tuple[int, list[tuple[int, list[str]]]]:
+    """Multi-head latent attention (transformers' ``DeepseekV3Attention``): ``(bytes autograd keeps besides the
+    adapted layers' inputs, those inputs as (width, consumers))``. Exact accounting of a tiny DeepSeek-V3 layer
+    (tests/planning/test_plan_moe.py).
+
+    q_a_layernorm and kv_a_layernorm compute in fp32 like the layer norms: each keeps its fp32 input and 1/rms.
+    kv_a_layernorm's input is a view of kv_a_proj_with_mqa's output (the latent and the shared rope key): in
+    fp32 it keeps that whole output, under autocast only its fp32 copy of the latent. The rope'd parts, the
+    query's concatenation and the key built by copy are kept by SDPA alone. Its values are a view of kv_b_proj's
+    output (heads x (nope + v)): with q/k and v head dims apart, SDPA on CUDA runs its memory-efficient kernel,
+    which keeps q and k (heads x (nope + rope)), that whole output, its own output and the fp32 logsumexp (not
+    measured: no GPU); the CPU has no fused kernel for unequal head dims (``sdpa_math``) and runs the math one
+    in fp32 (16-bit inputs upcast), which keeps the scaled q and k, the fp32 probabilities (heads x T x T) and
+    v (kv_b_proj's output in fp32, an fp32 copy of v under autocast). The rotary tables are counted once per
+    model (``step_memory``'s ``rope``, of width ``head_dim`` = qk_rope_head_dim).
+    """
+    N = B * T
+    qk, v = d.heads * (d.qk_nope_head_dim + d.qk_rope_head_dim), d.heads * d.v_head_dim
+    norms = 4 * N * (d.q_lora_rank + 1 if d.q_lora_rank else 0)
+    norms += 4 * N * (d.kv_lora_rank + (0 if autocast else d.qk_rope_head_dim) + 1)
+    kv_b = N * (qk - d.heads * d.qk_rope_head_dim + v) * a  # kv_b_proj's output, the values' storage
+    if d.sdpa_math:
+        sdpa = 4 * (2 * N * qk + B * d.heads * T * T) + (4 * N * v if autocast else kv_b)
+    else:
+        sdpa = 2 * N * qk * a + kv_b + N * v * a + 4 * B * d.heads * T
+        if d.attn_dropout > 0:  # SDPA falls back to the math kernel: probabilities and their mask
+            sdpa += B * d.heads * T * T * (a + 1)
+    q_readers = ["q_a_proj", "kv_a_proj_with_mqa"] if d.q_lora_rank else ["q_proj", "kv_a_proj_with_mqa"]
+    inputs = [(d.h, q_readers), (d.q_lora_rank, ["q_b_proj"]), (d.kv_lora_rank, ["kv_b_proj"]), (v, ["o_proj"])]
+    return norms + sdpa, inputs
+
+
 def llama_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
                  bits: int, padded: bool, fused: bool = False) -> int:
     N = B * T
@@ -174,6 +228,7 @@ def llama_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adap
     norms = 2 * (4 * N * d.h + 4 * N)
     k_v = 2 * N * (q if padded and d.kv_heads != d.heads else kv) * a
     attn = N * q * a + k_v + N * q * a + 4 * B * d.heads * T
+    attn_inputs = [(d.h, ["q_proj", "k_proj", "v_proj"]), (q, ["o_proj"])]
     if d.qk_norm:
         # q_norm / k_norm compute in fp32 like the layer norms: each keeps its fp32 input (the q / k projection's
         # output; under autocast its fp32 copy) and 1/rms per head and token. Llama keeps neither (its rotary
@@ -181,9 +236,11 @@ def llama_layer(d: Dims, B: int, T: int, adapted: set[str], r: int, a: int, adap
         attn += 4 * N * (q + kv) + 4 * N * (d.heads + d.kv_heads)
     if d.attn_dropout > 0:  # SDPA falls back to the math kernel: probabilities and their mask
         attn += B * d.heads * T * T * (a + 1)
+    if d.kv_lora_rank:
+        attn, attn_inputs = mla_attention(d, B, T, a, autocast)
     mlp = 3 * N * d.i * a
-    inputs = inputs_bytes(N, [(d.h, ["q_proj", "k_proj", "v_proj"]), (q, ["o_proj"]), (d.h, ["gate_proj", "up_proj"]),
-                               (d.i, ["down_proj"])], adapted, a, adapter_b, autocast, bits, fused)
+    inputs = inputs_bytes(N, [*attn_inputs, (d.h, ["gate_proj", "up_proj"]), (d.i, ["down_proj"])], adapted, a,
+                          adapter_b, autocast, bits, fused)
     lora = N * r * (a if autocast else adapter_b) * len(adapted)
     moe = moe_routing_bytes(d, N, r, a, a if autocast else adapter_b, adapted)
     return norms + attn + mlp + inputs + lora + moe
@@ -231,15 +288,24 @@ class StepPeak:
         return self.activation_bytes + self.loss_bytes + self.grad_bytes
 
 
+def layer_spans(d: Dims) -> list[tuple[int, int, Dims]]:
+    """``(first layer, end, their dims)`` of each run of alike decoder layers: a MoE model's first ``dense_layers``
+    layers have a dense MLP of width ``dense_width`` (DeepSeek's ``first_k_dense_replace``), the others its experts."""
+    dense = min(d.dense_layers, d.L) if d.experts_per_token else 0
+    dense_dims = dataclasses.replace(d, i=d.dense_width, experts_per_token=0, num_experts=0, expert_width=0,
+                                     dense_layers=0)
+    return [span for span in ((0, dense, dense_dims), (dense, d.L, d)) if span[1] > span[0]]
+
+
 def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
           bits: int, padded: bool, checkpointing: bool | str | int, chunked: bool, chunk_bytes: int, max_linear: int,
           grad_bytes: int, layer_grad_bytes: int, grads_persist: bool, fused: bool = False,
-          max_mlp_linear: int | None = None) -> StepPeak:
+          max_mlp_linear: int | None = None, device: str = "cuda") -> StepPeak:
     """The predicted peak of one step (:class:`StepPeak`).
 
-    ``max_mlp_linear``: for a MoE model, the numel of the largest linear layer outside the attention (an
-    expert's, a shared expert's or a dense MLP's): the one dequantized while the MoE block's activations
-    are alive (``max_linear``, maybe an attention projection, only after they are freed).
+    ``max_mlp_linear``: for a MoE model, the numel of the largest linear layer outside the attention in its MoE
+    layers (an expert's, a shared expert's): the one dequantized while the MoE block's activations are alive
+    (``max_linear``, maybe an attention projection, only after they are freed).
 
     Adapter gradients (``grad_bytes`` in all, ``layer_grad_bytes`` for the most adapted decoder layer): the
     loop frees them after each optimizer step (``zero_grad(set_to_none=True)``), so with one micro-batch
@@ -248,33 +314,49 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
     its backward has begun (not at the end of a MoE layer's recompute). With ``grads_persist`` (several
     micro-batches per step, or DDP's gradient buckets) all of them live throughout.
 
+    Layers of different kinds (a MoE model's dense first layers, :func:`layer_spans`) keep their own bytes; the
+    backward pass's peak is the largest over the kinds, each at its own worst layer.
+
     ``checkpointing="offload"``: the layer checkpoints held in host memory are ``details["checkpoint_host_bytes"]``;
     an integer ``k``: only the first ``k`` layers are checkpointed.
     ``fused``: the adapted layers run :mod:`qolora.adapters.kernels`' fused step (no fp32 <-> 16-bit casts).
+    ``device``: ``"cpu"`` runs multi-head latent attention in SDPA's math kernel (:func:`mla_attention`).
     """
     N = B * T
-    layer_fn = gpt2_layer if d.family == "gpt2" else llama_layer
-    per_layer = layer_fn(d, B, T, adapted, r, a, adapter_b, autocast, bits, padded, fused)
+    if d.kv_lora_rank and device == "cpu":
+        d = dataclasses.replace(d, sdpa_math=True)
     layer_input = N * d.h * a
     rope = 2 * N * d.head_dim * a if d.family == "llama" else 0
     top = 4 * N * d.h + 4 * N + rope  # final norm keeps its fp32 input and 1/rms
-    candidates, transient_details = _layer_transients(d, B, T, adapted=adapted, r=r, a=a, adapter_b=adapter_b,
-                                                      autocast=autocast, bits=bits, padded=padded, fused=fused,
-                                                      max_linear=max_linear, max_mlp_linear=max_mlp_linear)
+    spans, transient_details = _spans(d, B, T, adapted=adapted, r=r, a=a, adapter_b=adapter_b, autocast=autocast,
+                                      bits=bits, padded=padded, fused=fused, max_linear=max_linear,
+                                      max_mlp_linear=max_mlp_linear)
+    per_layer = max(s[2] for s in spans)
 
-    def at_layer(kept: int, layers_after: int) -> tuple[int, int]:
-        """(bytes, of which adapter gradients) in the backward pass of a layer while ``kept`` bytes are held
-        and the ``layers_after`` layers after it have made their gradients (and this one its own, once its
-        backward has begun)."""
-        def grads(own: bool) -> int:
-            if grads_persist:
-                return grad_bytes
-            return min(grad_bytes, (layers_after + own) * layer_grad_bytes)
-        return max((kept + t + grads(own), grads(own)) for t, own in candidates)
+    def kept_in(lo: int, hi: int) -> int:
+        """Bytes the layers lo..hi-1 keep when none of them is checkpointed."""
+        return sum(max(0, min(hi, end) - max(lo, first)) * kept for first, end, kept, _ in spans)
+
+    def grads(own: bool, layers_after: int) -> int:
+        return grad_bytes if grads_persist else min(grad_bytes, (layers_after + own) * layer_grad_bytes)
+
+    def met(lo: int, hi: int, held: int) -> tuple[int, int]:
+        """(bytes, of which adapter gradients) at the worst backward pass of an un-checkpointed layer in
+        lo..hi-1, the layers after them freed: each kind's last such layer, ``held`` bytes besides."""
+        return max((held + kept_in(lo, e) + rope + t + grads(own, d.L - e), grads(own, d.L - e))
+                   for first, end, _, candidates in spans if (e := min(hi, end)) > max(lo, first)
+                   for t, own in candidates)
+
+    def recomputed(hi: int, held: int) -> tuple[int, int]:
+        """(bytes, of which adapter gradients) at the worst recompute of a checkpointed layer in 0..hi-1 with
+        ``held`` bytes held: each kind's first such layer (the most gradients after it). The recomputed layer's
+        norm keeps the checkpointed input itself when it is already fp32."""
+        own_input = layer_input if a == 4 and d.family == "llama" else 0
+        return max((held + rope + kept - own_input + t + grads(own, d.L - 1 - first),
+                    grads(own, d.L - 1 - first))
+                   for first, end, kept, candidates in spans if first < hi for t, own in candidates)
 
     host = 0
-    # The recomputed layer's norm keeps the checkpointed input itself when it is already fp32.
-    recomputed = per_layer - (layer_input if a == 4 and d.family == "llama" else 0)
     partial = type(checkpointing) is int and 0 < checkpointing < d.L
     # The backward pass goes from the last layer to the first, each leaving its adapters' gradients: the
     # first layer it meets holds at most its own, a recomputed layer those of every layer after it. The
@@ -284,9 +366,8 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
         # the un-checkpointed layers first (everything still held), then recomputes the checkpointed ones
         # (the others' activations freed by then): the layer peak is the larger of the two.
         k = checkpointing
-        kept = k * layer_input + (d.L - k) * per_layer
-        kept_at_loss = kept + top
-        in_layer = max(at_layer(kept + rope, 0), at_layer(k * layer_input + rope + recomputed, d.L - 1))
+        kept_at_loss = k * layer_input + kept_in(k, d.L) + top
+        in_layer = max(met(k, d.L, k * layer_input), recomputed(k, k * layer_input))
     elif checkpointing:
         if checkpointing == "offload":
             # Every layer's checkpoint waits in host memory. On the device: the first layer's input (the
@@ -294,13 +375,13 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
             # pass, the one checkpoint brought back for its layer's recompute.
             host = d.L * layer_input
             kept_at_loss = layer_input + top
-            in_layer = at_layer(2 * layer_input + rope + recomputed, d.L - 1)
+            in_layer = recomputed(d.L, 2 * layer_input)
         else:
             kept_at_loss = d.L * layer_input + top
-            in_layer = at_layer(d.L * layer_input + rope + recomputed, d.L - 1)
+            in_layer = recomputed(d.L, d.L * layer_input)
     else:
-        kept_at_loss = d.L * per_layer + top
-        in_layer = at_layer(d.L * per_layer + rope, 0)
+        kept_at_loss = kept_in(0, d.L) + top
+        in_layer = met(0, d.L, 0)
     loss = loss_bytes(d, B, T, a, chunked, chunk_bytes)
     grads_at_loss = grad_bytes if grads_persist else 0
     at_loss = kept_at_loss + loss + grads_at_loss
@@ -313,6 +394,20 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
     if in_layer >= grad_bytes:
         return StepPeak(in_layer - grads_in_layer, 0, grads_in_layer, "layer", details)
     return StepPeak(0, 0, grad_bytes, "optimizer", details)
+
+
+def _spans(d: Dims, B: int, T: int, *, max_linear: int, max_mlp_linear: int | None, **layer_args
+           ) -> tuple[list[tuple[int, int, int, list[tuple[int, bool]]]], dict]:
+    """``[(first layer, end, bytes each of them keeps, the candidate peaks of its backward pass)]`` of each run of
+    alike decoder layers (:func:`layer_spans`), and the transients' parts for the plan's details (the largest)."""
+    layer_fn = gpt2_layer if d.family == "gpt2" else llama_layer
+    spans, details = [], {}
+    for first, end, kind in layer_spans(d):
+        candidates, parts = _layer_transients(kind, B, T, **layer_args, max_linear=max_linear,
+                                              max_mlp_linear=max_mlp_linear)
+        spans.append((first, end, layer_fn(kind, B, T, **layer_args), candidates))
+        details = {k: max(v, details.get(k, 0)) for k, v in parts.items()}
+    return spans, details
 
 
 def _layer_transients(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,

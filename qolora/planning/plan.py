@@ -44,8 +44,24 @@ experts' adapter ``x @ A^T`` per pair, and the router's fp32 probabilities ``4*N
 pass the experts' weights are dequantized while the block's activations live (the largest linear outside
 the attention), the attention's after they are freed; the end of the layer's recompute also holds the
 routing mask ``8*N*k*(E+1)``, the block's input and output accumulator and the incoming gradient
-(``3*a*N*h``) and the router logits. Measured: ``tests/planning/test_plan_moe.py``, and full-width
-Mixtral-8x7B / Qwen3-30B-A3B layers in ``benchmarks/scale.py``.
+(``3*a*N*h``) and the router logits. A MoE model's first ``first_k_dense_replace`` layers (DeepSeek) are
+dense, with their own MLP width (``intermediate_size``): the layers' kept bytes are summed kind by kind, and
+the backward pass's peak is the larger of the two kinds' (each at its worst layer). Measured:
+``tests/planning/test_plan_moe.py``, and full-width Mixtral-8x7B / Qwen3-30B-A3B layers in ``benchmarks/scale.py``.
+
+Multi-head latent attention (DeepSeek-V2/V3; ``qr`` = q_lora_rank, ``kr`` = kv_lora_rank, per head ``qk`` =
+qk_nope_head_dim + qk_rope_head_dim and ``v`` = v_head_dim; :func:`qolora.planning.memory_model.mla_attention`)
+replaces the attention terms: q_a_layernorm and kv_a_layernorm keep their fp32 inputs and 1/rms,
+``4*N*(qr + 1) + 4*N*(kr + 1)`` (in fp32 kv_a_layernorm's input is a view of kv_a_proj_with_mqa's output,
+which it keeps whole: ``+ 4*N*qk_rope_head_dim``); the values are a view of kv_b_proj's output, kept whole,
+``a*N*heads*(qk_nope_head_dim + v)``; SDPA on CUDA (its memory-efficient kernel: q/k and v head dims differ)
+keeps q and k ``2*a*N*heads*qk``, its output ``a*N*heads*v`` and the logsumexp. The CPU has no fused kernel
+for unequal head dims: the math kernel computes in fp32 and keeps the scaled q and k ``2*4*N*heads*qk``, the
+probabilities ``4*B*heads*T*T`` and v (kv_b_proj's output in fp32, under autocast an fp32 copy of v,
+``4*N*heads*v``). The adapted layers' inputs: ``h`` (q_a_proj or q_proj, kv_a_proj_with_mqa), ``qr``
+(q_b_proj), ``kr`` (kv_b_proj), ``heads*v`` (o_proj). Measured on the CPU (exact, per term, on a tiny
+DeepSeek-V3: ``tests/planning/test_plan_moe.py``); the CUDA kernel's terms are from what SDPA saves, not
+measured.
 
 GPT-2 style layers (LayerNorm, fused ``c_attn``, GELU MLP) use the same terms with their own list
 (see :func:`gpt2_layer`). Without gradient checkpointing all ``L`` layers are kept; with it, only
@@ -350,9 +366,12 @@ class _Sizer:
         self.a = _DTYPE_BYTES[m.dtype]
         self.adapter_b = _DTYPE_BYTES[config.torch_adapter_dtype]
         self.max_linear = max((math.prod(layer_shape(x)) for x in m.linears.values()), default=0)
-        # MoE: the largest linear outside the attention, dequantized while the experts' activations are alive
+        # MoE: the largest linear outside the attention of a MoE layer (not a dense first layer's MLP),
+        # dequantized while the experts' activations are alive
+        moe_layers = {m.layer_of(n) for n in m.linears if ".experts." in f".{n}."}
+        in_moe = (lambda n: m.layer_of(n) in moe_layers) if moe_layers else (lambda n: True)
         self.max_mlp_linear = max((math.prod(layer_shape(x)) for n, x in m.linears.items()
-                                   if ".self_attn." not in f".{n}."), default=0)
+                                   if ".self_attn." not in f".{n}." and in_moe(n)), default=0)
         self.adapted = adapted_kinds(m.targets, m.dims.family)
         # the input embedding can live in host memory, and that takes it off a GPU
         self.embedding_can_move = (self.weights.embedding_replaceable and shape.device == "cuda"
@@ -366,7 +385,7 @@ class _Sizer:
             checkpointing=s.planned_checkpointing if checkpointing is None else checkpointing,
             chunked=s.chunked_loss, chunk_bytes=s.loss_chunk_bytes, max_linear=self.max_linear,
             grad_bytes=w.adapters, layer_grad_bytes=w.layer_grads, grads_persist=s.grad_accum > 1 or s.num_gpus > 1,
-            fused=fused_step(s.kernels, self.config.bits), max_mlp_linear=self.max_mlp_linear)
+            fused=fused_step(s.kernels, self.config.bits), max_mlp_linear=self.max_mlp_linear, device=s.device)
 
     def overhead(self, rest: int) -> tuple[int, int]:
         """(CUDA context, allocator margin) on top of ``rest`` bytes on a GPU."""
