@@ -230,6 +230,11 @@ def peft_loftq_model(model_dir: str | Path, *, rank: int, alpha: float, dtype: s
     from peft import LoraConfig, get_peft_model, replace_lora_weights_loftq
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from qolora.base.bnb_cpu_fix import ensure_cpu_dequantize_correct
+
+    # PEFT's LoftQ dequantizes the 4-bit base to fit its factors: on a CPU whose bitsandbytes AVX-512
+    # dequantization is wrong for some shapes, the reference would fit them to a wrong base
+    ensure_cpu_dequantize_correct()
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch_dtype)
@@ -239,6 +244,11 @@ def peft_loftq_model(model_dir: str | Path, *, rank: int, alpha: float, dtype: s
                                                  lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"))
     with peft_loftq_on_cpu() as how:
         replace_lora_weights_loftq(peft_model, model_path=str(model_dir))
+    for module in peft_model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            # as qolora's own 4-bit layers: on a CPU with AVX512-BF16, bitsandbytes would repack the weight with
+            # bf16 statistics at the first eval forward, and the reference would evaluate other weights
+            module.support_avx512bf16_for_cpu = False
     peft_model.eval()
     peft_model.loftq_how = how
     return peft_model

@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import qolora  # noqa: E402
 import qolora.cli.chat  # noqa: E402
 from qolora import AdapterError, CheckpointError, ConfigError  # noqa: E402
-from qolora.cli.main import main as cli  # noqa: E402
+from qolora.cli.commands import main as cli  # noqa: E402
 from qolora.data.tokens import DataError  # noqa: E402
 from qolora.files import FolderBusyError, sha256_file  # noqa: E402
 from tiny_models import make_tiny_llama  # noqa: E402

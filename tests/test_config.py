@@ -8,7 +8,7 @@ import math
 import pytest
 
 from qolora import AdapterConfig, ConfigError, finetune, prepare
-from qolora.cli.main import main
+from qolora.cli.commands import main
 from tiny_runs import error_line, run_options
 
 

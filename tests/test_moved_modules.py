@@ -41,9 +41,12 @@ def test_old_module_paths_resolve_to_the_new_modules_with_a_warning():
             warnings.simplefilter("always")
             from qolora.data import tokenize_dataset
             from qolora.export import export_lora
-            from qolora.cli import build_parser
-        assert len({str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)}) == 3
+            from qolora.cli import build_parser, main
+            from qolora.plan import add_parser
+        assert len({str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)}) == 5
         assert export_lora is qolora.export_lora and callable(tokenize_dataset) and callable(build_parser)
+        import qolora.cli.commands
+        assert main is qolora.cli.commands.main and callable(add_parser)  # 0.5's qolora.cli.main, a function
         try:
             from qolora.data import no_such_name  # noqa: F401
         except ImportError:

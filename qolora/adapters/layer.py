@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from ..base.quant import dequantize_weight, quantization_kind
 from .kernels import check_kernels, fused_adapter_linear, note_fallback, unsupported_reason
 
-__all__ = ["AdapterLinear", "adapter_layers", "adapter_parameters", "adapter_state_dict",
+__all__ = ["AdapterLinear", "adapter_layers", "apply_kernels", "adapter_parameters", "adapter_state_dict",
            "mark_only_adapters_trainable", "replace_module", "set_kernels"]
 
 
@@ -143,10 +143,18 @@ class AdapterLinear(nn.Module):
 def set_kernels(model: nn.Module, kernels: str) -> None:
     """Choose the training step: ``"auto"`` (every adapter layer fused where it applies), ``"compile"``
     (the same, and the decoder layers' training forward compiled: :mod:`qolora.adapters.compiled_layers`) or
-    ``"off"`` (the plain path, eager)."""
+    ``"off"`` (the plain path, eager).
+
+    Raises:
+        ValueError: another ``kernels``, naming the choices.
+    """
+    apply_kernels(model, check_kernels(kernels))
+
+
+def apply_kernels(model: nn.Module, kernels: str) -> None:
+    """:func:`set_kernels` for a ``kernels`` already checked (``prepare``'s build options)."""
     from .compiled_layers import compile_decoder_layers, uncompile_decoder_layers
 
-    check_kernels(kernels)
     for _, layer in adapter_layers(model):
         layer.kernels = kernels
     if kernels == "compile":

@@ -1,5 +1,5 @@
 """``python -m qolora.cli``: the ``qolora`` command."""
 
-from .main import main
+from .commands import main
 
 raise SystemExit(main())

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.layer import AdapterLinear, mark_only_adapters_trainable, replace_module, set_kernels
+from ..adapters.layer import AdapterLinear, apply_kernels, mark_only_adapters_trainable, replace_module
 from ..base.experts import is_router
 from ..base.quant import make_base_layer, quantization_error, quantize_dequantize
 from ..base.reader import (
@@ -396,7 +396,7 @@ def prepare_checked(base: BaseCheckpoint, cfg: AdapterConfig, build: BuildOption
     name = name if name is not None else str(base.dir)
     adopt(net, ModelRecord(config=cfg, base=name, base_dir=base.dir, report=report,
                                    offload=placement.streamer if placement is not None else None))
-    set_kernels(net, build.kernels)
+    apply_kernels(net, build.kernels)
     if gradient_checkpointing not in (False, "auto"):  # "auto": the training run decides (see above)
         enable_gradient_checkpointing(net, offload=gradient_checkpointing == "offload",
                                       layers=None if isinstance(gradient_checkpointing, (bool, str))

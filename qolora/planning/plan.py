@@ -124,6 +124,7 @@ from ..errors import ConfigError
 from ..memory.base_streaming import decoder_layers, spread
 from ..memory.gradient_checkpointing import check_checkpointed_layers
 from ..memory.host_embedding import check_untied, input_embedding_name
+from ..moved_modules import forward_names
 from .memory_model import (
     Dims,
     StepPeak,
@@ -137,6 +138,9 @@ from .memory_plan import MARGIN_FRACTION, MemoryPlan, gib
 from .shape import TrainingShape
 
 __all__ = ["MemoryPlan", "TrainingShape", "plan", "plan_checked"]
+
+# qolora 0.5's qolora.plan also held the command's parser (add_parser, run): now qolora.cli.plan, for one release
+__getattr__ = forward_names("qolora.planning.plan", "qolora.cli.plan")
 
 logger = logging.getLogger(__name__)
 

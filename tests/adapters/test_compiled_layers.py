@@ -139,7 +139,7 @@ def test_backend_failure_falls_back_to_eager_and_logs_once(tiny_llama_dir, monke
 
 def test_cli_and_finetune_accept_compile():
     from qolora.adapters.kernels import check_kernels
-    from qolora.cli import main as cli
+    from qolora.cli import commands as cli
 
     assert cli.build_parser().parse_args(["finetune", "--kernels", "compile"]).kernels == "compile"
     assert check_kernels("compile") == "compile"

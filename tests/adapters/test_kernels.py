@@ -156,7 +156,7 @@ def test_partial_checkpointing_in_the_loop_config():
 def test_cli_kernels_and_checkpointed_layers(capsys):
     import json
 
-    from qolora.cli import main as cli
+    from qolora.cli import commands as cli
 
     parser = cli.build_parser()
     args = parser.parse_args(["finetune", "--kernels", "off", "--gradient-checkpointing", "4"])

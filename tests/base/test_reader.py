@@ -23,7 +23,7 @@ import qolora
 import qolora.cli.chat
 import qolora.planning.plan
 from qolora import ConfigError, finetune, prepare
-from qolora.cli.main import main
+from qolora.cli.commands import main
 from tiny_runs import error_line, run_options
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"

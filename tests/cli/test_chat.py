@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import qolora
-from qolora.cli.main import main
+from qolora.cli.commands import main
 from tiny_runs import error_line
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qolora.cli.main import build_parser, main
+from qolora.cli.commands import build_parser, main
 from tiny_chat import make_chat_model_dir, write_chat_jsonl
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from qolora.cli.main import main
+from qolora.cli.commands import main
 
 
 def test_info_understands_a_merged_folder(tiny_inputs, finished_run, tmp_path, capsys):

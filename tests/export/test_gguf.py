@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import qolora
-from qolora.cli import main as cli
+from qolora.cli import commands as cli
 from qolora.cli.export import add_export_command
 from qolora.errors import ConfigError
 from qolora.export.gguf import (

@@ -9,7 +9,7 @@ import pytest
 
 import qolora
 from qolora import ConfigError
-from qolora.cli.main import main
+from qolora.cli.commands import main
 from tiny_runs import error_line, tree_hashes
 
 

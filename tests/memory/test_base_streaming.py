@@ -195,7 +195,7 @@ def test_plan_70b_on_24gib_fits_with_offload():
 
 
 def test_plan_cli_offload_json(capsys):
-    from qolora.cli.main import main
+    from qolora.cli.commands import main
 
     assert main(["plan", "llama-3-70b", "--gpu-memory", "24GiB", "--offload", "auto", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -161,7 +161,7 @@ def test_plan_moves_the_checkpoints_to_the_host():
 def test_cli_takes_the_offload_value(capsys):
     import json
 
-    from qolora.cli import main as cli
+    from qolora.cli import commands as cli
 
     parser = cli.build_parser()
     assert parser.parse_args(["finetune"]).gradient_checkpointing == "auto"  # issue 27: chosen at launch

@@ -14,7 +14,7 @@ from torch import nn
 
 import qolora
 from qolora import ConfigError, adapter_state_dict, load, merge, save_adapter
-from qolora.cli.main import build_parser, main
+from qolora.cli.commands import build_parser, main
 from qolora.memory.host_embedding import HostEmbedding, host_embeddings, input_embedding_name
 from qolora.planning.plan import plan
 from tiny_models import loss_and_grads, make_tiny_llama  # loss_and_grads: loss and every trainable gradient

@@ -10,7 +10,7 @@ import torch
 import qolora
 from qolora.adapters.layer import adapter_layers
 from qolora.base.quant import dequantize_weight, make_base_layer, quantize_dequantize
-from qolora.cli.main import build_parser
+from qolora.cli.commands import build_parser
 from qolora.config import AdapterConfig
 from qolora.errors import ConfigError
 from qolora.inits import olora_factors, pissa_factors, refine_factors

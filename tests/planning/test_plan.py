@@ -20,7 +20,7 @@ from qolora import ConfigError
 from qolora.adapters.layer import adapter_parameters
 from qolora.base.hf_config import load_hf_config
 from qolora.base.synthetic import SyntheticCheckpoint
-from qolora.cli.main import main
+from qolora.cli.commands import main
 from qolora.config import AdapterConfig, parse_size
 from qolora.planning.plan import plan
 from qolora.planning.shape import TrainingShape

@@ -53,7 +53,7 @@ def roomy_host(monkeypatch):
 def test_auto_is_the_default_everywhere():
     import inspect
 
-    from qolora.cli.main import build_parser
+    from qolora.cli.commands import build_parser
     from qolora.training.finetune import finetune
 
     assert checkpointing_mode("auto") == "auto" and checkpointing_mode("AUTO") == "auto"

@@ -9,7 +9,7 @@ import pytest
 
 import qolora
 from qolora import CheckpointError, finetune
-from qolora.cli.main import main
+from qolora.cli.commands import main
 from tiny_runs import run_options
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import qolora
-from qolora.cli.main import main
+from qolora.cli.commands import main
 from qolora.errors import ConfigError
 from qolora.planning.plan import plan
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from qolora import CheckpointError, ConfigError, finetune
-from qolora.cli.main import main
+from qolora.cli.commands import main
 from qolora.files import FolderBusyError, folder_lock
 from tiny_runs import error_line, run_options, tree_hashes
 
