@@ -300,7 +300,7 @@ def layer_spans(d: Dims) -> list[tuple[int, int, Dims]]:
 def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, adapter_b: int, autocast: bool,
           bits: int, padded: bool, checkpointing: bool | str | int, chunked: bool, chunk_bytes: int, max_linear: int,
           grad_bytes: int, layer_grad_bytes: int, grads_persist: bool, fused: bool = False,
-          max_mlp_linear: int | None = None, device: str = "cuda") -> StepPeak:
+          max_mlp_linear: int | None = None, device: str = "cuda", factor_copy_bytes: int = 0) -> StepPeak:
     """The predicted peak of one step (:class:`StepPeak`).
 
     ``max_mlp_linear``: for a MoE model, the numel of the largest linear layer outside the attention in its MoE
@@ -313,6 +313,9 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
     frees what each finished layer kept: a layer sees the gradients of every layer after it, and its own once
     its backward has begun (not at the end of a MoE layer's recompute). With ``grads_persist`` (several
     micro-batches per step, or DDP's gradient buckets) all of them live throughout.
+
+    ``factor_copy_bytes``: what each layer keeps of its adapters' factors cast for the matmul (under 16-bit
+    autocast with fp32 adapters, the 16-bit copies the backward pass needs; the most adapted layer's).
 
     Layers of different kinds (a MoE model's dense first layers, :func:`layer_spans`) keep their own bytes; the
     backward pass's peak is the largest over the kinds, each at its own worst layer.
@@ -331,6 +334,7 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
     spans, transient_details = _spans(d, B, T, adapted=adapted, r=r, a=a, adapter_b=adapter_b, autocast=autocast,
                                       bits=bits, padded=padded, fused=fused, max_linear=max_linear,
                                       max_mlp_linear=max_mlp_linear)
+    spans = [(first, end, kept + factor_copy_bytes, candidates) for first, end, kept, candidates in spans]
     per_layer = max(s[2] for s in spans)
 
     def kept_in(lo: int, hi: int) -> int:

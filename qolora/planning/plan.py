@@ -377,6 +377,9 @@ class _Sizer:
         self.max_mlp_linear = max((math.prod(layer_shape(x)) for n, x in m.linears.items()
                                    if ".self_attn." not in f".{n}." and in_moe(n)), default=0)
         self.adapted = adapted_kinds(m.targets, m.dims.family)
+        # under 16-bit autocast each layer keeps its fp32 factors' 16-bit copies for the backward pass
+        self.factor_copies = (self.weights.layer_grads // self.adapter_b * self.a
+                              if self.a < 4 and self.adapter_b != self.a else 0)
         # the input embedding can live in host memory, and that takes it off a GPU
         self.embedding_can_move = (self.weights.embedding_replaceable and shape.device == "cuda"
                                    and not shape.sharded)
@@ -389,7 +392,8 @@ class _Sizer:
             checkpointing=s.planned_checkpointing if checkpointing is None else checkpointing,
             chunked=s.chunked_loss, chunk_bytes=s.loss_chunk_bytes, max_linear=self.max_linear,
             grad_bytes=w.adapters, layer_grad_bytes=w.layer_grads, grads_persist=s.grad_accum > 1 or s.num_gpus > 1,
-            fused=fused_step(s.kernels, self.config.bits), max_mlp_linear=self.max_mlp_linear, device=s.device)
+            fused=fused_step(s.kernels, self.config.bits), max_mlp_linear=self.max_mlp_linear,
+            factor_copy_bytes=self.factor_copies, device=s.device)
 
     def overhead(self, rest: int) -> tuple[int, int]:
         """(CUDA context, allocator margin) on top of ``rest`` bytes on a GPU."""

@@ -5,15 +5,14 @@ on the CPU under :class:`benchmarks.memtrack.MemTracker`, the plan's ``step_byte
 MoE decoders whose experts and routing carry most of the layer's memory (hidden 256; 8 experts, 2 per token,
 or 16, 4 per token, with or without a shared expert), so that a wrong MoE term shows: the per-routed-pair
 tensors, the routing mask and the experts' dequantized weights
-(:func:`qolora.planning.memory_model.moe_routing_bytes`). Measured / plan here: 0.95-1.02 (0.91-0.95 while the
-plan counted the layer's own adapter gradients at the end of its recompute and in its first expert's backward,
-before they exist); before the three h-wide tensors per routed pair and Qwen3's q/k norms were counted,
-Qwen3-MoE under bf16 autocast was 1.13 (the plan too low). DeepSeek-V3 (multi-head latent attention, a dense
-first layer before a MoE one with 16 experts and a shared one; on the CPU its SDPA runs the math kernel, the q/k
-and v head dims being unequal): 0.99 (fp32) and 1.03 (bf16 autocast; the fused adapter step's 16-bit copies of
-the factors, kept for the backward pass and not planned, are most of the 3%); planned with Llama attention and
-every layer MoE it was 1.16 and 1.27. The full-width Mixtral-8x7B and Qwen3-30B-A3B layers are measured by
-``benchmarks/scale.py``.
+(:func:`qolora.planning.memory_model.moe_routing_bytes`). Measured / plan here: 0.95-0.99 (0.91-0.95 while the plan
+counted the layer's own adapter gradients at the end of its recompute and in its first expert's backward, before
+they exist; 1.02 under bf16 autocast before each layer's 16-bit copies of its fp32 factors, kept for the backward
+pass, were counted); before the three h-wide tensors per routed pair and Qwen3's q/k norms were counted, Qwen3-MoE
+under bf16 autocast was 1.13 (the plan too low). DeepSeek-V3 (multi-head latent attention, a dense first layer
+before a MoE one with 16 experts and a shared one; on the CPU its SDPA runs the math kernel, the q/k and v head
+dims being unequal): 0.99 (fp32) and 1.00 (bf16 autocast); planned with Llama attention and every layer MoE it was
+1.16 and 1.27. The full-width Mixtral-8x7B and Qwen3-30B-A3B layers are measured by ``benchmarks/scale.py``.
 """
 
 from __future__ import annotations
