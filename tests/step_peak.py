@@ -15,14 +15,15 @@ from qolora.planning.plan import plan
 from qolora.training.loop import loss_sum, make_optimizer
 
 
-def measure_step_peak(folder, cfg, *, bf16: bool, checkpointing, seq: int = 256, offload_embedding: bool = False):
+def measure_step_peak(folder, cfg, *, bf16: bool, checkpointing, seq: int = 256, offload_embedding: bool = False,
+                      rank: int = 8):
     """``(model, predicted plan, measured peak bytes)`` of the second of two steps (the one that holds the
     optimizer states: the steady state the plan predicts), for a random ``cfg`` model saved to ``folder``."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    model = qolora.prepare(folder, bits=4, rank=8, gradient_checkpointing=checkpointing, progress=False,
+    model = qolora.prepare(folder, bits=4, rank=rank, gradient_checkpointing=checkpointing, progress=False,
                            offload_embedding=offload_embedding, **({"dtype": "bf16"} if bf16 else {}))
     model.train()
     params = [p for _, p in adapter_parameters(model)]
@@ -42,7 +43,7 @@ def measure_step_peak(folder, cfg, *, bf16: bool, checkpointing, seq: int = 256,
     with MemTracker() as tracker:
         step()
         step()
-    predicted = plan(cfg, bits=4, rank=8, seq_len=seq, optim="adamw_8bit", gradient_checkpointing=checkpointing,
+    predicted = plan(cfg, bits=4, rank=rank, seq_len=seq, optim="adamw_8bit", gradient_checkpointing=checkpointing,
                      compute_dtype="bf16" if bf16 else "fp32", chunked_loss=True, device="cpu", padded=False,
                      offload_embedding=offload_embedding)
     return model, predicted, tracker.peak

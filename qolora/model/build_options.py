@@ -54,6 +54,9 @@ class BuildOptions:
         gpu_memory = check(check_gpu_memory, gpu_memory, offload)
         check(check_offload_embedding, offload_embedding)
         shape = check(_offload_shape, offload_plan, True if checkpointing is None else checkpointing)
+        if shape is not None and shape.sharded and offload is not None:
+            problems.append(f"offload={offload!r} with an offload_plan of FSDP over {shape.num_gpus} GPUs: FSDP "
+                            "shards the base instead of offloading it; use one of them")
         if problems:
             return None, problems
         return cls(checkpointing, offload, gpu_memory, kernels, offload_embedding, shape), []

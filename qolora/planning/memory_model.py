@@ -346,9 +346,12 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
 
     def met(lo: int, hi: int, held: int) -> tuple[int, int]:
         """(bytes, of which adapter gradients) at the worst backward pass of an un-checkpointed layer in
-        lo..hi-1, the layers after them freed: each kind's last such layer, ``held`` bytes besides."""
+        lo..hi-1, the layers after it freed, ``held`` bytes besides. Along a run of alike layers the kept
+        activations fall and the gradients grow linearly, so the worst is at one end of each run: its last
+        layer (the most kept) or its first (the most gradients)."""
         return max((held + kept_in(lo, e) + rope + t + grads(own, d.L - e), grads(own, d.L - e))
-                   for first, end, _, candidates in spans if (e := min(hi, end)) > max(lo, first)
+                   for first, end, _, candidates in spans if min(hi, end) > max(lo, first)
+                   for e in {min(hi, end), max(lo, first) + 1}
                    for t, own in candidates)
 
     def recomputed(hi: int, held: int) -> tuple[int, int]:

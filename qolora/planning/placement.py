@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from ..memory.base_streaming import LayerOffload
+from ..memory.gradient_checkpointing import check_checkpointed_layers
 from ..memory.host_embedding import check_untied
 from ..memory.host_memory import available_host_bytes
 from .plan import plan_checked
@@ -59,6 +60,7 @@ def offload_layers_for(hf_config, config, offload: str | None, *, gpu_memory: in
         gpu_memory = torch.cuda.mem_get_info(device)[0]
     shape = (shape or TrainingShape()).replace(device=device.type, offload=offload, gpu_memory=gpu_memory,
                                                offload_embedding=offload_embedding)
+    check_checkpointed_layers(shape.gradient_checkpointing, hf_config)  # the plan's own count, as prepare's
     memory_plan = plan_checked(hf_config, config, shape, search=False)
     indices = memory_plan.offloaded_layers
     if memory_plan.offload_embedding and not offload_embedding:  # chosen by the plan, not asked for

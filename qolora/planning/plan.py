@@ -117,11 +117,12 @@ from torch import nn
 
 from ..adapters.kernels import fused_step
 from ..base.experts import is_router, moe_counts
-from ..base.hf_config import load_hf_config
+from ..base.hf_config import builtin_configs, load_hf_config  # noqa: F401 - builtin_configs: a 0.5 name of qolora.plan
 from ..base.reader import layer_shape, linear_layers, meta_skeleton, rank_problem, select_targets
 from ..config import AdapterConfig, parse_dtype
 from ..errors import ConfigError
 from ..memory.base_streaming import decoder_layers, spread
+from ..memory.chunked_loss import DEFAULT_CHUNK_BYTES
 from ..memory.gradient_checkpointing import check_checkpointed_layers
 from ..memory.host_embedding import check_untied, input_embedding_name
 from ..moved_modules import forward_names
@@ -134,7 +135,7 @@ from .memory_model import (
     quantized_bytes,
     step_memory,
 )
-from .memory_plan import MARGIN_FRACTION, MemoryPlan, gib
+from .memory_plan import MARGIN_FRACTION, GiB, MemoryPlan, gib  # noqa: F401 - GiB: a 0.5 name of qolora.plan
 from .shape import TrainingShape
 
 __all__ = ["MemoryPlan", "TrainingShape", "plan", "plan_checked"]
@@ -145,6 +146,7 @@ __getattr__ = forward_names("qolora.planning.plan", "qolora.cli.plan")
 logger = logging.getLogger(__name__)
 
 MiB = 1024**2
+LOSS_CHUNK_BYTES = DEFAULT_CHUNK_BYTES  # the loop's loss (qolora.memory.chunked_loss); a 0.5 name of qolora.plan
 CUDA_CONTEXT_BYTES = 500 * MiB
 MARGIN_MIN_BYTES = 256 * MiB
 #: The keyword options of :func:`plan` that describe the adapters and the base (an :class:`AdapterConfig`'s);
@@ -446,7 +448,7 @@ def _plan(m: _Model, config: AdapterConfig, shape: TrainingShape, *, name: str |
     details = dict(peak.details)
     if step_by_layers:  # for gradient_checkpointing="auto" (qolora.training.auto_choices)
         def device_step(checkpointing) -> int:
-            return sizer.step(T, B, checkpointing).bytes + w.adapters + w.optimizer
+            return sizer.step(T, B, checkpointing).bytes + w.optimizer  # as MemoryPlan.step_bytes
         details["step_bytes_by_checkpointed_layers"] = [device_step(k if k < d.L else True) for k in range(d.L + 1)]
         details["step_bytes_offloaded_checkpoints"] = device_step("offload" if shape.device == "cuda" else True)
     details.update(per_layer_frozen_bytes=w.per_layer[0] if w.per_layer else 0, input_embedding_bytes=w.embedding,
@@ -507,7 +509,8 @@ def _search(result: MemoryPlan, sizer: _Sizer, n_off: int, on_host: bool) -> Non
                 or 131072)
     result.max_seq_len = _largest(lambda T: fits(T, shape.batch_size), limit)
     result.max_batch_size = _largest(lambda B: fits(shape.seq_len, B), 4096)
-    if result.fits and shape.gradient_checkpointing in (True, "auto") and shape.device == "cuda":
+    every_layer = shape.gradient_checkpointing is True or shape.gradient_checkpointing == "auto"
+    if result.fits and every_layer and shape.device == "cuda":
         # the GPU part with only the first k layers checkpointed (k = L: every layer, as now)
         fewest = next(k for k in range(d.L + 1)
                       if sizer.gpu_bytes(shape.seq_len, shape.batch_size, n_off, k if k < d.L else True,
@@ -557,7 +560,7 @@ def _suggest(current: MemoryPlan, sizer: _Sizer) -> list[dict]:
         changes.append((f"input embedding in host memory (--offload-embedding: "
                         f"{gib(sizer.weights.embedding)} GiB off the GPU, almost no cost)",
                         {"offload_embedding": True}))
-    if shape.offload is None:
+    if shape.offload is None and not shape.sharded:  # FSDP shards the base instead
         changes.append(("offload='auto' (stream the frozen base of some decoder layers from host memory)",
                         {"offload": "auto"}))
     combined = {k: v for _, c in changes if "seq_len" not in c and "batch_size" not in c and "offload" not in c

@@ -160,7 +160,8 @@ def _checked_configs(config, output_dir, train_options, bits, rank, init, alpha,
         problems += _fsdp_problems(tcfg, acfg)
     build, build_problems = BuildOptions.parse(
         **build_given, gradient_checkpointing=tcfg.gradient_checkpointing if tcfg is not None else False,
-        offload_plan={"seq_len": max_length, "batch_size": tcfg.batch_size, "optim": tcfg.optim}
+        offload_plan={"seq_len": max_length, "batch_size": tcfg.batch_size, "optim": tcfg.optim,
+                      "grad_accum": tcfg.grad_accum, "num_gpus": dist.world().size}
         if tcfg is not None and not problems else None)  # the training values are checked above, once
     problems += build_problems
     if build is not None and tcfg is not None and tcfg.fsdp:

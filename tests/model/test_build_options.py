@@ -35,3 +35,14 @@ def test_prepare_and_load_refuse_before_reading_anything(tiny_llama_dir, tmp_pat
     assert len(caught.value.problems) == 2  # both, in one error
     with pytest.raises(ConfigError, match="gpu_memory"):  # load took gpu_memory without offload="auto" silently
         qolora.load(tiny_llama_dir, tmp_path / "no-adapter", gpu_memory="8GiB")
+
+
+def test_an_offload_plan_is_checked_with_the_other_build_options():
+    with pytest.raises(ConfigError, match="FSDP shards the base"):
+        BuildOptions.checked(offload="auto", gpu_memory="24GiB", offload_plan={"fsdp": True, "num_gpus": 2})
+    with pytest.raises(ConfigError, match="unknown option"):
+        BuildOptions.checked(offload="auto", gpu_memory="24GiB", offload_plan={"seqlen": 512})
+    built = BuildOptions.checked(offload="auto", gpu_memory="24GiB", gradient_checkpointing="on",
+                                 offload_plan={"seq_len": 512, "grad_accum": 4})
+    assert (built.offload_plan.seq_len, built.offload_plan.grad_accum) == (512, 4)
+    assert built.offload_plan.gradient_checkpointing is True  # the build's own, unless the plan names one

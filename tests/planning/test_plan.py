@@ -265,3 +265,36 @@ def test_adapter_gradients_are_counted_where_they_exist(tmp_path):
                        compute_dtype="fp32", device="cpu", padded=False, grad_accum=4)
     assert accumulated.adapter_grad_bytes == accumulated.adapter_bytes
     assert accumulated.step_bytes == predicted.step_bytes + predicted.adapter_bytes
+
+
+def test_the_automatic_choices_see_the_plans_step():
+    """training.auto_choices reads the step by number of checkpointed layers: every layer is the plan's step."""
+    from qolora.base.hf_config import load_hf_config
+    from qolora.planning.plan import plan_checked
+
+    for name in ("llama-3-8b", "qwen3-30b-a3b"):
+        p = plan(name)
+        by_layers = plan_checked(load_hf_config(name), AdapterConfig(dtype="bf16"), TrainingShape(),
+                                 step_by_layers=True).details["step_bytes_by_checkpointed_layers"]
+        assert by_layers[-1] == p.step_bytes and len(by_layers) == p.num_layers + 1
+
+
+def test_short_sequences_without_checkpointing_peak_at_the_first_layer_with_every_gradient(tmp_path):
+    """No checkpointing, a short sequence, a high rank: the adapters' gradients outweigh a layer's activations,
+    so the worst moment is the backward pass of the first layer (every other layer's gradients made)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+    _, predicted, peak = measure_step_peak(tmp_path, cfg, bf16=False, checkpointing=False, seq=4, rank=128)
+    # the first layer's backward, every gradient made (before: only the optimizer step's gradients, 1.001x by luck)
+    assert predicted.peak_moment == "layer"
+    assert predicted.adapter_grad_bytes == predicted.details["adapter_grad_bytes_in_all"]
+    assert predicted.step_bytes == pytest.approx(peak, rel=0.10), (predicted.details, peak)
+    assert predicted.step_bytes >= 0.97 * peak
+
+
+def test_suggestions_never_propose_what_plan_refuses():
+    p = plan("llama-3-70b", gpu_memory="10GiB", num_gpus=4, fsdp=True)
+    assert not p.fits and not any("offload=" in s["change"] for s in p.suggestions)
+    assert plan("llama-3-8b", gpu_memory="24GiB", gradient_checkpointing=1).fewest_checkpointed_layers is None
