@@ -394,12 +394,19 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
     at_loss = kept_at_loss + loss + grads_at_loss
     details = {"per_layer_activation_bytes": per_layer, "checkpointed_input_bytes": layer_input, **transient_details,
                "peak_at_loss_bytes": at_loss, "checkpoint_host_bytes": host, "adapter_grad_bytes_in_all": grad_bytes}
-    in_layer, grads_in_layer = in_layer
-    details["peak_in_layer_bytes"] = in_layer
-    if at_loss >= in_layer and at_loss >= grad_bytes:
+    return _largest_moment(kept_at_loss, loss, grads_at_loss, in_layer, grad_bytes, details)
+
+
+def _largest_moment(kept_at_loss: int, loss: int, grads_at_loss: int, in_layer: tuple[int, int], grad_bytes: int,
+                    details: dict) -> StepPeak:
+    """The largest of the three moments: the loss, a layer's backward pass (``(bytes, of which gradients)``), the
+    optimizer step (every gradient)."""
+    at_loss = kept_at_loss + loss + grads_at_loss
+    (layer_bytes, layer_grads), details["peak_in_layer_bytes"] = in_layer, in_layer[0]
+    if at_loss >= layer_bytes and at_loss >= grad_bytes:
         return StepPeak(kept_at_loss, loss, grads_at_loss, "loss", details)
-    if in_layer >= grad_bytes:
-        return StepPeak(in_layer - grads_in_layer, 0, grads_in_layer, "layer", details)
+    if layer_bytes >= grad_bytes:
+        return StepPeak(layer_bytes - layer_grads, 0, layer_grads, "layer", details)
     return StepPeak(0, 0, grad_bytes, "optimizer", details)
 
 
