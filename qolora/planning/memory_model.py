@@ -390,6 +390,8 @@ def step_memory(d: Dims, B: int, T: int, *, adapted: set[str], r: int, a: int, a
         kept_at_loss = kept_in(0, d.L) + top
         in_layer = met(0, d.L, 0)
     loss = loss_bytes(d, B, T, a, chunked, chunk_bytes)
+    mask = B * T * T * (a + 1) if padded else 0  # a padded batch's (B, 1, T, T) mask and its bool source, all step
+    kept_at_loss, in_layer = kept_at_loss + mask, (in_layer[0] + mask, in_layer[1])
     grads_at_loss = grad_bytes if grads_persist else 0
     at_loss = kept_at_loss + loss + grads_at_loss
     details = {"per_layer_activation_bytes": per_layer, "checkpointed_input_bytes": layer_input, **transient_details,
