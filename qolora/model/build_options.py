@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from ..adapters.kernels import check_kernels
-from ..errors import ConfigError
+from ..errors import ConfigError, Problems
 from ..memory.base_streaming import check_gpu_memory, check_offload
 from ..memory.gradient_checkpointing import checkpointing_mode
 from ..memory.host_embedding import check_offload_embedding
@@ -37,16 +37,8 @@ class BuildOptions:
     def parse(cls, *, gradient_checkpointing=False, offload=None, gpu_memory=None, kernels="auto",
               offload_embedding=False, offload_plan=None) -> tuple[BuildOptions | None, list[str]]:
         """``(options, [])``, or ``(None, every problem)``."""
-        problems: list[str] = []
-
-        def check(fn, *args):
-            try:
-                return fn(*args)
-            except ConfigError as exc:
-                problems.extend(exc.problems)
-            except ValueError as exc:
-                problems.append(str(exc))
-            return None
+        problems = Problems()
+        check = problems.check
 
         checkpointing = check(checkpointing_mode, gradient_checkpointing)
         check(check_kernels, kernels)
@@ -58,7 +50,7 @@ class BuildOptions:
             problems.append(f"offload={offload!r} with an offload_plan of FSDP over {shape.num_gpus} GPUs: FSDP "
                             "shards the base instead of offloading it; use one of them")
         if problems:
-            return None, problems
+            return None, list(problems)
         return cls(checkpointing, offload, gpu_memory, kernels, offload_embedding, shape), []
 
     @classmethod

@@ -120,7 +120,7 @@ from ..base.experts import is_router, moe_counts
 from ..base.hf_config import builtin_configs, load_hf_config  # noqa: F401 - builtin_configs: a 0.5 name of qolora.plan
 from ..base.reader import layer_shape, linear_layers, meta_skeleton, rank_problem, select_targets
 from ..config import AdapterConfig, parse_dtype
-from ..errors import ConfigError
+from ..errors import ConfigError, Problems
 from ..memory.base_streaming import decoder_layers, spread
 from ..memory.chunked_loss import DEFAULT_CHUNK_BYTES
 from ..memory.gradient_checkpointing import check_checkpointed_layers
@@ -221,7 +221,7 @@ def checked_options(config: AdapterConfig | None, shape: TrainingShape | None,
     if unknown:
         raise TypeError(f"plan() got unexpected keyword argument(s) {unknown}; the options are "
                         f"{list(ADAPTER_OPTIONS)} and the training shape's {list(TrainingShape.fields())}")
-    problems = []
+    problems = Problems()
     if config is not None and adapter_options:
         problems.append(f"config= and the keyword(s) {sorted(adapter_options)} both describe the adapters: give "
                         "the values in the AdapterConfig (config.replace(...)) or only as keywords")
@@ -233,10 +233,8 @@ def checked_options(config: AdapterConfig | None, shape: TrainingShape | None,
         config = AdapterConfig(**{"dtype": adapter_options.pop("compute_dtype", "bf16"), **adapter_options},
                                target_modules=tuple(targets) if isinstance(targets, (list, tuple)) else targets)
     problems += config.replace(device="cpu").problems()  # the shape's device is the one planned for
-    try:
-        shape = TrainingShape.checked(**(dataclasses.asdict(shape) if shape is not None else options))
-    except ConfigError as exc:
-        problems += exc.problems
+    shape = problems.check(lambda: TrainingShape.checked(**(dataclasses.asdict(shape) if shape is not None
+                                                            else options)))
     if problems:
         raise ConfigError(problems)
     return config, shape

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..adapters.kernels import check_kernels
 from ..config import parse_size
-from ..errors import ConfigError
+from ..errors import ConfigError, Problems
 from ..memory.base_streaming import check_offload
 from ..memory.chunked_loss import DEFAULT_CHUNK_BYTES
 from ..memory.gradient_checkpointing import checkpointing_mode
@@ -85,16 +85,8 @@ class TrainingShape:
         if unknown:
             raise TypeError(f"unknown training-shape option(s) {unknown}; allowed: {list(cls.fields())}")
         raw = cls(**options)
-        problems: list[str] = []
-
-        def check(fn, *args):
-            try:
-                return fn(*args)
-            except ConfigError as exc:
-                problems.extend(exc.problems)
-            except ValueError as exc:
-                problems.append(str(exc))
-            return None
+        problems = Problems()
+        check = problems.check
 
         for name in ("seq_len", "batch_size", "grad_accum", "num_gpus", "loss_chunk_bytes"):
             value = getattr(raw, name)
