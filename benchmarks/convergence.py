@@ -309,6 +309,26 @@ def append_run(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def merge_runs(path: Path, sources: Sequence[Path]) -> int:
+    """Append to ``path`` every complete record of ``sources`` whose key it lacks, in the sources' order.
+
+    How the runs of parallel workers (each with its own runs file: one ``--out`` per worker, so no two
+    processes ever append to one file) come together; merging twice adds nothing.
+    """
+    have = {r.get("key") for r in read_runs(path)}
+    added = 0
+    for src in sources:
+        if not Path(src).is_file():
+            raise SystemExit(f"--merge-runs: {src} is not a file")
+        for rec in read_runs(Path(src)):
+            if rec.get("key") is None or rec["key"] in have:
+                continue
+            append_run(path, rec)
+            have.add(rec["key"])
+            added += 1
+    return added
+
+
 # ------------------------------------------------------------------------------------ the work
 class Bench:
     """Data, the currently prepared model and the run loop."""

@@ -50,6 +50,11 @@ Usage::
     python -m benchmarks.defaults_study --plan                 # the remaining runs and their estimated cost
     python -m benchmarks.defaults_study --report-only          # rebuild json/md/png from the runs
     python -m benchmarks.defaults_study --step0                # the step-0 measurement and investigation
+
+Two workers on two cores: give each its tasks and its own runs file (``--tasks chat --out A/defaults_study``,
+``--tasks pydoc --out B/defaults_study``, each seeded with a copy of the committed runs file), then bring
+their runs into the committed file with ``--report-only --merge-runs A/defaults_study_runs.jsonl
+B/defaults_study_runs.jsonl``. One process per file: appends never interleave.
     python -m benchmarks.defaults_study --quick                # a smoke test of everything (temp folder)
 """
 
@@ -1093,6 +1098,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smoke test: 6 steps, 2 rates, 1 seed, tiny data")
     p.add_argument("--plan", action="store_true", help="print the remaining runs and their estimated cost; run nothing")
     p.add_argument("--report-only", action="store_true", help="rebuild json/md/png from the runs file; run nothing")
+    p.add_argument("--merge-runs", nargs="+", metavar="RUNS_JSONL", default=None,
+                   help="first append the runs of these files (other workers' <out>_runs.jsonl) that the runs "
+                        "file lacks, keyed by their settings; then go on as asked (with --report-only: just merge)")
     p.add_argument("--step0", action="store_true", help="the step-0 measurement (no training): <out>_step0.json/.md")
     p.add_argument("--step0-examples", type=int, default=256)
     p.add_argument("--step0-tasks", default="chat", help="tasks evaluated on the model as it is (comma list)")
@@ -1219,6 +1227,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(res["md"].read_text(encoding="utf-8"))
         return res
     runs_path = prefix.with_name(prefix.name + "_runs.jsonl")
+    if args.merge_runs:
+        added = conv.merge_runs(runs_path, [Path(x).expanduser() for x in args.merge_runs])
+        logger.info("merged %d run(s) from %s into %s", added, args.merge_runs, runs_path)
     corpus, corpus_info = (pydoc_corpus() if "pydoc" in args.tasks else (None, {}))
     machine = conv.machine_info()
     started = time.perf_counter()

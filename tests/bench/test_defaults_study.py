@@ -158,6 +158,17 @@ def test_a_run_is_appended_with_its_task_never_rerun_and_planned(assets, tmp_pat
     plan3 = ds.main(args[:-6] + ["--seeds", "2", "--steps", "2", "--max-extend", "0", "--plan"])
     assert {(t, c, s) for t, c, _, s in plan3["plan"]["known"]} == {("chat", "lora", 1)}
     assert math.isfinite(plan3["plan"]["known_seconds"])
+    # a second worker's file: its runs come into the committed one once, its torn last line never
+    theirs = tmp_path / "worker" / "study_runs.jsonl"
+    theirs.parent.mkdir()
+    theirs.write_text(res["runs"].read_text() + '{"key": "torn')
+    committed = tmp_path / "committed" / "study"
+    merge = smallest(model, data, committed, "--tasks", "chat", "--contenders", "lora", "--seeds", "1",
+                     "--steps", "2", "--max-extend", "0", "--report-only", "--merge-runs", str(theirs))
+    merged = ds.main(merge)["runs"]
+    assert [json.loads(x) for x in merged.read_text().splitlines()] == lines
+    ds.main(merge)
+    assert len(merged.read_text().splitlines()) == 2
 
 
 @pytest.mark.slow
