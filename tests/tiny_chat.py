@@ -28,8 +28,10 @@ def make_chat_model_dir(path: Path, **model_options) -> Path:
     return path
 
 
-def write_chat_jsonl(path: Path, n: int = 64, *, qa=QA, distinct: bool = False) -> Path:
-    """``n`` conversations cycling through ``qa``; ``distinct``: each question numbered, so no two repeat."""
+def write_chat_jsonl(path: Path, n: int = 64, *, qa=QA, distinct: bool = True) -> Path:
+    """``n`` conversations cycling through ``qa``, each question numbered so that no two repeat (the answers do:
+    a held-out example's answer is one the model trains on; the split keeps exact repeats on one side, so
+    ``distinct=False``, plain repeats, leaves only ``len(qa)`` distinct examples to split)."""
     with open(path, "w") as f:
         for i in range(n):
             q, a = qa[i % len(qa)]

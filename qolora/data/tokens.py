@@ -43,6 +43,8 @@ Records are loaded and rendered by :mod:`qolora.data.records` (re-exported here:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -356,13 +358,17 @@ def _pack(
 def split_train_eval(
     dataset: datasets.Dataset, eval_fraction: float = 0.1, seed: int = 0
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split a dataset into train and eval parts, deterministically.
+    """Split a dataset into train and eval parts, deterministically, with no example on both sides.
 
-    The rows are shuffled with ``seed``; ``round(n * eval_fraction)`` of them (at least 1, at
-    most ``n - 1``) go to eval.
+    Identical rows (the same values in every column: a record repeated in the data) count as one
+    example: ``round(d * eval_fraction)`` of the ``d`` distinct examples (at least 1, at most
+    ``d - 1``), drawn by a shuffle with ``seed``, are held out, one copy each, and every copy of
+    a held-out example is left out of training (otherwise the eval loss is partly measured on
+    examples the model trains on). Training keeps the copies of its own examples, so the data's
+    weighting is unchanged. Without repeats this is a plain shuffled split.
 
     Args:
-        dataset: At least 2 rows.
+        dataset: At least 2 distinct rows.
         eval_fraction: Fraction for eval, strictly between 0 and 1.
         seed: Shuffle seed; the same seed gives the same split.
 
@@ -370,7 +376,7 @@ def split_train_eval(
         ``(train, eval)``.
 
     Raises:
-        DataError: ``eval_fraction`` out of range or fewer than 2 rows.
+        DataError: ``eval_fraction`` out of range or fewer than 2 distinct rows.
     """
     if (
         isinstance(eval_fraction, bool)
@@ -387,14 +393,35 @@ def split_train_eval(
         )
     import numpy as np
 
-    n_eval = min(max(1, int(round(n * eval_fraction))), n - 1)
-    order = np.random.default_rng(seed).permutation(n)
-    eval_idx = sorted(order[:n_eval].tolist())
-    train_idx = sorted(order[n_eval:].tolist())
+    keys = [_row_key(row) for row in dataset]
+    first_copy: dict[bytes, int] = {}
+    for i, key in enumerate(keys):
+        first_copy.setdefault(key, i)
+    distinct = list(first_copy.values())
+    d = len(distinct)
+    if d < 2:
+        raise DataError(
+            f"cannot split a dataset of {n} identical examples into train and eval; need at least "
+            "2 distinct examples"
+        )
+    n_eval = min(max(1, int(round(d * eval_fraction))), d - 1)
+    order = np.random.default_rng(seed).permutation(d)
+    eval_idx = sorted(distinct[j] for j in order[:n_eval].tolist())
+    held_out = {keys[i] for i in eval_idx}
+    train_idx = [i for i in range(n) if keys[i] not in held_out]
     logger.info(
-        "Split %d examples into %d train / %d eval (seed=%d)", n, len(train_idx), n_eval, seed
+        "Split %d examples (%d distinct) into %d train / %d eval (seed=%d)%s", n, d,
+        len(train_idx), n_eval, seed,
+        f"; {n - len(train_idx) - n_eval} repeat(s) of held-out examples left out of training"
+        if d < n else "",
     )
     return dataset.select(train_idx), dataset.select(eval_idx)
+
+
+def _row_key(row: dict) -> bytes:
+    """A digest of every value of one row (tokenized rows: lists of ints), for finding repeats."""
+    text = json.dumps(row, sort_keys=True, default=repr, separators=(",", ":"))
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 class PaddingCollator:

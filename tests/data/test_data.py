@@ -573,6 +573,27 @@ def test_split_train_eval():
         split_train_eval(ds, eval_fraction=1.5)
 
 
+def test_split_keeps_every_copy_of_a_held_out_example_out_of_training():
+    # 12 distinct tokenized examples, some repeated up to 5 times (as the chatterbot records are)
+    rows = [[i, i + 1] for i in range(12)]
+    copies = [5, 1, 3, 1, 2, 1, 1, 4, 1, 1, 2, 1]
+    ids = [r for r, c in zip(rows, copies) for _ in range(c)]
+    ds = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    for seed in range(6):
+        train, ev = split_train_eval(ds, eval_fraction=0.25, seed=seed)
+        held = [tuple(x) for x in ev["input_ids"]]
+        assert len(held) == 3 and len(set(held)) == 3  # a quarter of the 12 distinct, one copy each
+        assert not set(held) & {tuple(x) for x in train["input_ids"]}
+        kept = sum(c for r, c in zip(rows, copies) if tuple(r) not in held)
+        assert len(train) == kept  # the training side keeps its own repeats
+    # a row differing in one column only is another example
+    ds2 = datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 3, "labels": [[1, 2], [1, 2], [-100, 2]]})
+    train, ev = split_train_eval(ds2, eval_fraction=0.5, seed=0)
+    assert len(ev) == 1 and len(train) == (1 if ev["labels"][0] == [1, 2] else 2)
+    with pytest.raises(DataError, match="4 identical examples .* at least 2 distinct"):
+        split_train_eval(datasets.Dataset.from_dict({"x": [7, 7, 7, 7]}))
+
+
 # ------------------------------------------------------------------------------------ collator
 
 
