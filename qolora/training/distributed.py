@@ -66,12 +66,36 @@ def session(device: torch.device | str = "cpu") -> Iterator[World]:
         if not w.is_main:
             log.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
         logger.info("data parallel over %d processes (%s backend)", w.size, backend)
+    finished = False
     try:
         yield w
+        finished = True
     finally:
         if started:
+            if finished:
+                _every_rank_done()
             torch.distributed.destroy_process_group()
             log.setLevel(level)
+
+
+#: How long a rank that finished waits at the end for the others before it tears the group down anyway.
+END_BARRIER_TIMEOUT_S = 300
+
+
+def _every_rank_done() -> None:
+    """Wait (bounded) until every rank has finished before the group goes: a rank that destroys its gloo group
+    while a peer still has work in flight with it can abort at exit ("terminate called without an active
+    exception"). Not after an exception: the other ranks may never come, and the launcher stops them."""
+    from datetime import timedelta
+
+    try:
+        if torch.distributed.get_backend() == "gloo":
+            torch.distributed.monitored_barrier(timeout=timedelta(seconds=END_BARRIER_TIMEOUT_S))
+        else:
+            torch.distributed.barrier()
+    except RuntimeError as exc:  # a peer died or timed out: tear down regardless
+        logger.warning("not every process reached the end of training (%s); closing the process group anyway",
+                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 # --------------------------------------------------------------------------------- collectives
