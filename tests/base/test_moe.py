@@ -46,6 +46,22 @@ def tiny_config(arch: str):
                                    n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
                                    topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
                                    qk_nope_head_dim=16, v_head_dim=16)
+    if arch == "deepseek_v2":  # DeepSeek-V2-Lite: no q compression (q_proj), a dense first layer, a shared expert
+        return tf.DeepseekV2Config(**{**common, "num_key_value_heads": 4}, **moe, intermediate_size=96,
+                                   n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None,
+                                   kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
+    if arch == "gpt_oss":
+        return tf.GptOssConfig(**common, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=16)
+    if arch == "phimoe":
+        return tf.PhimoeConfig(**common, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "granitemoe":
+        return tf.GraniteMoeConfig(**common, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "glm4_moe":
+        return tf.Glm4MoeConfig(**common, **moe, intermediate_size=96, n_routed_experts=4, n_shared_experts=1,
+                                first_k_dense_replace=1, head_dim=16)
+    if arch == "ernie4_5_moe":
+        return tf.Ernie4_5_MoeConfig(**common, intermediate_size=96, moe_intermediate_size=24, moe_k=2,
+                                     moe_num_experts=4, moe_num_shared_experts=1, moe_layer_start_index=1)
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=128, max_position_embeddings=128, tie_word_embeddings=False)
