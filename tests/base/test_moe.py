@@ -24,7 +24,7 @@ from qolora.base.reader import BaseCheckpoint, linear_layers, select_targets
 from qolora.errors import ConfigError
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "phimoe", "granitemoe", "glm4_moe",
-       "ernie4_5_moe")
+       "ernie4_5_moe", "gpt_oss")
 ALL = (*MOE, "gpt_neox")
 DENSE_FIRST = ("deepseek_v3", "deepseek_v2", "glm4_moe", "ernie4_5_moe")  # layer 0 dense: one MoE layer of two
 VOCAB = 128
@@ -154,6 +154,43 @@ def test_a_fused_checkpoint_reads_like_the_per_expert_one(tiny, tmp_path):
     a = qolora.prepare(tiny["qwen3_moe"], bits=4, rank=4, progress=False)
     b = qolora.prepare(fused, bits=4, rank=4, progress=False)
     assert torch.equal(logits(a, ids()), logits(b, ids()))
+
+
+def test_gpt_oss_experts_split_with_their_biases_and_own_gating(tiny):
+    """gpt-oss: fused (E, in, out) experts with interleaved gate/up rows, biases and a clamped SwiGLU of its own.
+    Each expert layer holds its slice of the fused weight (rows in the stored order) and its row of the fused
+    bias; the module's own ``_apply_gate`` runs with its alpha and limit."""
+    from safetensors.torch import load_file
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    stored = load_file(str(tiny["gpt_oss"] / "model.safetensors"))
+    assert stored["model.layers.1.mlp.experts.gate_up_proj"].shape == (4, 64, 48)  # transposed, as the hub stores it
+    model = qolora.prepare(tiny["gpt_oss"], bits=4, rank=4, progress=False)
+    experts = model.get_submodule("model.layers.1.mlp.experts")
+    assert isinstance(experts, SplitExperts) and experts.gating is GptOssExperts and experts.act_fn is None
+    assert (experts.alpha, experts.limit) == (1.702, 7.0)
+    layers = dict(adapter_layers(model))
+    for e in range(4):
+        for proj in ("gate_up_proj", "down_proj"):
+            layer = layers[f"model.layers.1.mlp.experts.{e}.{proj}"]
+            assert type(layer.base_layer).__name__ == "Linear4bit"
+            assert torch.equal(layer.base_layer.bias, stored[f"model.layers.1.mlp.experts.{proj}_bias"][e])
+    bits16 = qolora.prepare(tiny["gpt_oss"], bits=16, rank=4, init="lora", progress=False)
+    weight = bits16.get_submodule("model.layers.1.mlp.experts.2.gate_up_proj").base_layer.weight
+    assert torch.equal(weight, stored["model.layers.1.mlp.experts.gate_up_proj"][2].T)  # interleaved rows kept
+
+
+def test_a_checkpoint_stored_in_mxfp4_is_refused_before_any_weight_is_read(tiny, tmp_path, no_weight_reads):
+    """gpt-oss as the hub stores it (experts as MXFP4 blocks and scales): one error naming the model type, the
+    method and what qolora reads instead."""
+    hub = tmp_path / "gpt-oss-mxfp4"
+    shutil.copytree(tiny["gpt_oss"], hub)
+    config = json.loads((hub / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (hub / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"\(gpt_oss\) is stored quantized with 'mxfp4'; qolora reads full-precision "
+                                          r".*bitsandbytes 4/8-bit.*Mxfp4Config\(dequantize=True\)"):
+        qolora.prepare(hub, bits=4, rank=4, progress=False)
 
 
 def test_unmapped_names_are_refused_before_any_weight_is_read(tiny, tmp_path, no_weight_reads):
