@@ -75,7 +75,8 @@ class SplitExperts(nn.Module):
         act_fn: the replaced module's activation (None where its own gating has none).
         transposed: the fused parameters are stored ``(E, in, out)`` (``is_transposed``) rather than
             ``(E, out, in)``; the reader and the merge use it to read and write the checkpoint's layout.
-        bias: the experts have biases (``has_bias``: the fused ``gate_up_proj_bias`` / ``down_proj_bias``).
+        has_bias: the experts have biases (transformers' ``has_bias``: the fused ``gate_up_proj_bias`` /
+            ``down_proj_bias``).
         gating: the replaced module's class when it has its own ``_apply_gate`` (run with this module as
             ``self``: :func:`split_experts` copies the settings it reads, e.g. gpt-oss's ``alpha`` and
             ``limit``); None for transformers' default ``act(gate) * up``.
@@ -86,7 +87,7 @@ class SplitExperts(nn.Module):
                  gating: type | None = None):
         super().__init__()
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, intermediate
-        self.transposed, self.bias, self.gating = transposed, bias, gating
+        self.transposed, self.has_bias, self.gating = transposed, bias, gating
         for e in range(num_experts):
             self.add_module(str(e), ExpertMLP(hidden, intermediate, dtype, bias))
         self.act_fn = act_fn
@@ -119,7 +120,7 @@ class SplitExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}"
-                + (", transposed" if self.transposed else "") + (", bias" if self.bias else "")
+                + (", transposed" if self.transposed else "") + (", bias" if self.has_bias else "")
                 + (f", gating={self.gating.__name__}._apply_gate" if self.gating is not None else ""))
 
 

@@ -318,7 +318,7 @@ def _fused(skeleton: nn.Module) -> dict[str, _Fused]:
             e, h, i = module.num_experts, module.hidden_dim, module.intermediate_dim
             for proj, (out, inp) in zip(FUSED, ((2 * i, h), (h, i))):
                 fused[f"{name}.{proj}"] = _Fused(name, proj, e, out, inp, module.transposed)
-                if module.bias:
+                if module.has_bias:
                     fused[f"{name}.{proj}_bias"] = _Fused(name, proj, e, out, inp, module.transposed, "bias")
     return fused
 
