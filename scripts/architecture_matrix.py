@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "base"))  # test_moe's tiny MoE configs
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
@@ -43,7 +43,8 @@ DENSE = {
     "falcon": {"new_decoder_architecture": False, "multi_query": True},
     "gpt_neox": {},
 }
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "deepseek_v2", "gpt_oss", "phimoe", "granitemoe",
+       "glm4_moe", "ernie4_5_moe")
 COLUMNS = ("prepare", "step-0 error vs NF4", "train", "save/reload", "merge", "PEFT export",
            "ref: load + olora init", "ref: train", "ref: experts adapted", "ref: experts 4-bit")
 
@@ -52,7 +53,7 @@ COLUMNS = ("prepare", "step-0 error vs NF4", "train", "save/reload", "merge", "P
 def tiny_config(arch: str):
     from transformers import AutoConfig
 
-    if arch in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"):
+    if arch in MOE and arch != "olmoe":
         from test_moe import tiny_config as moe_config
 
         return moe_config(arch)

@@ -22,9 +22,13 @@ merged and exported layer by layer; the forward pass is transformers' eager expe
 ``F.linear(x, W[e])`` replaced by the expert's layer. Which checkpoint tensors feed which expert is the
 reader's business (:mod:`qolora.base.layout`).
 
-A module is split only when it is transformers' standard layout (``use_experts_implementation`` with a
-concatenated gate/up, no biases, no post-expert norm, the default ``act(gate) * up``); any other experts
-module stays fused in 16 bits, unquantized and unadapted, with a warning naming it.
+A module is split when it is a transformers experts implementation (``use_experts_implementation``) with a
+gate, no post-expert norm and exactly the fused parameters (plus ``gate_up_proj_bias`` / ``down_proj_bias``
+with ``has_bias``: gpt-oss). The expert layers keep the fused rows' order (concatenated ``[gate; up]`` or
+gpt-oss's interleaved ``[g0, u0, g1, u1, ...]``) and the biases become the layers' own; the gating runs as
+transformers runs it, on the expert's whole gate_up output: the default ``act(gate) * up`` or the module's own
+``_apply_gate`` (gpt-oss's clamped SwiGLU, with the module's own settings). Any other experts module stays
+fused in 16 bits, unquantized and unadapted, with a warning naming it.
 
 Routers (the linear layer that scores the experts, e.g. Qwen2-MoE's ``shared_expert_gate``) are marked
 (:func:`is_router`): they stay in 16 bits and are not adapted unless named in ``target_modules``.
@@ -40,23 +44,24 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ExpertMLP", "ExpertSlot", "SplitExperts", "expert_slots", "is_router", "mark_routers",
+__all__ = ["BIASES", "ExpertMLP", "ExpertSlot", "SplitExperts", "expert_slots", "is_router", "mark_routers",
            "peft_expert_factors", "split_experts", "unsplit_reason"]
 
 logger = logging.getLogger(__name__)
 
 FUSED = ("gate_up_proj", "down_proj")
+BIASES = tuple(f"{p}_bias" for p in FUSED)  # transformers' names for the fused experts' biases (E, out)
 ROUTER_FLAG = "qolora_router"
 _ROUTER_NAME = re.compile(r"(^|_)(gate|router)$")
 
 
 class ExpertMLP(nn.Module):
-    """One expert: ``down_proj(act(gate) * up)`` with ``gate, up = gate_up_proj(x).chunk(2)``."""
+    """One expert: ``down_proj(gating(gate_up_proj(x)))`` (default gating: ``act(gate) * up`` of its two halves)."""
 
-    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype | None = None):
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype | None = None, bias: bool = False):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False, device="meta", dtype=dtype)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False, device="meta", dtype=dtype)
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias, device="meta", dtype=dtype)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias, device="meta", dtype=dtype)
 
 
 class SplitExperts(nn.Module):
@@ -67,18 +72,24 @@ class SplitExperts(nn.Module):
 
     Attributes:
         num_experts, hidden_dim, intermediate_dim: E, H, I.
-        act_fn: the replaced module's activation.
+        act_fn: the replaced module's activation (None where its own gating has none).
         transposed: the fused parameters are stored ``(E, in, out)`` (``is_transposed``) rather than
             ``(E, out, in)``; the reader and the merge use it to read and write the checkpoint's layout.
+        has_bias: the experts have biases (transformers' ``has_bias``: the fused ``gate_up_proj_bias`` /
+            ``down_proj_bias``).
+        gating: the replaced module's class when it has its own ``_apply_gate`` (run with this module as
+            ``self``: :func:`split_experts` copies the settings it reads, e.g. gpt-oss's ``alpha`` and
+            ``limit``); None for transformers' default ``act(gate) * up``.
     """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, act_fn: nn.Module, *,
-                 transposed: bool = False, dtype: torch.dtype | None = None):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, act_fn: nn.Module | None, *,
+                 transposed: bool = False, dtype: torch.dtype | None = None, bias: bool = False,
+                 gating: type | None = None):
         super().__init__()
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, intermediate
-        self.transposed = transposed
+        self.transposed, self.has_bias, self.gating = transposed, bias, gating
         for e in range(num_experts):
-            self.add_module(str(e), ExpertMLP(hidden, intermediate, dtype))
+            self.add_module(str(e), ExpertMLP(hidden, intermediate, dtype, bias))
         self.act_fn = act_fn
 
     def expert(self, index: int) -> ExpertMLP:
@@ -95,15 +106,22 @@ class SplitExperts(nn.Module):
                 continue
             top_k_pos, token_idx = torch.where(mask[index])
             expert = self.expert(index)
-            gate, up = expert.gate_up_proj(hidden_states[token_idx]).chunk(2, dim=-1)  # (n, I) each
-            out = expert.down_proj(self.act_fn(gate) * up)  # (n, H)
+            out = expert.down_proj(self.apply_gate(expert.gate_up_proj(hidden_states[token_idx])))  # (n, H)
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
         return final
 
+    def apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``(n, 2I) -> (n, I)``: the replaced module's gating (transformers' ``_apply_gate``)."""
+        if self.gating is not None:
+            return self.gating._apply_gate(self, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}"
-                + (", transposed" if self.transposed else ""))
+                + (", transposed" if self.transposed else "") + (", bias" if self.has_bias else "")
+                + (f", gating={self.gating.__name__}._apply_gate" if self.gating is not None else ""))
 
 
 @dataclass(frozen=True)
@@ -136,16 +154,18 @@ def unsplit_reason(module: nn.Module) -> str | None:
     from transformers.integrations.moe import _default_apply_gate
 
     params = dict(module.named_parameters(recurse=False))
-    if set(params) != set(FUSED):
-        return f"parameters {sorted(params)}, not exactly {list(FUSED)}"
     if not hasattr(module, "is_concatenated"):
         return "not a transformers experts implementation (use_experts_implementation)"
-    flags = {"has_gate": True, "is_concatenated": True, "has_bias": False, "has_post_expert_norm": False}
+    expected = (*FUSED, *BIASES) if getattr(module, "has_bias", False) else FUSED
+    if set(params) != set(expected):
+        return f"parameters {sorted(params)}, not exactly {list(expected)}"
+    flags = {"has_gate": True, "has_post_expert_norm": False}
     wrong = [f"{k}={getattr(module, k, v)}" for k, v in flags.items() if getattr(module, k, v) != v]
     if wrong:
         return f"layout {', '.join(wrong)}"
-    if getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-        return "its own gating function (_apply_gate)"
+    default_gate = getattr(type(module), "_apply_gate", _default_apply_gate) is _default_apply_gate
+    if default_gate and not isinstance(getattr(module, "act_fn", None), nn.Module):
+        return "the default gating with no act_fn"
     gate_up, down = params["gate_up_proj"], params["down_proj"]
     if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
         return f"shapes {tuple(gate_up.shape)} / {tuple(down.shape)}"
@@ -153,6 +173,9 @@ def unsplit_reason(module: nn.Module) -> str | None:
     expected = (e, i2 // 2, h) if getattr(module, "is_transposed", False) else (e, h, i2 // 2)
     if i2 % 2 or tuple(down.shape) != expected:
         return f"shapes {tuple(gate_up.shape)} / {tuple(down.shape)} do not pair as gate_up / down"
+    biases = [tuple(params[b].shape) for b in BIASES if b in params]
+    if biases and biases != [(e, i2), (e, h)]:
+        return f"bias shapes {biases}, not [{(e, i2)}, {(e, h)}]"
     return None
 
 
@@ -167,6 +190,8 @@ def split_experts(model: nn.Module) -> list[str]:
 
     Returns the names of the replaced modules. Others holding 3-D parameters stay as they are (warned).
     """
+    from transformers.integrations.moe import _default_apply_gate
+
     replaced = []
     for name, module in list(model.named_modules()):
         params = dict(module.named_parameters(recurse=False))
@@ -178,8 +203,15 @@ def split_experts(model: nn.Module) -> list[str]:
                            type(module).__name__, reason)
             continue
         e, h, i2 = _dims(params["gate_up_proj"], module)
-        split = SplitExperts(e, h, i2 // 2, module.act_fn, transposed=bool(getattr(module, "is_transposed", False)),
-                             dtype=params["gate_up_proj"].dtype)
+        gate = getattr(type(module), "_apply_gate", _default_apply_gate)
+        split = SplitExperts(e, h, i2 // 2, getattr(module, "act_fn", None),
+                             transposed=bool(getattr(module, "is_transposed", False)),
+                             dtype=params["gate_up_proj"].dtype, bias=BIASES[0] in params,
+                             gating=None if gate is _default_apply_gate else type(module))
+        if split.gating is not None:  # the settings its gating reads (gpt-oss: alpha, limit)
+            for key, value in vars(module).items():
+                if isinstance(value, (bool, int, float)) and not key.startswith("_") and not hasattr(split, key):
+                    setattr(split, key, value)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, split)
         replaced.append(name)

@@ -16,7 +16,8 @@ and reads in units of one weight::
     ExpertUnit(layer, pieces)        one expert's (out, in) weight of a split experts module
                                      (:mod:`qolora.base.experts`): its rows from the per-expert tensors
                                      (MergeModulelist [+ Concatenate]: gate rows, then up rows) or its
-                                     slice of a fused tensor stored as the model holds it
+                                     slice of a fused tensor stored as the model holds it; or (part
+                                     "bias") its row of a fused (E, out) bias (gpt-oss)
     ConvertedUnit(keys, converter)   any other converter: its sources gathered, transformers' ops run
     PartUnit(key -> layer, part)     a part of a layer stored quantized by bitsandbytes
 
@@ -75,6 +76,7 @@ class TensorUnit:
 class ExpertUnit:
     layer: str  # the expert layer, e.g. model.layers.1.mlp.experts.3.gate_up_proj
     pieces: tuple[Piece, ...]
+    part: str = "weight"  # or "bias": the layer's bias, a row of a fused (E, out) tensor
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -210,7 +212,7 @@ def _missing(skeleton: nn.Module, units: list[Unit], fused: dict) -> list[str]:
             if unit.name is not None:
                 made.add(unit.name)
         elif isinstance(unit, ExpertUnit):
-            made.add(f"{unit.layer}.weight")
+            made.add(f"{unit.layer}.{unit.part}")
         elif isinstance(unit, PartUnit):
             made.add(f"{unit.layer}.weight")
         else:
@@ -228,7 +230,8 @@ def _missing(skeleton: nn.Module, units: list[Unit], fused: dict) -> list[str]:
 # ------------------------------------------------------------------------- fused expert tensors
 @dataclass(frozen=True)
 class _Fused:
-    """One fused expert parameter of transformers' model, split into per-expert layers by qolora."""
+    """One fused expert parameter of transformers' model, split into per-expert layers by qolora (``part``
+    "bias": the fused ``<proj>_bias`` (E, out), split into the layers' biases)."""
 
     experts: str  # the SplitExperts module
     proj: str  # "gate_up_proj" / "down_proj"
@@ -236,9 +239,12 @@ class _Fused:
     out: int
     inp: int
     transposed: bool
+    part: str = "weight"
 
     @property
-    def shape(self) -> tuple[int, int, int]:
+    def shape(self) -> tuple[int, ...]:
+        if self.part == "bias":
+            return (self.count, self.out)
         return (self.count, self.inp, self.out) if self.transposed else (self.count, self.out, self.inp)
 
     def layer(self, index: int) -> str:
@@ -246,12 +252,15 @@ class _Fused:
 
     def stored_units(self, key: str) -> list[ExpertUnit]:
         """The fused tensor stored as the model holds it: one slice per expert."""
-        return [ExpertUnit(self.layer(e), (Piece(key, self.out, e, self.transposed, self.count),))
+        transposed = self.transposed and self.part == "weight"
+        return [ExpertUnit(self.layer(e), (Piece(key, self.out, e, transposed, self.count),), self.part)
                 for e in range(self.count)]
 
     def converted_units(self, sources, converter, stored_shape, where) -> list[ExpertUnit] | None:
         """Per-expert units for transformers' MoE converters (MergeModulelist(0) [+ Concatenate]); None for
         any other op chain (then the converter runs whole)."""
+        if self.part != "weight":
+            return None
         ops = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
         join = 2 if self.transposed else 1
         if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", join)]):
@@ -309,16 +318,18 @@ def _fused(skeleton: nn.Module) -> dict[str, _Fused]:
             e, h, i = module.num_experts, module.hidden_dim, module.intermediate_dim
             for proj, (out, inp) in zip(FUSED, ((2 * i, h), (h, i))):
                 fused[f"{name}.{proj}"] = _Fused(name, proj, e, out, inp, module.transposed)
+                if module.has_bias:
+                    fused[f"{name}.{proj}_bias"] = _Fused(name, proj, e, out, inp, module.transposed, "bias")
     return fused
 
 
-_SPLIT_NAME = re.compile(r"^(.*)\.(\d+)\.(gate_up_proj|down_proj)\.weight$")
+_SPLIT_NAME = re.compile(r"^(.*)\.(\d+)\.(gate_up_proj|down_proj)\.(weight|bias)$")
 
 
 def _split_owner(name: str, fused: dict[str, _Fused]) -> str | None:
-    """The fused parameter a split expert layer's weight belongs to, or None."""
+    """The fused parameter a split expert layer's weight (or bias) belongs to, or None."""
     match = _SPLIT_NAME.match(name)
     if match is None:
         return None
-    owner = f"{match.group(1)}.{match.group(3)}"
+    owner = f"{match.group(1)}.{match.group(3)}" + ("_bias" if match.group(4) == "bias" else "")
     return owner if owner in fused else None

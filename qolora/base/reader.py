@@ -314,6 +314,18 @@ class OtherTensor:
     pieces: tuple[Piece, ...] | None = None  # an expert's weight: the checkpoint tensors holding its rows
 
 
+def _stored_quantized(model_dir: Path, model_type: str, method) -> str:
+    """The refusal of a checkpoint stored quantized other than by bitsandbytes (before any weight is read)."""
+    hint = ""
+    if method == "mxfp4":  # gpt-oss on the hub: the experts as MXFP4 blocks and scales
+        hint = ("; for MXFP4 (gpt-oss's experts stored as blocks and scales), use a bf16 copy: load it with "
+                "transformers' Mxfp4Config(dequantize=True) and save_pretrained it (qolora then quantizes the experts "
+                "itself, one per layer)")
+    return (f"checkpoint {model_dir} ({model_type}) is stored quantized with {method!r}; qolora reads "
+            "full-precision (fp32/bf16/fp16) checkpoints, or bitsandbytes 4/8-bit ones (dequantized, then "
+            f"requantized){hint}")
+
+
 class BaseCheckpoint:
     """A transformers checkpoint folder, read one tensor at a time (see the module docstring).
 
@@ -368,10 +380,7 @@ class BaseCheckpoint:
         if stored is not None:
             stored = stored if isinstance(stored, dict) else stored.to_dict()
             if stored.get("quant_method") != "bitsandbytes":
-                raise ConfigError(
-                    f"checkpoint {model_dir} is stored quantized with {stored.get('quant_method')!r}; qolora reads "
-                    "full-precision checkpoints, or bitsandbytes 4/8-bit ones (dequantized, then requantized)"
-                )
+                raise ConfigError(_stored_quantized(model_dir, hf_config.model_type, stored.get("quant_method")))
             stored_kind = "4bit" if stored.get("load_in_4bit") else "8bit"
             del hf_config.quantization_config
         return cls(model_dir, hf_config, stored_kind, _weight_files(model_dir))
@@ -588,10 +597,12 @@ class _UnitReader:
         return OtherTensor(key, name, tensor)
 
     def _expert(self, unit: ExpertUnit) -> LinearWeight | OtherTensor:
-        """One expert's ``(out, in)`` weight, its rows copied in from each piece (one expert's slices at a time)."""
+        """One expert's ``(out, in)`` weight (or ``(out,)`` bias), its rows copied in from each piece (one
+        expert's slices at a time)."""
         key, file = unit.pieces[0].key, self.store.file_of(unit.pieces[0].key)
         shape = layer_shape(self.linears[unit.layer])
-        adapted = unit.layer in self.wanted
+        shape = shape[:1] if unit.part == "bias" else shape
+        adapted = unit.layer in self.wanted and unit.part == "weight"
         out, row = None, 0
         for piece in unit.pieces:
             part = (self.store.read(piece.key) if piece.expert is None
@@ -607,7 +618,7 @@ class _UnitReader:
             return LinearWeight(unit.layer, key, _checked(out, shape, key, file), pieces=unit.pieces)
         if out.is_floating_point():
             _check_finite(out, key, file)
-        return OtherTensor(key, f"{unit.layer}.weight", out, pieces=unit.pieces)
+        return OtherTensor(key, f"{unit.layer}.{unit.part}", out, pieces=unit.pieces)
 
     def _converted(self, unit: ConvertedUnit) -> Iterator[LinearWeight | OtherTensor]:
         """A converter other than the experts' runs whole: its sources gathered, transformers' own ops."""

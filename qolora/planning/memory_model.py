@@ -19,7 +19,7 @@ BNB_OPTIM_BLOCK = 256
 QK_NORM = ("qwen3", "qwen3_moe")  # an RMSNorm per head on q and k before the rotary embedding (q_norm, k_norm)
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2", "phi3", "olmo", "olmo2",
               "granite", "smollm3", "cohere", "starcoder2", "stablelm", "internlm2", "qwen2_moe", "qwen3_moe",
-              "deepseek_v3")
+              "deepseek_v3", "deepseek_v2")
 
 
 @dataclass(frozen=True)

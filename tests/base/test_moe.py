@@ -1,10 +1,11 @@
 """Mixture-of-Experts checkpoints and renamed weights, as the hub stores them (issue 23).
 
-Tiny random Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 (per-expert tensors that transformers fuses when it
-loads; Mixtral's ``block_sparse_moe``) and GPT-NeoX (``embed_out`` for ``lm_head``), each written by
-transformers' own ``save_pretrained``: read with transformers' rules, experts quantized and adapted one
-by one, trained, saved and reloaded exactly, merged into a folder plain transformers loads, exported
-to PEFT's format for 3-D parameters.
+Tiny random Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 and V2-Lite, GLM-4-MoE, ERNIE-4.5-MoE (per-expert
+tensors that transformers fuses when it loads; Mixtral's and Phi-MoE's ``block_sparse_moe.experts.<e>.w1/w2/w3``),
+Granite-MoE (experts stored fused as ``input_linear`` / ``output_linear``) and GPT-NeoX (``embed_out`` for
+``lm_head``), each written by transformers' own ``save_pretrained``: read with transformers' rules, experts
+quantized and adapted one by one, trained, saved and reloaded exactly, merged into a folder plain transformers
+loads, exported to PEFT's format for 3-D parameters.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from qolora.base.experts import SplitExperts, is_router
 from qolora.base.reader import BaseCheckpoint, linear_layers, select_targets
 from qolora.errors import ConfigError
 
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "phimoe", "granitemoe", "glm4_moe",
+       "ernie4_5_moe", "gpt_oss")
 ALL = (*MOE, "gpt_neox")
+DENSE_FIRST = ("deepseek_v3", "deepseek_v2", "glm4_moe", "ernie4_5_moe")  # layer 0 dense: one MoE layer of two
 VOCAB = 128
 
 
@@ -46,6 +49,22 @@ def tiny_config(arch: str):
                                    n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
                                    topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
                                    qk_nope_head_dim=16, v_head_dim=16)
+    if arch == "deepseek_v2":  # DeepSeek-V2-Lite: no q compression (q_proj), a dense first layer, a shared expert
+        return tf.DeepseekV2Config(**{**common, "num_key_value_heads": 4}, **moe, intermediate_size=96,
+                                   n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None,
+                                   kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
+    if arch == "gpt_oss":
+        return tf.GptOssConfig(**common, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=16)
+    if arch == "phimoe":
+        return tf.PhimoeConfig(**common, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "granitemoe":
+        return tf.GraniteMoeConfig(**common, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "glm4_moe":
+        return tf.Glm4MoeConfig(**common, **moe, intermediate_size=96, n_routed_experts=4, n_shared_experts=1,
+                                first_k_dense_replace=1, head_dim=16)
+    if arch == "ernie4_5_moe":
+        return tf.Ernie4_5_MoeConfig(**common, intermediate_size=96, moe_intermediate_size=24, moe_k=2,
+                                     moe_num_experts=4, moe_num_shared_experts=1, moe_layer_start_index=1)
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=128, max_position_embeddings=128, tie_word_embeddings=False)
@@ -66,10 +85,22 @@ def make_tiny(arch: str, path: Path, seed: int = 0) -> Path:
     return Path(path)
 
 
+class _Lazy(dict):
+    """``{arch: value}`` made on first use (a ``-k`` selection builds only its architectures)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, arch):
+        self[arch] = value = self.make(arch)
+        return value
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    return {arch: make_tiny(arch, root / arch) for arch in ALL}
+    return _Lazy(lambda arch: make_tiny(arch, root / arch))
 
 
 def ids(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
@@ -89,7 +120,7 @@ def test_every_tensor_is_mapped_by_transformers_rules(tiny, arch):
     plan = base.read_plan(skeleton)
     assert plan.missing == [] and plan.unexpected == []
     experts = [n for n, m in skeleton.named_modules() if isinstance(m, SplitExperts)]
-    assert len(experts) == {"gpt_neox": 0, "deepseek_v3": 1}.get(arch, 2)
+    assert len(experts) == (0 if arch == "gpt_neox" else 1 if arch in DENSE_FIRST else 2)
     layers = linear_layers(skeleton)
     for name in experts:
         for e in range(4):
@@ -123,6 +154,43 @@ def test_a_fused_checkpoint_reads_like_the_per_expert_one(tiny, tmp_path):
     a = qolora.prepare(tiny["qwen3_moe"], bits=4, rank=4, progress=False)
     b = qolora.prepare(fused, bits=4, rank=4, progress=False)
     assert torch.equal(logits(a, ids()), logits(b, ids()))
+
+
+def test_gpt_oss_experts_split_with_their_biases_and_own_gating(tiny):
+    """gpt-oss: fused (E, in, out) experts with interleaved gate/up rows, biases and a clamped SwiGLU of its own.
+    Each expert layer holds its slice of the fused weight (rows in the stored order) and its row of the fused
+    bias; the module's own ``_apply_gate`` runs with its alpha and limit."""
+    from safetensors.torch import load_file
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    stored = load_file(str(tiny["gpt_oss"] / "model.safetensors"))
+    assert stored["model.layers.1.mlp.experts.gate_up_proj"].shape == (4, 64, 48)  # transposed, as the hub stores it
+    model = qolora.prepare(tiny["gpt_oss"], bits=4, rank=4, progress=False)
+    experts = model.get_submodule("model.layers.1.mlp.experts")
+    assert isinstance(experts, SplitExperts) and experts.gating is GptOssExperts and experts.act_fn is None
+    assert (experts.alpha, experts.limit) == (1.702, 7.0)
+    layers = dict(adapter_layers(model))
+    for e in range(4):
+        for proj in ("gate_up_proj", "down_proj"):
+            layer = layers[f"model.layers.1.mlp.experts.{e}.{proj}"]
+            assert type(layer.base_layer).__name__ == "Linear4bit"
+            assert torch.equal(layer.base_layer.bias, stored[f"model.layers.1.mlp.experts.{proj}_bias"][e])
+    bits16 = qolora.prepare(tiny["gpt_oss"], bits=16, rank=4, init="lora", progress=False)
+    weight = bits16.get_submodule("model.layers.1.mlp.experts.2.gate_up_proj").base_layer.weight
+    assert torch.equal(weight, stored["model.layers.1.mlp.experts.gate_up_proj"][2].T)  # interleaved rows kept
+
+
+def test_a_checkpoint_stored_in_mxfp4_is_refused_before_any_weight_is_read(tiny, tmp_path, no_weight_reads):
+    """gpt-oss as the hub stores it (experts as MXFP4 blocks and scales): one error naming the model type, the
+    method and what qolora reads instead."""
+    hub = tmp_path / "gpt-oss-mxfp4"
+    shutil.copytree(tiny["gpt_oss"], hub)
+    config = json.loads((hub / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (hub / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"\(gpt_oss\) is stored quantized with 'mxfp4'; qolora reads full-precision "
+                                          r".*bitsandbytes 4/8-bit.*Mxfp4Config\(dequantize=True\)"):
+        qolora.prepare(hub, bits=4, rank=4, progress=False)
 
 
 def test_unmapped_names_are_refused_before_any_weight_is_read(tiny, tmp_path, no_weight_reads):
@@ -162,7 +230,7 @@ def test_experts_are_quantized_and_adapted_with_less_error_than_plain_4bit(tiny,
     model = qolora.prepare(tiny[arch], bits=4, rank=4, compare_plain=True, progress=False)
     layers = dict(adapter_layers(model))
     experts = [n for n in layers if ".experts." in n]
-    assert len(experts) == (16 if arch != "deepseek_v3" else 8)
+    assert len(experts) == (8 if arch in DENSE_FIRST else 16)
     for name in experts:
         assert type(layers[name].base_layer).__name__ == "Linear4bit"
         assert layers[name].init_factors is not None  # OLoRA: this expert's own QR, subtracted
@@ -171,8 +239,8 @@ def test_experts_are_quantized_and_adapted_with_less_error_than_plain_4bit(tiny,
     rows = {r.name: r for r in report.layers}
     assert all(rows[n].error < rows[n].plain_error for n in experts)
     routers = [n for n, m in model.named_modules() if is_router(m)]
-    for name in routers:  # Qwen2-MoE's shared_expert_gate: 16-bit, not adapted
-        assert type(model.get_submodule(name)) is torch.nn.Linear
+    for name in routers:  # Qwen2-MoE's shared_expert_gate, Phi-MoE's router (an nn.Linear): 16-bit, not adapted
+        assert type(model.get_submodule(name)).__module__.startswith(("torch.", "transformers."))
         assert model.get_submodule(name).weight.dtype == torch.float32
 
 
@@ -216,12 +284,13 @@ def train_steps(model, steps: int = 4, lr: float = 1e-2) -> list[float]:
 def trained(tiny, tmp_path_factory):
     """Per architecture: a 4-bit model trained a few steps, its losses and its saved adapter."""
     root = tmp_path_factory.mktemp("trained")
-    out = {}
-    for arch in ALL:
+
+    def make(arch):
         model = qolora.prepare(tiny[arch], bits=4, rank=4, progress=False)
         losses = train_steps(model)
-        out[arch] = (model, losses, qolora.save_adapter(model, root / arch))
-    return out
+        return model, losses, qolora.save_adapter(model, root / arch)
+
+    return _Lazy(make)
 
 
 @pytest.mark.parametrize("arch", ALL)

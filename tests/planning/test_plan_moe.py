@@ -12,7 +12,8 @@ pass, were counted); before the three h-wide tensors per routed pair and Qwen3's
 under bf16 autocast was 1.13 (the plan too low). DeepSeek-V3 (multi-head latent attention, a dense first layer
 before a MoE one with 16 experts and a shared one; on the CPU its SDPA runs the math kernel, the q/k and v head
 dims being unequal): 0.99 (fp32) and 1.00 (bf16 autocast); planned with Llama attention and every layer MoE it was
-1.16 and 1.27. The full-width Mixtral-8x7B and Qwen3-30B-A3B layers are measured by ``benchmarks/scale.py``.
+1.16 and 1.27. DeepSeek-V2-Lite's shape (no q latent: one q_proj; a softmax router): 0.99 (fp32), 1.00 (bf16).
+The full-width Mixtral-8x7B and Qwen3-30B-A3B layers are measured by ``benchmarks/scale.py``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def _config(arch: str):
                                    n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
                                    q_lora_rank=96, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32,
                                    v_head_dim=32)
+    if arch == "deepseek_v2":  # V2-Lite's shape: no q latent (one q_proj), a dense first layer, 16 experts + 1 shared
+        return tf.DeepseekV2Config(**{**common, "num_key_value_heads": 4}, intermediate_size=512,
+                                   moe_intermediate_size=96, n_routed_experts=16, num_experts_per_tok=4,
+                                   n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=64,
+                                   qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
     raise ValueError(arch)
 
 
@@ -94,6 +100,17 @@ def test_deepseek_v3_step_peak_within_10_percent(tmp_path, bf16):
     cfg, predicted, peak = _measure(tmp_path, "deepseek_v3", bf16)
     d = model_dims(cfg)
     assert d.experts_per_token and d.num_experts
+    assert predicted.peak_moment == "layer"
+    assert predicted.step_bytes == pytest.approx(peak, rel=0.10), (predicted.details, peak)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_deepseek_v2_lite_step_peak_within_10_percent(tmp_path, bf16):
+    """DeepSeek-V2-Lite's shape: multi-head latent attention without the q latent (q_proj reads the hidden state),
+    a softmax router, a dense first layer before the MoE one."""
+    cfg, predicted, peak = _measure(tmp_path, "deepseek_v2", bf16)
+    d = model_dims(cfg)
+    assert d.experts_per_token == 4 and d.num_experts == 16 and d.q_lora_rank == 0 and d.kv_lora_rank == 64
     assert predicted.peak_moment == "layer"
     assert predicted.step_bytes == pytest.approx(peak, rel=0.10), (predicted.details, peak)
 
