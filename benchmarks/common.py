@@ -541,3 +541,19 @@ def checkpoint_weight(model_dir: Path, key: str):
         return None
     with safe_open(str(Path(model_dir) / shard), framework="pt") as f:
         return f.get_tensor(key).to(torch.float32)
+
+
+def row_split(dataset, eval_fraction: float, seed: int = 0):
+    """``(train, eval)``: a seeded permutation of the rows, ``round(n * eval_fraction)`` (1..n-1) of them held out.
+
+    The split the benchmarks' committed results were made with (qolora's ``split_train_eval`` before it kept
+    repeated rows on one side), kept here so that a rerun or a resumed study holds out the same examples.
+    The defaults study de-duplicates its records before it; the convergence benchmark's data has repeats.
+    """
+    import numpy as np
+
+    n = len(dataset)
+    n_eval = min(max(1, int(round(n * eval_fraction))), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return dataset.select(sorted(order[n_eval:].tolist())), dataset.select(sorted(order[:n_eval].tolist()))
+

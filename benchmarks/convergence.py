@@ -353,7 +353,8 @@ class Bench:
 
     def data(self):
         if self._data is None:
-            from qolora.data.tokens import load_records, load_tokenizer, split_train_eval, tokenize_dataset
+            from benchmarks.common import row_split
+            from qolora.data.tokens import load_records, load_tokenizer, tokenize_dataset
 
             t0 = time.perf_counter()
             tokenizer = load_tokenizer(Path(self.s.model))
@@ -363,7 +364,7 @@ class Bench:
             tokenized, stats = tokenize_dataset(records, tokenizer, max_length=self.s.max_length, mask_prompt=True)
             n = len(tokenized)
             n_eval = min(self.s.eval_examples, n // 2)
-            train_ds, eval_ds = split_train_eval(tokenized, n_eval / n, seed=self.s.split_seed)
+            train_ds, eval_ds = row_split(tokenized, n_eval / n, seed=self.s.split_seed)
             if len(eval_ds) > n_eval:
                 eval_ds = eval_ds.select(range(n_eval))
             label_tokens = sum(sum(1 for t in row if t != -100) for row in eval_ds["labels"])

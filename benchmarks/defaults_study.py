@@ -769,12 +769,13 @@ def held_out_batches(tokenizer, task: str, data_path: Path, corpus, n_eval: int,
     import torch
 
     if task == "chat":
-        from qolora.data.tokens import load_records, split_train_eval, tokenize_dataset
+        from benchmarks.common import row_split
+        from qolora.data.tokens import load_records, tokenize_dataset
 
         records = load_records(data_path)
         tokenized, _ = tokenize_dataset(records, tokenizer, max_length=max_length, mask_prompt=True)
         n_eval = min(n_eval, len(tokenized) // 2)
-        _, eval_ds = split_train_eval(tokenized, n_eval / len(tokenized), seed=0)
+        _, eval_ds = row_split(tokenized, n_eval / len(tokenized), seed=0)
         rows = list(zip(eval_ds["input_ids"], eval_ds["labels"]))[:n_eval]
     else:
         blocks = lm_blocks(tokenizer, corpus, max_length, limit=2 * n_eval)

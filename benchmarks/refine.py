@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, bar_panels, git_info, write_json
+from benchmarks.common import RESULTS, bar_panels, git_info, row_split, write_json
 
 logger = logging.getLogger("benchmarks.refine")
 
@@ -60,12 +60,12 @@ TARGETS = {"gap_recovered": 0.5, "weight_error_ratio": 0.85, "refine5_time_ratio
 # ------------------------------------------------------------------------------------------- data
 def held_out(model_dir: Path, data: Path, n_eval: int, max_length: int, split_seed: int = 0):
     """The fixed held-out examples (as the convergence benchmark splits them) and the tokenizer."""
-    from qolora.data.tokens import load_records, load_tokenizer, split_train_eval, tokenize_dataset
+    from qolora.data.tokens import load_records, load_tokenizer, tokenize_dataset
 
     tokenizer = load_tokenizer(model_dir)
     records = load_records(data)
     tokenized, _ = tokenize_dataset(records, tokenizer, max_length=max_length, mask_prompt=True)
-    _, eval_ds = split_train_eval(tokenized, n_eval / len(tokenized), seed=split_seed)
+    _, eval_ds = row_split(tokenized, n_eval / len(tokenized), seed=split_seed)
     eval_ds = eval_ds.select(range(min(n_eval, len(eval_ds))))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -231,3 +232,19 @@ def test_step0_mode_measures_every_init_on_the_model_and_its_degridded_copy(asse
     assert degr["q41_grid_fit"] > 0.15  # off the grid
     assert "loftq (PEFT)" not in syn["contenders"] and "tasks" not in syn
     assert "## Step 0" in res["md"].read_text() or "Step 0" in res["md"].read_text()
+
+
+@pytest.mark.slow
+def test_the_committed_report_rebuilds_from_the_committed_runs_with_the_same_data(tmp_path, monkeypatch):
+    """A resumed study must hold out exactly what its committed runs held out: rebuilding the report from the
+    committed runs file (the real model's tokenizer, the real data) gives the committed report's data lines."""
+    committed = REPO / "benchmarks" / "results"
+    runs = committed / "defaults_study_runs.jsonl"
+    prefix = tmp_path / "defaults_study"
+    shutil.copy(runs, prefix.with_name(prefix.name + "_runs.jsonl"))
+    monkeypatch.setattr(ds, "write_plot", lambda *a, **k: None)
+    res = ds.main(["--report-only", "--out", str(prefix)])
+    data_lines = lambda text: [x.split(". Runs:")[0] for x in text.splitlines() if x.startswith("Model ")]  # noqa: E731
+    rebuilt = data_lines(res["md"].read_text())
+    assert len(rebuilt) == 2 and rebuilt == data_lines((committed / "defaults_study.md").read_text())
+    assert all(b.done for b in res["benches"].values())  # the committed runs are recognised as this study's
