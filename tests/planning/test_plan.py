@@ -152,11 +152,19 @@ def test_cli(capsys):
 
 def test_synthetic_checkpoint_roundtrip(tmp_path):
     synth = SyntheticCheckpoint("llama-3-8b", num_layers=1, dtype=torch.bfloat16)
-    keys = [k for k, _, _ in synth.tensors]
-    assert keys[0] == "model.embed_tokens.weight" and "lm_head.weight" in keys and len(keys) == 12
-    one = synth.tensor("model.layers.0.mlp.down_proj.weight")
-    again = dict(synth.iter_tensors())["model.layers.0.mlp.down_proj.weight"]
-    assert torch.equal(one, again) and one.shape == (4096, 14336)
+    shapes = {k: tuple(shape) for k, shape, _ in synth.tensors}
+    assert list(shapes)[0] == "model.embed_tokens.weight" and "lm_head.weight" in shapes and len(shapes) == 12
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (4096, 14336)
+    one = synth.tensor("model.layers.0.mlp.down_proj.weight")  # one tensor alone, as the stream makes it
+    # (the stream itself is compared on a small config: Llama-3's embedding and head are 1 GB of noise each)
+    same_seed = SyntheticCheckpoint("llama-3-8b", num_layers=1, dtype=torch.bfloat16)
+    assert one.shape == (4096, 14336) and torch.equal(one, same_seed.tensor("model.layers.0.mlp.down_proj.weight"))
+    from transformers import LlamaConfig
+
+    tiny = SyntheticCheckpoint(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2), seed=5)
+    for key, t in tiny.iter_tensors():
+        assert torch.equal(t, tiny.tensor(key)), key
 
 
 def test_synthetic_write_loads(tmp_path):

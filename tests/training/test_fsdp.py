@@ -73,6 +73,7 @@ def fsdp_and_ddp_runs(tmp_path_factory, chat_model_dir, chat_jsonl):
     return root / "fsdp", root / "ddp"
 
 
+@pytest.mark.slow  # two whole 2-process jobs (~25 s); the fast suite keeps the one-step FSDP vs DDP check above
 def test_fsdp_training_equals_data_parallel_training(fsdp_and_ddp_runs, chat_model_dir):
     from qolora import load
 
@@ -101,6 +102,7 @@ def test_fsdp_training_equals_data_parallel_training(fsdp_and_ddp_runs, chat_mod
     assert float((logits[1] - logits[0]).abs().max()) <= 1e-4 * float(logits[0].abs().max())
 
 
+@pytest.mark.slow
 def test_resume_of_an_fsdp_run_without_fsdp_is_refused(fsdp_and_ddp_runs, chat_model_dir, chat_jsonl, tmp_path):
     sharded, _ = fsdp_and_ddp_runs
     out = tmp_path / "copy"
