@@ -640,9 +640,11 @@ def summarize(runs: list[dict], settings: Settings, inits: Sequence[str], grids:
                                "final_mean": m, "final_std": sd,
                                "final_min": min(finals) if finals else math.nan,
                                "final_max": max(finals) if finals else math.nan})
-        interior = best is not None and grid[0] < best < grid[-1]
+        ran = {r["lr"] for r in main if r["init"] == init}  # a grid still being swept: its edge so far is no interior
+        interior = (best is not None and grid[0] < best < grid[-1]
+                    and all(grid[grid.index(best) + d] in ran for d in (-1, 1)))
         entry: dict[str, Any] = {"grid": grid, "best_lr": best, "chosen_by": how, "sweep": sweep_rows,
-                                 "best_is_interior": interior,
+                                 "best_is_interior": interior, "grid_complete": ran >= set(grid),
                                  # both neighbours of the best rate ran with every seed (or blew up for the first)
                                  "interior_with_all_seeds": interior and all(
                                      settled(main, init, grid[grid.index(best) + d], seeds) for d in (-1, 1))}

@@ -697,7 +697,7 @@ def write_table(report: dict, path: Path) -> Path:
                 lines.append(f"| {name} | not run yet | | {grid} | " + "| " * (len(sm["horizons"]) + 2))
                 continue
             interior = ("yes" if e.get("interior_with_all_seeds") else "yes (seed 0)") if e["best_is_interior"] \
-                else "NO (edge)"
+                else "NO (edge)" if e.get("grid_complete", True) else "grid in progress"
             cells = [f"{_f(r['mean'])} ± {_f(r['std'], '.3f')} (n={r['n']})" for r in e["at_horizons"]]
             lines.append(f"| {name} | {e['best_lr']:.3g} | {interior} | {grid}{' (' + added + ')' if added else ''} | "
                          + " | ".join(cells) + " | " + ", ".join(_f(x, ".3f") for x in e.get("final_per_seed", []))
